@@ -1,0 +1,48 @@
+"""Argument validation shared by the op launchers: every check raises before any kernel launch."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(
+    t: object,
+    name: str,
+    *,
+    ndim: int | None = None,
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Raise TypeError/ValueError naming `name` unless `t` is a tensor of the required rank, dtype, device."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(map(str, dtypes))}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but must match the input dtype {dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the input is on {device}")
+    return t
+
+
+def check_shape(t: Tensor, name: str, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_no_overlap(t: Tensor, name: str) -> None:
+    """Reject tensors whose elements alias each other (e.g. expand()ed views): kernels write or
+    reduce per element, and an aliased layout would make the answer silently wrong."""
+    if t.numel() > 1 and torch._debug_has_internal_overlap(t) != 0:
+        raise ValueError(f"{name} has overlapping memory (stride 0 or aliasing view); pass .contiguous()")
+
+
+def check_nonempty(t: Tensor, name: str) -> None:
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
