@@ -22,6 +22,7 @@ __all__ = [
     "layer_norm_mlp",
     "linear_residual",
     "patch_embed",
+    "scale_residual",
 ]
 
 
@@ -121,7 +122,7 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     return F.gelu(x, approximate=approximate)
 
 
-def _scale_residual(
+def scale_residual(
     out: Tensor, residual: Tensor, gamma: Tensor | None, drop_path_scale: Tensor | None
 ) -> Tensor:
     """residual + gamma * drop_path_scale * out; gamma [D] (layer-scale), drop_path_scale [B] (per sample)."""
@@ -146,7 +147,7 @@ def linear_residual(
     x [B, T, K]; weight [D, K]; bias [D]; residual [B, T, D]; gamma [D]; drop_path_scale [B]
     (0 for a dropped sample, 1/keep_prob for a kept one). Returns [B, T, D].
     """
-    return _scale_residual(F.linear(x, weight, bias), residual, gamma, drop_path_scale)
+    return scale_residual(F.linear(x, weight, bias), residual, gamma, drop_path_scale)
 
 
 def layer_norm_mlp(
@@ -169,7 +170,7 @@ def layer_norm_mlp(
     fc2_bias [D]; gamma [D]; drop_path_scale [B]. GELU is exact unless approximate='tanh'.
     """
     h = gelu(layer_norm_linear(x, ln_weight, ln_bias, fc1_weight, fc1_bias, eps), approximate)
-    return _scale_residual(F.linear(h, fc2_weight, fc2_bias), x, gamma, drop_path_scale)
+    return scale_residual(F.linear(h, fc2_weight, fc2_bias), x, gamma, drop_path_scale)
 
 
 def _f32(t: Tensor | None) -> Tensor | None:

@@ -1,0 +1,24 @@
+"""ViT models: the paper's configurations under timm's names, a hybrid ResNet stem, pos-embed resampling."""
+
+from vit_fast.models.hybrid import ResNetStem, StdConv2d
+from vit_fast.models.pos_embed import resample_pos_embed
+from vit_fast.models.vision_transformer import (
+    PatchEmbed,
+    VisionTransformer,
+    create_model,
+    list_models,
+    model_config,
+    num_params,
+)
+
+__all__ = [
+    "PatchEmbed",
+    "ResNetStem",
+    "StdConv2d",
+    "VisionTransformer",
+    "create_model",
+    "list_models",
+    "model_config",
+    "num_params",
+    "resample_pos_embed",
+]

@@ -1,0 +1,97 @@
+"""The ViT paper's hybrid stem: a ResNet (v2-style, weight-standardised convolutions + GroupNorm)
+whose feature map is embedded by a 1x1 patch projection. Any backbone module that maps
+[B, C, H, W] to a feature map [B, C', H/s, W/s] can be used instead (`HybridEmbed(backbone=...)`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class StdConv2d(nn.Conv2d):
+    """Conv2d with weight standardisation (zero mean, unit variance per output filter), as BiT uses
+    with GroupNorm so that batch statistics are never needed."""
+
+    def __init__(self, *args, eps: float = 1e-8, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        w = F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, training=True, momentum=0.0, eps=self.eps)
+        return F.conv2d(
+            x, w.reshape_as(self.weight), self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
+
+
+def _gn(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, channels), channels, eps=1e-5)
+
+
+class Bottleneck(nn.Module):
+    """Pre-activation-free (v1.5-style ordering, as the ViT hybrid) bottleneck: 1x1 -> 3x3 (stride) -> 1x1."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int) -> None:
+        super().__init__()
+        mid = out_chs // 4
+        self.downsample = None
+        if stride != 1 or in_chs != out_chs:
+            self.downsample = nn.Sequential(
+                StdConv2d(in_chs, out_chs, 1, stride=stride, bias=False), _gn(out_chs)
+            )
+        self.conv1, self.norm1 = StdConv2d(in_chs, mid, 1, bias=False), _gn(mid)
+        self.conv2, self.norm2 = StdConv2d(mid, mid, 3, stride=stride, padding=1, bias=False), _gn(mid)
+        self.conv3, self.norm3 = StdConv2d(mid, out_chs, 1, bias=False), _gn(out_chs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = F.relu(self.norm1(self.conv1(x)))
+        x = F.relu(self.norm2(self.conv2(x)))
+        x = self.norm3(self.conv3(x))
+        return F.relu(x + shortcut)
+
+
+class ResNetStem(nn.Module):
+    """ResNet feature extractor: 7x7/2 conv stem + 3x3/2 max-pool, then bottleneck stages.
+
+    The paper's hybrid default is layers=(3, 4, 9) with widths (256, 512, 1024): output stride 16,
+    1024 channels, so at 224 px the 1x1 embedding sees a 14x14 grid like ViT-B/16.
+    """
+
+    def __init__(self, layers: tuple[int, ...] = (3, 4, 9), in_chans: int = 3, stem_width: int = 64) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            StdConv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False),
+            _gn(stem_width),
+            nn.ReLU(),
+            nn.MaxPool2d(3, stride=2, padding=1),
+        )
+        stages, chs = [], stem_width
+        for i, depth in enumerate(layers):
+            out_chs = stem_width * 4 * 2**i
+            blocks = [
+                Bottleneck(chs if j == 0 else out_chs, out_chs, 2 if (j == 0 and i > 0) else 1)
+                for j in range(depth)
+            ]
+            stages.append(nn.Sequential(*blocks))
+            chs = out_chs
+        self.stages = nn.Sequential(*stages)
+        self.num_features = chs
+        self.reduction = 4 * 2 ** (len(layers) - 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.stages(self.stem(x))
+
+
+@torch.no_grad()
+def feature_shape(backbone: nn.Module, in_chans: int, img_size: tuple[int, int]) -> tuple[int, int, int]:
+    """(channels, height, width) of the backbone's feature map for one image of `img_size`."""
+    was_training = backbone.training
+    param = next(backbone.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    backbone.eval()
+    feat = backbone(torch.zeros(1, in_chans, *img_size, device=device))
+    backbone.train(was_training)
+    return int(feat.shape[1]), int(feat.shape[2]), int(feat.shape[3])

@@ -1,0 +1,180 @@
+"""The pre-LN transformer block, written once against an op namespace.
+
+`impl="reference"` runs `vit_fast.reference` (plain PyTorch, same math as timm), `impl="fused"`
+runs `vit_fast.ops` (Triton on CUDA, C++ on CPU). Parameter names are timm's (`norm1`,
+`attn.qkv`, `attn.q_norm`, `attn.k_norm`, `attn.proj`, `ls1.gamma`, `norm2`, `mlp.fc1`,
+`mlp.fc2`, `ls2.gamma`), so timm checkpoints load unchanged.
+
+Per block the fused path is four launches of our ops:
+  layer_norm_linear (norm1 + qkv) -> attention -> linear_residual (proj, ls1, drop-path, + x)
+  -> layer_norm_mlp (norm2, fc1, GELU, fc2, ls2, drop-path, + x).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vit_fast import ops, reference
+
+IMPLS = ("fused", "reference")
+
+
+def op_namespace(impl: str) -> ModuleType:
+    """The module whose functions implement the ops for `impl` ('auto' means fused)."""
+    if impl in ("auto", "fused"):
+        return ops
+    if impl == "reference":
+        return reference
+    raise ValueError(f"impl must be 'auto', 'fused' or 'reference', got {impl!r}")
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale `gamma` [D] (CaiT layer-scale); timm's name for the parameter."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout, timm's `Mlp` parameter layout."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class AttentionParams(nn.Module):
+    """The attention sub-block's parameters in timm's layout; the Block runs the math."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def normalize_qk(self, qkv: Tensor) -> Tensor:
+        """Apply q_norm / k_norm per head to the packed qkv [B, T, 3D] (identity without qk_norm)."""
+        if isinstance(self.q_norm, nn.Identity):
+            return qkv
+        batch, tokens, _ = qkv.shape
+        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).unbind(2)
+        return torch.stack([self.q_norm(q), self.k_norm(k), v], dim=2).reshape(batch, tokens, -1)
+
+
+def drop_path_scale(batch: int, drop_prob: float, training: bool, device: torch.device) -> Tensor | None:
+    """Stochastic depth as a per-sample scale [B]: 0 for a dropped sample, 1/keep for a kept one."""
+    if drop_prob == 0.0 or not training:
+        return None
+    keep = 1.0 - drop_prob
+    return torch.empty(batch, device=device).bernoulli_(keep).div_(keep)
+
+
+class Block(nn.Module):
+    """Pre-LN ViT block: x + DP(ls1(attn(norm1(x)))), then x + DP(ls2(mlp(norm2(x)))).
+
+    x [B, T, D] -> [B, T, D]. `impl` picks the op namespace (see module docstring); it can be
+    changed after construction (`block.impl = "reference"`), the parameters are the same.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        proj_bias: bool = True,
+        init_values: float | None = None,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-6,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.impl = impl
+        op_namespace(impl)  # validate early
+        self.drop_path = drop_path
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = AttentionParams(
+            dim, num_heads, qkv_bias, qk_norm, proj_bias, attn_drop, proj_drop, norm_eps
+        )
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, bias=proj_bias)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+
+    @staticmethod
+    def _gamma(ls: nn.Module) -> Tensor | None:
+        return ls.gamma if isinstance(ls, LayerScale) else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        f = op_namespace(self.impl)
+        attn, mlp = self.attn, self.mlp
+        batch = x.shape[0]
+        dropout_active = self.training and attn.proj_drop.p > 0.0
+
+        qkv = f.layer_norm_linear(
+            x, self.norm1.weight, self.norm1.bias, attn.qkv.weight, attn.qkv.bias, self.norm1.eps
+        )
+        qkv = attn.normalize_qk(qkv)
+        o = f.attention(
+            qkv, attn.num_heads, scale=attn.scale, dropout_p=attn.attn_drop.p if self.training else 0.0
+        )
+        dps = drop_path_scale(batch, self.drop_path, self.training, x.device)
+        if dropout_active:  # projection dropout sits between the GEMM and the residual: not fused
+            o = attn.proj_drop(F.linear(o, attn.proj.weight, attn.proj.bias))
+            x = reference.scale_residual(o, x, self._gamma(self.ls1), dps)
+        else:
+            x = f.linear_residual(
+                o, attn.proj.weight, attn.proj.bias, x, gamma=self._gamma(self.ls1), drop_path_scale=dps
+            )
+
+        dps = drop_path_scale(batch, self.drop_path, self.training, x.device)
+        if dropout_active:  # MLP dropouts (after GELU and after fc2) are not fused either
+            return reference.scale_residual(mlp(self.norm2(x)), x, self._gamma(self.ls2), dps)
+        return f.layer_norm_mlp(
+            x,
+            self.norm2.weight,
+            self.norm2.bias,
+            mlp.fc1.weight,
+            mlp.fc1.bias,
+            mlp.fc2.weight,
+            mlp.fc2.bias,
+            self.norm2.eps,
+            gamma=self._gamma(self.ls2),
+            drop_path_scale=dps,
+        )
