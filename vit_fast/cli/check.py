@@ -1,0 +1,81 @@
+"""`vit-fast check`: environment report and the ahead-of-time compile report of every Triton kernel."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from typing import Any
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "check",
+        help="environment report + AOT compile report (sm_80/sm_90: registers, spills, shared memory)",
+        description=(
+            "Print the environment (torch, triton, device, C++ extension, active backends), then compile "
+            "every shipped Triton kernel config for sm_80 and sm_90 without a GPU. Exits 1 if any kernel "
+            "fails to compile, spills registers, or exceeds the shared-memory limit."
+        ),
+    )
+    p.add_argument("--filter", default="", help="only kernels whose name contains this")
+    p.add_argument("--no-aot", action="store_true", help="only the environment report")
+    p.set_defaults(func=run)
+    return p
+
+
+def environment() -> dict[str, Any]:
+    """What `vit-fast check` reports about the environment, as a dict (also used by bench/profile)."""
+    import torch
+
+    from vit_fast.ops.backend import active_backends, cpu_extension, triton_interpreting
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    ext = cpu_extension()
+    families = ("patch_embed", "attention", "layer_norm", "mlp")
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda_available": torch.cuda.is_available(),
+        "device": torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"cpu ({platform.processor() or platform.machine()})",
+        "cpu_threads": torch.get_num_threads(),
+        "triton_interpret": triton_interpreting(),
+        "extension_built": ext is not None,
+        "extension_families": [f for f in families if ext is not None and hasattr(ext, f"{f}_forward")],
+        "backends_cpu": active_backends("cpu"),
+    }
+    if torch.cuda.is_available():
+        info["backends_cuda"] = active_backends("cuda")
+    return info
+
+
+def run(args: argparse.Namespace) -> int:
+    info = environment()
+    print("environment")
+    for k, v in info.items():
+        print(f"  {k:20} {v}")
+    if args.no_aot:
+        return 0
+    from vit_fast.perf import aot
+
+    results = aot.report(args.filter)
+    print()
+    print(f"AOT compile report ({len(results)} kernel x arch builds)")
+    if not results:
+        print("  no kernels matched" + (f" filter {args.filter!r}" if args.filter else ""))
+        return 0
+    print(aot.format_table(results))
+    bad = [r for r in results if not r.ok]
+    if bad:
+        print(f"\nFAILED: {len(bad)} build(s) failed to compile, spill, or exceed shared memory")
+        return 1
+    print(f"\nall {len(results)} builds ok: compiled, 0 spills, shared memory within the arch limit")
+    return 0
