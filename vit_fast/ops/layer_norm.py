@@ -1,22 +1,272 @@
-"""vit_fast.ops LayerNorm family — placeholders dispatching to the reference until the kernels land."""
+"""The `layer_norm` op family: LayerNorm (optionally fused with a residual add) and LayerNorm fused
+into the Linear that consumes it (the qkv projection).
+
+Each public op validates its arguments, applies autocast, and calls a `torch.library` custom op
+(`vit_fast::layer_norm_fwd`, `vit_fast::add_layer_norm_fwd`, `vit_fast::layer_norm_linear_fwd`
+and their `_bwd` ops) whose body runs the backend `select_backend(device, "layer_norm")` picks.
+All have fake kernels and autograd, so `torch.compile(fullgraph=True)` traces them as single
+nodes. `linear_residual` (family `mlp`) is re-exported from `vit_fast.ops.mlp`.
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from vit_fast import reference
+from vit_fast.ops import _ln_mlp_common as C
+from vit_fast.ops.backend import select_backend
+
+# ------------------------------------------------------------------------------- custom ops
 
 
-def layer_norm(x, weight, bias, eps=1e-6, *, residual=None):
-    """See `vit_fast.reference.layer_norm`."""
-    return reference.layer_norm(x, weight, bias, eps, residual=residual)
+@torch.library.custom_op("vit_fast::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    y, mean, rstd = C.backend_fns(x.device, "layer_norm").layer_norm_forward(x, weight, bias, eps)
+    return y, mean, rstd
 
 
-def layer_norm_linear(x, ln_weight, ln_bias, weight, bias, eps) -> Tensor:
-    """See `vit_fast.reference.layer_norm_linear`."""
-    return reference.layer_norm_linear(x, ln_weight, ln_bias, weight, bias, eps)
+@_layer_norm_fwd.register_fake
+def _(x, weight, bias, eps):
+    m = x.shape[0]
+    return torch.empty_like(x), x.new_empty(m, dtype=torch.float32), x.new_empty(m, dtype=torch.float32)
 
 
-def linear_residual(x, weight, bias, residual, *, gamma=None, drop_path_scale=None) -> Tensor:
-    """See `vit_fast.reference.linear_residual`."""
-    return reference.linear_residual(x, weight, bias, residual, gamma=gamma, drop_path_scale=drop_path_scale)
+@torch.library.custom_op("vit_fast::add_layer_norm_fwd", mutates_args=())
+def _add_layer_norm_fwd(
+    x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if select_backend(x.device, "layer_norm") == "triton":
+        from vit_fast.kernels.layer_norm import add_layer_norm_forward
+
+        return add_layer_norm_forward(x, residual, weight, bias, eps)
+    s = x + residual
+    y, mean, rstd = C.backend_fns(x.device, "layer_norm").layer_norm_forward(s, weight, bias, eps)
+    return y, s, mean, rstd
+
+
+@_add_layer_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps):
+    m = x.shape[0]
+    stats = x.new_empty(m, dtype=torch.float32)
+    return torch.empty_like(x), torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("vit_fast::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    has_bias: bool,
+    dres: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (dx [+ dres], dweight or empty, dbias or empty)."""
+    if select_backend(x.device, "layer_norm") == "triton":
+        from vit_fast.kernels.layer_norm import layer_norm_backward_fused
+
+        dx, dw, db = layer_norm_backward_fused(dy, x, weight, mean, rstd, need_dbias=has_bias, dres=dres)
+    else:
+        dx, dw, db = C.backend_fns(x.device, "layer_norm").layer_norm_backward(dy, x, weight, mean, rstd)
+        if dres is not None:
+            dx = dx + dres
+        if not has_bias:
+            db = None
+        elif db is None:  # LN with a bias but no weight: dbias is the column sum of dy.
+            db = dy.float().sum(0).to(x.dtype)
+    return dx, C.empty_like_none(dw, x), C.empty_like_none(db, x)
+
+
+@_layer_norm_bwd.register_fake
+def _(dy, x, weight, mean, rstd, has_bias, dres):
+    d = x.shape[1]
+    return (
+        torch.empty_like(x),
+        x.new_empty(d if weight is not None else 0),
+        x.new_empty(d if has_bias else 0),
+    )
+
+
+def _ln_setup(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+
+
+def _ln_backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _layer_norm_bwd(dy.contiguous(), x, weight, mean, rstd, ctx.has_bias, None)
+    return dx, C.none_if_empty(dw), C.none_if_empty(db), None
+
+
+_layer_norm_fwd.register_autograd(_ln_backward, setup_context=_ln_setup)
+
+
+def _add_ln_setup(ctx, inputs, output):
+    _, _, weight, bias, _ = inputs
+    _, s, mean, rstd = output
+    # The sum s is an output the caller keeps anyway (the residual stream), so saving it costs
+    # no extra memory.
+    ctx.save_for_backward(s, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+
+
+def _add_ln_backward(ctx, dy, ds, _dmean, _drstd):
+    s, weight, mean, rstd = ctx.saved_tensors
+    dres = ds.contiguous() if ds is not None else None
+    dx, dw, db = _layer_norm_bwd(dy.contiguous(), s, weight, mean, rstd, ctx.has_bias, dres)
+    return dx, dx, C.none_if_empty(dw), C.none_if_empty(db), None
+
+
+_add_layer_norm_fwd.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
+
+
+@torch.library.custom_op("vit_fast::layer_norm_linear_fwd", mutates_args=())
+def _layer_norm_linear_fwd(
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    fns = C.backend_fns(x.device, "layer_norm")
+    out, mean, rstd = fns.layer_norm_linear_forward(x, ln_weight, ln_bias, weight, bias, eps)
+    return out, mean, rstd
+
+
+@_layer_norm_linear_fwd.register_fake
+def _(x, ln_weight, ln_bias, weight, bias, eps):
+    m = x.shape[0]
+    stats = x.new_empty(m, dtype=torch.float32)
+    return x.new_empty(m, weight.shape[0]), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("vit_fast::layer_norm_linear_bwd", mutates_args=())
+def _layer_norm_linear_bwd(
+    dout: Tensor,
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    weight: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    has_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    fns = C.backend_fns(x.device, "layer_norm")
+    dx, dlw, dlb, dw, db = fns.layer_norm_linear_backward(
+        dout, x, ln_weight, ln_bias, weight, mean, rstd, has_bias
+    )
+    return dx, C.empty_like_none(dlw, x), C.empty_like_none(dlb, x), dw, C.empty_like_none(db, x)
+
+
+@_layer_norm_linear_bwd.register_fake
+def _(dout, x, ln_weight, ln_bias, weight, mean, rstd, has_bias):
+    d = x.shape[1]
+    return (
+        torch.empty_like(x),
+        x.new_empty(d if ln_weight is not None else 0),
+        x.new_empty(d if ln_bias is not None else 0),
+        torch.empty_like(weight),
+        x.new_empty(weight.shape[0] if has_bias else 0),
+    )
+
+
+def _lnl_setup(ctx, inputs, output):
+    x, ln_weight, ln_bias, weight, bias, _ = inputs
+    _, mean, rstd = output
+    # Saved: x, mean/rstd (fp32) and the parameters; the LN output is recomputed in the backward.
+    ctx.save_for_backward(x, ln_weight, ln_bias, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+
+
+def _lnl_backward(ctx, dout, _dmean, _drstd):
+    x, ln_weight, ln_bias, weight, mean, rstd = ctx.saved_tensors
+    dx, dlw, dlb, dw, db = _layer_norm_linear_bwd(
+        dout.contiguous(), x, ln_weight, ln_bias, weight, mean, rstd, ctx.has_bias
+    )
+    return dx, C.none_if_empty(dlw), C.none_if_empty(dlb), dw, C.none_if_empty(db), None
+
+
+_layer_norm_linear_fwd.register_autograd(_lnl_backward, setup_context=_lnl_setup)
+
+
+# ----------------------------------------------------------------------------- public ops
+
+
+def layer_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float = 1e-6,
+    *,
+    residual: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """LayerNorm over the last dim, statistics (mean, rstd) in fp32; see `vit_fast.reference.layer_norm`.
+
+    x [..., D] (fp32/fp16/bf16; non-contiguous inputs are copied); weight, bias [D] or None, in
+    x's dtype. With `residual` [..., D] the op computes s = x + residual and LN(s) in one pass
+    and returns (LN(s), s). Output in x's dtype (the autocast dtype under autocast).
+    Saved for backward: the LN input (x, or s with a residual), weight, mean [M] and rstd [M]
+    (fp32); the normalised output is recomputed.
+    """
+    x = C.check_input(x)
+    d = x.shape[-1]
+    eps = C.check_eps(eps)
+    if residual is not None:
+        residual = C.check_input(residual, "residual")
+    x, weight, bias, residual = C.autocast_args(x.device.type, x, weight, bias, residual)
+    C.check_param(weight, "weight", (d,), x)
+    C.check_param(bias, "bias", (d,), x)
+    if residual is not None:
+        C.check_tensor(residual, "residual", device=x.device, dtype=x.dtype)
+        C.check_shape(residual, "residual", tuple(x.shape))
+    shape = x.shape
+    with torch.autocast(x.device.type, enabled=False):
+        if residual is None:
+            y, _, _ = _layer_norm_fwd(C.rows2d(x), C.contig(weight), C.contig(bias), eps)
+            return y.reshape(shape)
+        y, s, _, _ = _add_layer_norm_fwd(
+            C.rows2d(x), C.rows2d(residual), C.contig(weight), C.contig(bias), eps
+        )
+        return y.reshape(shape), s.reshape(shape)
+
+
+def layer_norm_linear(
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """LN(x) @ weight^T + bias with the LN fused into the GEMM's A-tile prologue.
+
+    x [..., D]; ln_weight, ln_bias [D] or None; weight [N, D]; bias [N] or None; all one dtype
+    (fp32/fp16/bf16; the autocast dtype under autocast). Returns [..., N] in that dtype.
+    Saved for backward: x, mean [M] and rstd [M] (fp32) and the parameters; the LN output is
+    recomputed inside the weight-gradient GEMM's prologue.
+    """
+    x = C.check_input(x)
+    eps = C.check_eps(eps)
+    C.check_tensor(weight, "weight", ndim=2)
+    x, ln_weight, ln_bias, weight, bias = C.autocast_args(x.device.type, x, ln_weight, ln_bias, weight, bias)
+    d = x.shape[-1]
+    C.check_param(weight, "weight", (weight.shape[0], d), x, optional=False)
+    C.check_param(ln_weight, "ln_weight", (d,), x)
+    C.check_param(ln_bias, "ln_bias", (d,), x)
+    C.check_param(bias, "bias", (weight.shape[0],), x)
+    with torch.autocast(x.device.type, enabled=False):
+        out, _, _ = _layer_norm_linear_fwd(
+            C.rows2d(x), C.contig(ln_weight), C.contig(ln_bias), weight.contiguous(), C.contig(bias), eps
+        )
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# Re-exported here because `vit_fast.ops` imports it from this module; it belongs to family `mlp`.
+from vit_fast.ops.mlp import linear_residual  # noqa: E402
+
+__all__ = ["layer_norm", "layer_norm_linear", "linear_residual"]

@@ -1,28 +1,155 @@
-"""vit_fast.ops.layer_norm_mlp — placeholder dispatching to the reference until the kernels land."""
+"""The `mlp` op family: the attention output projection with its residual epilogue
+(`linear_residual`) and the whole pre-LN MLP sub-block (`layer_norm_mlp`).
+
+Each public op validates its arguments, applies autocast, and calls a `torch.library` custom op
+(`vit_fast::linear_residual_fwd`, `vit_fast::layer_norm_mlp_fwd` and their `_bwd` ops) whose body
+runs the backend `select_backend(device, "mlp")` picks (Triton kernels, the C++ extension or the
+plain-PyTorch reference, all with the signatures of docs/backend_contract.md).
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from vit_fast import reference
+from vit_fast.ops import _ln_mlp_common as C
+
+__all__ = ["layer_norm_mlp", "linear_residual"]
 
 
-def layer_norm_mlp(
-    x,
-    ln_weight,
-    ln_bias,
-    fc1_weight,
-    fc1_bias,
-    fc2_weight,
-    fc2_bias,
-    eps,
-    *,
-    gamma=None,
-    drop_path_scale=None,
-    approximate: str = "none",
+# ------------------------------------------------------------------------- linear_residual
+
+
+@torch.library.custom_op("vit_fast::linear_residual_fwd", mutates_args=())
+def _linear_residual_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor,
+    gamma: Tensor | None,
+    dps: Tensor | None,
+    tokens_per_sample: int,
 ) -> Tensor:
-    """See `vit_fast.reference.layer_norm_mlp`."""
-    return reference.layer_norm_mlp(
+    fns = C.backend_fns(x.device, "mlp")
+    return fns.linear_residual_forward(x, weight, bias, residual, gamma, dps, tokens_per_sample)
+
+
+@_linear_residual_fwd.register_fake
+def _(x, weight, bias, residual, gamma, dps, tokens_per_sample):
+    return torch.empty_like(residual)
+
+
+@torch.library.custom_op("vit_fast::linear_residual_bwd", mutates_args=())
+def _linear_residual_bwd(
+    dout: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gamma: Tensor | None,
+    dps: Tensor | None,
+    tokens_per_sample: int,
+    needs_gamma_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (dx, dweight, dbias or empty, dgamma or empty); dresidual is dout itself (handled by the
+    autograd formula without a copy, since custom-op outputs may not alias inputs)."""
+    fns = C.backend_fns(x.device, "mlp")
+    dx, dw, db, _, dg = fns.linear_residual_backward(
+        dout, x, weight, bias, gamma, dps, tokens_per_sample, needs_gamma_grad
+    )
+    return dx, dw, C.empty_like_none(db, x), C.empty_like_none(dg, x)
+
+
+@_linear_residual_bwd.register_fake
+def _(dout, x, weight, bias, gamma, dps, tokens_per_sample, needs_gamma_grad):
+    n = weight.shape[0]
+    return (
+        torch.empty_like(x),
+        torch.empty_like(weight),
+        x.new_empty(n if bias is not None else 0),
+        x.new_empty(n if gamma is not None and needs_gamma_grad else 0),
+    )
+
+
+def _lr_setup(ctx, inputs, output):
+    x, weight, bias, _, gamma, dps, tokens = inputs
+    # Saved: the GEMM input x and the parameters; the GEMM output (needed for dgamma) is not
+    # saved, the backward recovers dgamma from the weight-gradient product.
+    ctx.save_for_backward(x, weight, bias, gamma, dps)
+    ctx.tokens = tokens
+
+
+def _lr_backward(ctx, dout):
+    x, weight, bias, gamma, dps = ctx.saved_tensors
+    needs_dgamma = gamma is not None and ctx.needs_input_grad[4]
+    dout = dout.contiguous()
+    dx, dw, db, dg = _linear_residual_bwd(dout, x, weight, bias, gamma, dps, ctx.tokens, needs_dgamma)
+    return dx, dw, C.none_if_empty(db), dout, C.none_if_empty(dg), None, None
+
+
+_linear_residual_fwd.register_autograd(_lr_backward, setup_context=_lr_setup)
+
+
+def linear_residual(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor,
+    *,
+    gamma: Tensor | None = None,
+    drop_path_scale: Tensor | None = None,
+) -> Tensor:
+    """residual + gamma * drop_path_scale * (x @ weight^T + bias), one GEMM with the rest in its epilogue.
+
+    x [B, T, K] (or [..., K] without drop_path_scale); weight [N, K]; bias [N]; residual
+    [..., N]; gamma [N] (layer-scale); drop_path_scale [B], any float dtype (0 for a dropped
+    sample, 1/keep_prob for a kept one). Returns [..., N] in x's dtype (autocast dtype under
+    autocast). Saved for backward: x and the parameters (not the GEMM output).
+    """
+    x = C.check_input(x)
+    C.check_tensor(weight, "weight", ndim=2)
+    residual = C.check_input(residual, "residual")
+    x, weight, bias, residual, gamma = C.autocast_args(x.device.type, x, weight, bias, residual, gamma)
+    n, k = weight.shape[0], x.shape[-1]
+    C.check_param(weight, "weight", (n, k), x, optional=False)
+    C.check_param(bias, "bias", (n,), x)
+    C.check_param(gamma, "gamma", (n,), x)
+    C.check_tensor(residual, "residual", device=x.device, dtype=x.dtype)
+    C.check_shape(residual, "residual", (*x.shape[:-1], n))
+    C.check_dps(drop_path_scale, x)
+    tokens = x.shape[1] if drop_path_scale is not None else 1
+    with torch.autocast(x.device.type, enabled=False):
+        out = _linear_residual_fwd(
+            C.rows2d(x),
+            weight.contiguous(),
+            C.contig(bias),
+            C.rows2d(residual),
+            C.contig(gamma),
+            C.contig(drop_path_scale),
+            tokens,
+        )
+    return out.reshape(residual.shape)
+
+
+# -------------------------------------------------------------------------- layer_norm_mlp
+
+
+@torch.library.custom_op("vit_fast::layer_norm_mlp_fwd", mutates_args=())
+def _mlp_fwd(
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor | None,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor | None,
+    eps: float,
+    gamma: Tensor | None,
+    dps: Tensor | None,
+    tokens_per_sample: int,
+    approximate: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    fns = C.backend_fns(x.device, "mlp")
+    out, mean, rstd, h_pre = fns.mlp_forward(
         x,
         ln_weight,
         ln_bias,
@@ -31,7 +158,183 @@ def layer_norm_mlp(
         fc2_weight,
         fc2_bias,
         eps,
-        gamma=gamma,
-        drop_path_scale=drop_path_scale,
-        approximate=approximate,
+        gamma,
+        dps,
+        tokens_per_sample,
+        approximate,
     )
+    return out, mean, rstd, h_pre
+
+
+@_mlp_fwd.register_fake
+def _(
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, gamma, dps, tokens, approximate
+):
+    m = x.shape[0]
+    stats = x.new_empty(m, dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats), x.new_empty(m, fc1_weight.shape[0])
+
+
+@torch.library.custom_op("vit_fast::layer_norm_mlp_bwd", mutates_args=())
+def _mlp_bwd(
+    dout: Tensor,
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    fc1_weight: Tensor,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor | None,
+    gamma: Tensor | None,
+    dps: Tensor | None,
+    tokens_per_sample: int,
+    mean: Tensor,
+    rstd: Tensor,
+    h_pre: Tensor,
+    approximate: str,
+    has_fc1_bias: bool,
+    needs_gamma_grad: bool,
+) -> list[Tensor]:
+    """-> [dx, dln_weight, dln_bias, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma], absent
+    ones as 0-element tensors."""
+    fns = C.backend_fns(x.device, "mlp")
+    grads = fns.mlp_backward(
+        dout,
+        x,
+        ln_weight,
+        ln_bias,
+        fc1_weight,
+        fc2_weight,
+        fc2_bias,
+        gamma,
+        dps,
+        tokens_per_sample,
+        mean,
+        rstd,
+        h_pre,
+        approximate,
+        has_fc1_bias,
+        needs_gamma_grad,
+    )
+    return [C.empty_like_none(g, x) for g in grads]
+
+
+@_mlp_bwd.register_fake
+def _(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, fc2_bias, gamma, dps, tokens, mean, rstd, h_pre,
+      approximate, has_fc1_bias, needs_gamma_grad):  # fmt: skip
+    d, f = x.shape[1], fc1_weight.shape[0]
+
+    def maybe(cond: bool, n: int) -> Tensor:
+        return x.new_empty(n if cond else 0)
+
+    return [
+        torch.empty_like(x),
+        maybe(ln_weight is not None, d),
+        maybe(ln_bias is not None, d),
+        torch.empty_like(fc1_weight),
+        maybe(has_fc1_bias, f),
+        torch.empty_like(fc2_weight),
+        maybe(fc2_bias is not None, d),
+        maybe(gamma is not None and needs_gamma_grad, d),
+    ]
+
+
+def _mlp_setup(ctx, inputs, output):
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, _, gamma, dps, tokens, approximate = (
+        inputs
+    )
+    _, mean, rstd, h_pre = output
+    # Saved activations: x (LN input), mean/rstd (fp32 [M]) and h_pre (fc1 pre-activation); the
+    # LN output and the GELU output are recomputed in the backward GEMMs' prologues.
+    ctx.save_for_backward(
+        x, ln_weight, ln_bias, fc1_weight, fc2_weight, fc2_bias, gamma, dps, mean, rstd, h_pre
+    )
+    ctx.tokens = tokens
+    ctx.approximate = approximate
+    ctx.has_fc1_bias = fc1_bias is not None
+
+
+def _mlp_backward(ctx, dout, _dmean, _drstd, _dh_pre):
+    x, ln_weight, ln_bias, fc1_weight, fc2_weight, fc2_bias, gamma, dps, mean, rstd, h_pre = ctx.saved_tensors
+    needs_dgamma = gamma is not None and ctx.needs_input_grad[8]
+    grads = _mlp_bwd(
+        dout.contiguous(),
+        x,
+        ln_weight,
+        ln_bias,
+        fc1_weight,
+        fc2_weight,
+        fc2_bias,
+        gamma,
+        dps,
+        ctx.tokens,
+        mean,
+        rstd,
+        h_pre,
+        ctx.approximate,
+        ctx.has_fc1_bias,
+        needs_dgamma,
+    )
+    dx, dlw, dlb, dw1, db1, dw2, db2, dg = grads
+    e = C.none_if_empty
+    return dx, e(dlw), e(dlb), dw1, e(db1), dw2, e(db2), None, e(dg), None, None, None
+
+
+_mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+
+
+def layer_norm_mlp(
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor | None,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor | None,
+    eps: float,
+    *,
+    gamma: Tensor | None = None,
+    drop_path_scale: Tensor | None = None,
+    approximate: str = "none",
+) -> Tensor:
+    """The pre-LN MLP sub-block x + gamma * dps * fc2(gelu(fc1(LN(x)))) in three launches.
+
+    x [B, T, D] (or [..., D] without drop_path_scale); ln_weight, ln_bias [D]; fc1_weight [F, D];
+    fc1_bias [F]; fc2_weight [D, F]; fc2_bias [D]; gamma [D]; drop_path_scale [B] (any float
+    dtype). All other tensors share x's dtype (fp32/fp16/bf16; the autocast dtype under
+    autocast). GELU is exact (erf) unless approximate='tanh'. Returns [..., D] in x's dtype.
+    Saved for backward: x, mean [M] and rstd [M] (fp32), h_pre [M, F] (fc1 pre-activation) and
+    the parameters; LN(x) and GELU(h_pre) are recomputed.
+    """
+    x = C.check_input(x)
+    eps = C.check_eps(eps)
+    approximate = C.check_approximate(approximate)
+    C.check_tensor(fc1_weight, "fc1_weight", ndim=2)
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma = C.autocast_args(
+        x.device.type, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma
+    )
+    d, f = x.shape[-1], fc1_weight.shape[0]
+    C.check_param(fc1_weight, "fc1_weight", (f, d), x, optional=False)
+    C.check_param(fc2_weight, "fc2_weight", (d, f), x, optional=False)
+    C.check_param(ln_weight, "ln_weight", (d,), x)
+    C.check_param(ln_bias, "ln_bias", (d,), x)
+    C.check_param(fc1_bias, "fc1_bias", (f,), x)
+    C.check_param(fc2_bias, "fc2_bias", (d,), x)
+    C.check_param(gamma, "gamma", (d,), x)
+    C.check_dps(drop_path_scale, x)
+    tokens = x.shape[1] if drop_path_scale is not None else 1
+    with torch.autocast(x.device.type, enabled=False):
+        out, _, _, _ = _mlp_fwd(
+            C.rows2d(x),
+            C.contig(ln_weight),
+            C.contig(ln_bias),
+            fc1_weight.contiguous(),
+            C.contig(fc1_bias),
+            fc2_weight.contiguous(),
+            C.contig(fc2_bias),
+            eps,
+            C.contig(gamma),
+            C.contig(drop_path_scale),
+            tokens,
+            approximate,
+        )
+    return out.reshape(x.shape)

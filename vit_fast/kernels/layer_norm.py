@@ -1,0 +1,352 @@
+"""LayerNorm kernels: forward (optionally with a fused residual add), row statistics only (for the
+GEMM LN prologue), and backward (optionally adding an incoming residual gradient).
+
+Statistics are always float32 and computed two-pass from registers (mean first, then the variance
+of the centred row), so rows with a large mean and a tiny spread (mean 1e4, std 1e-3) do not lose
+their variance to cancellation as the one-pass E[x^2] - E[x]^2 formula would.
+
+The launchers at the bottom implement the `layer_norm` family of docs/backend_contract.md.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from vit_fast.ops.backend import triton_interpreting
+
+
+@triton.jit
+def _ln_fwd_kernel(
+    x_ptr,
+    res_ptr,
+    sum_ptr,
+    y_ptr,
+    w_ptr,
+    b_ptr,
+    mean_ptr,
+    rstd_ptr,
+    M,
+    D,
+    eps,
+    HAS_RES: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    STORE_Y: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # One program normalises ROWS whole rows held in registers ([ROWS, BLOCK_D] tile); the row
+    # must fit (BLOCK_D >= D), which holds for every ViT width (<= 8192).
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < M
+    col_ok = cols < D
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if HAS_RES:
+        # The sum is rounded to the storage dtype before normalising, exactly as the unfused
+        # `x + residual` followed by LayerNorm would see it.
+        x = x + tl.load(res_ptr + offs, mask=mask, other=0.0)
+        tl.store(sum_ptr + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    mean = tl.sum(xf, axis=1) / D
+    xc = tl.where(mask, xf - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(mean_ptr + rows, mean, mask=row_ok)
+    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+    if STORE_Y:
+        y = xc * rstd[:, None]
+        if HAS_W:
+            y = y * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_B:
+            y = y + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ln_bwd_kernel(
+    dy_ptr,
+    x_ptr,
+    w_ptr,
+    mean_ptr,
+    rstd_ptr,
+    dres_ptr,
+    dx_ptr,
+    dw_part_ptr,
+    db_part_ptr,
+    M,
+    D,
+    HAS_W: tl.constexpr,
+    HAS_DRES: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Each program walks row blocks pid, pid + nprog, ... and keeps fp32 partial sums of
+    # dweight/dbias in registers; the host reduces the [nprog, D] partials in fp32. This avoids
+    # atomics (non-deterministic) and a second pass over dy.
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(pid * ROWS, M, nprog * ROWS):
+        rows = start + tl.arange(0, ROWS)
+        row_ok = rows < M
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        # xhat is recomputed from the saved statistics instead of being saved by the forward.
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if NEED_DW:
+            dw_acc += tl.sum(dy * xhat, axis=0)
+        if NEED_DB:
+            db_acc += tl.sum(dy, axis=0)
+        if HAS_W:
+            g = dy * w[None, :]
+        else:
+            g = dy
+        c1 = tl.sum(g * xhat, axis=1) / D
+        c2 = tl.sum(g, axis=1) / D
+        dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        if HAS_DRES:
+            dx += tl.load(dres_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if NEED_DW:
+        tl.store(dw_part_ptr + pid * D + cols, dw_acc, mask=col_ok)
+    if NEED_DB:
+        tl.store(db_part_ptr + pid * D + cols, db_acc, mask=col_ok)
+
+
+# --------------------------------------------------------------------------------------- launchers
+
+
+def _rows_per_program(block_d: int) -> int:
+    # Keep about 4K elements per program: enough work per program for narrow rows, and for wide
+    # rows (BLOCK_D = 4096+) one row per program so the tile stays in registers without spills.
+    return max(1, min(16, 4096 // block_d))
+
+
+def _num_warps(block_d: int, rows: int) -> int:
+    return 4 if block_d * rows <= 4096 else 8
+
+
+def _row_stats_launch(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    residual: Tensor | None,
+    store_y: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
+    m, d = x.shape
+    block_d = triton.next_power_of_2(d)
+    rows = _rows_per_program(block_d)
+    mean = torch.empty(m, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(m, device=x.device, dtype=torch.float32)
+    y = torch.empty_like(x) if store_y else None
+    s = torch.empty_like(x) if residual is not None else None
+    _ln_fwd_kernel[(triton.cdiv(m, rows),)](
+        x,
+        residual,
+        s,
+        y,
+        weight,
+        bias,
+        mean,
+        rstd,
+        m,
+        d,
+        eps,
+        HAS_RES=residual is not None,
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        STORE_Y=store_y,
+        ROWS=rows,
+        BLOCK_D=block_d,
+        num_warps=_num_warps(block_d, rows),
+    )
+    return y, s, mean, rstd
+
+
+def row_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-row LayerNorm statistics of x [M, D] (contiguous): (mean [M], rstd [M]), both float32."""
+    _, _, mean, rstd = _row_stats_launch(x, None, None, eps, None, store_y=False)
+    return mean, rstd
+
+
+def layer_norm_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Contract `layer_norm_forward`: x [M, D] -> (y [M, D] in x.dtype, mean [M] fp32, rstd [M] fp32)."""
+    y, _, mean, rstd = _row_stats_launch(x, weight, bias, eps, None, store_y=True)
+    return y, mean, rstd
+
+
+def add_layer_norm_forward(
+    x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """s = x + residual and LN(s) in one pass: returns (y, s, mean, rstd); all [M, D] but the stats."""
+    y, s, mean, rstd = _row_stats_launch(x, weight, bias, eps, residual, store_y=True)
+    return y, s, mean, rstd
+
+
+def layer_norm_backward_fused(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    *,
+    need_dbias: bool,
+    dres: Tensor | None = None,
+    dx_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """LN backward with an optional incoming gradient `dres` [M, D] added into dx (the residual
+    path of a pre-LN block). dy may be fp32 (from a dgrad GEMM) or x.dtype. Returns (dx [M, D] in
+    dx_dtype or x.dtype, dweight [D] | None, dbias [D] | None) with weight-shaped grads in the
+    weight's dtype (fp32 partials reduced in fp32)."""
+    m, d = x.shape
+    block_d = triton.next_power_of_2(d)
+    rows = _rows_per_program(block_d)
+    need_dw = weight is not None
+    # Enough programs to fill a GPU; in the interpreter few programs run fastest.
+    max_prog = 4 if triton_interpreting() else 1024
+    nprog = max(1, min(triton.cdiv(m, rows), max_prog))
+    dx = torch.empty(m, d, device=x.device, dtype=dx_dtype or x.dtype)
+    dw_part = torch.empty(nprog, d, device=x.device, dtype=torch.float32) if need_dw else None
+    db_part = torch.empty(nprog, d, device=x.device, dtype=torch.float32) if need_dbias else None
+    _ln_bwd_kernel[(nprog,)](
+        dy,
+        x,
+        weight,
+        mean,
+        rstd,
+        dres,
+        dx,
+        dw_part,
+        db_part,
+        m,
+        d,
+        HAS_W=weight is not None,
+        HAS_DRES=dres is not None,
+        NEED_DW=need_dw,
+        NEED_DB=need_dbias,
+        ROWS=rows,
+        BLOCK_D=block_d,
+        num_warps=_num_warps(block_d, rows),
+    )
+    wdtype = weight.dtype if weight is not None else x.dtype
+    dw = dw_part.sum(0).to(wdtype) if dw_part is not None else None
+    db = db_part.sum(0).to(wdtype) if db_part is not None else None
+    return dx, dw, db
+
+
+def layer_norm_backward(
+    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Contract `layer_norm_backward`: (dx, dweight | None, dbias | None). The contract does not say
+    whether a bias was given; dbias is returned whenever weight is (affine LN always has both), and
+    callers that had no bias drop it."""
+    return layer_norm_backward_fused(dy, x, weight, mean, rstd, need_dbias=weight is not None)
+
+
+# ------------------------------------------------------------------------------------------ AOT
+
+
+def aot_specs() -> list:
+    """The LN kernels at the configs the launchers pick for ViT widths 192..1280 (and 4096 for the
+    widest rows), fp16 and bf16."""
+    from vit_fast.perf.aot import KernelSpec
+
+    specs = []
+    for dt in ("fp16", "bf16"):
+        for d in (768, 1280, 4096):
+            block_d = triton.next_power_of_2(d)
+            rows = _rows_per_program(block_d)
+            warps = _num_warps(block_d, rows)
+            specs.append(
+                KernelSpec(
+                    name=f"ln_fwd_res_{dt}_D{block_d}",
+                    fn=_ln_fwd_kernel,
+                    signature={
+                        "x_ptr": f"*{dt}",
+                        "res_ptr": f"*{dt}",
+                        "sum_ptr": f"*{dt}",
+                        "y_ptr": f"*{dt}",
+                        "w_ptr": f"*{dt}",
+                        "b_ptr": f"*{dt}",
+                        "mean_ptr": "*fp32",
+                        "rstd_ptr": "*fp32",
+                        "M": "i32",
+                        "D": "i32",
+                        "eps": "fp32",
+                        "HAS_RES": "constexpr",
+                        "HAS_W": "constexpr",
+                        "HAS_B": "constexpr",
+                        "STORE_Y": "constexpr",
+                        "ROWS": "constexpr",
+                        "BLOCK_D": "constexpr",
+                    },
+                    constexprs={
+                        "HAS_RES": True,
+                        "HAS_W": True,
+                        "HAS_B": True,
+                        "STORE_Y": True,
+                        "ROWS": rows,
+                        "BLOCK_D": block_d,
+                    },
+                    num_warps=warps,
+                    divisible_by_16=("x_ptr", "res_ptr", "sum_ptr", "y_ptr", "mean_ptr", "rstd_ptr"),
+                )
+            )
+            for dy_dt in (dt, "fp32"):
+                specs.append(
+                    KernelSpec(
+                        name=f"ln_bwd_{dt}_dy{dy_dt}_D{block_d}",
+                        fn=_ln_bwd_kernel,
+                        signature={
+                            "dy_ptr": f"*{dy_dt}",
+                            "x_ptr": f"*{dt}",
+                            "w_ptr": f"*{dt}",
+                            "mean_ptr": "*fp32",
+                            "rstd_ptr": "*fp32",
+                            "dres_ptr": f"*{dt}",
+                            "dx_ptr": f"*{dt}",
+                            "dw_part_ptr": "*fp32",
+                            "db_part_ptr": "*fp32",
+                            "M": "i32",
+                            "D": "i32",
+                            "HAS_W": "constexpr",
+                            "HAS_DRES": "constexpr",
+                            "NEED_DW": "constexpr",
+                            "NEED_DB": "constexpr",
+                            "ROWS": "constexpr",
+                            "BLOCK_D": "constexpr",
+                        },
+                        constexprs={
+                            "HAS_W": True,
+                            "HAS_DRES": True,
+                            "NEED_DW": True,
+                            "NEED_DB": True,
+                            "ROWS": rows,
+                            "BLOCK_D": block_d,
+                        },
+                        num_warps=warps,
+                        divisible_by_16=("dy_ptr", "x_ptr", "dx_ptr", "dres_ptr"),
+                    )
+                )
+    return specs

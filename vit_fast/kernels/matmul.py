@@ -1,0 +1,573 @@
+"""A Triton GEMM with a fused prologue and epilogue, and the GEMM-based ops built from it.
+
+    C[M, N] = epilogue( prologue(A)[M, K] @ B[N, K]^T )
+
+A, B and C are addressed by explicit strides, so transposed operands (weight gradients, dgrad
+through a [N, K] weight) are the same kernel with swapped strides, never a transpose copy.
+
+Prologue (applied to each A tile as it is loaded, in fp32, then rounded to the operand dtype so
+the tensor-core inputs are what an unfused kernel would have read from memory):
+  PRO_LN_ROW  LayerNorm of the rows of A: (a - mean[m]) * rstd[m] * ln_w[k] + ln_b[k]   (forward)
+  PRO_LN_COL  the same for A = X^T: statistics indexed by k, LN affine by m   (dW = dY^T LN(X))
+  PRO_GELU    exact-erf GELU;  PRO_GELU_TANH  the tanh approximation          (fc2 reads h_pre)
+Epilogue (on the fp32 accumulator):
+  + bias[n]; * dGELU(aux[m, n]) (EPI_DGELU / EPI_DGELU_TANH: fc1 dgrad); * gamma[n];
+  * dps[m // tokens_per_sample]; + residual[m, n]; cast to C's dtype.
+
+fp32 operands use IEEE fp32 dot (not TF32) so fp32 results meet the numerics rule. In the
+interpreter, `tl.dot` on bf16 is wrong, so operands are upcast to fp32 there (UPCAST flag) after
+being rounded to their storage dtype, which keeps the interpreted numerics those of the GPU.
+
+The launchers at the bottom implement the `mlp` family and `layer_norm_linear_*` of
+docs/backend_contract.md.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from vit_fast.kernels.layer_norm import (
+    layer_norm_backward,
+    layer_norm_backward_fused,
+    layer_norm_forward,
+    row_stats,
+)
+from vit_fast.ops.backend import triton_interpreting
+
+__all__ = [
+    "gemm",
+    "layer_norm_backward",
+    "layer_norm_forward",
+    "layer_norm_linear_backward",
+    "layer_norm_linear_forward",
+    "linear_residual_backward",
+    "linear_residual_forward",
+    "mlp_backward",
+    "mlp_forward",
+]
+
+PRO_NONE, PRO_LN_ROW, PRO_LN_COL, PRO_GELU, PRO_GELU_TANH = 0, 1, 2, 3, 4
+EPI_NONE, EPI_DGELU, EPI_DGELU_TANH = 0, 1, 2
+
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_TANH_C = 0.7978845608028654  # sqrt(2 / pi)
+
+
+@triton.jit
+def _tanh(u):
+    # tanh through sigmoid: libdevice's tanh is unavailable in the interpreter.
+    return 2.0 * tl.sigmoid(2.0 * u) - 1.0
+
+
+@triton.jit
+def _gelu(x, TANH: tl.constexpr):
+    if TANH:
+        return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    else:
+        return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def _dgelu(x, TANH: tl.constexpr):
+    if TANH:
+        t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+    else:
+        return 0.5 * (1.0 + tl.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+
+
+@triton.jit
+def _gemm_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bn,
+    stride_bk,
+    stride_cm,
+    stride_cn,
+    mean_ptr,
+    rstd_ptr,
+    lnw_ptr,
+    lnb_ptr,
+    bias_ptr,
+    aux_ptr,
+    stride_xm,
+    stride_xn,
+    gamma_ptr,
+    dps_ptr,
+    res_ptr,
+    stride_rm,
+    stride_rn,
+    tokens_per_sample,
+    PROLOGUE: tl.constexpr,
+    HAS_LNW: tl.constexpr,
+    HAS_LNB: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_DPS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M row tiles share each column tile of B while it is hot in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    group_rows = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_rows
+    pid_n = (pid % group_size) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    offs_m64 = offs_m.to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+    a_row = a_ptr + offs_m64[:, None] * stride_am
+    b_row = b_ptr + offs_n64[:, None] * stride_bn
+
+    if PROLOGUE == 1:
+        mu_m = tl.load(mean_ptr + offs_m, mask=m_ok, other=0.0)
+        rs_m = tl.load(rstd_ptr + offs_m, mask=m_ok, other=0.0)
+    if PROLOGUE == 2:
+        if HAS_LNW:
+            w_m = tl.load(lnw_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)
+        if HAS_LNB:
+            b_m = tl.load(lnb_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        a_mask = m_ok[:, None] & k_ok[None, :]
+        a = tl.load(a_row + offs_k[None, :] * stride_ak, mask=a_mask, other=0.0)
+        b = tl.load(b_row + offs_k[None, :] * stride_bk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if PROLOGUE != 0:
+            af = a.to(tl.float32)
+            if PROLOGUE == 1:
+                af = (af - mu_m[:, None]) * rs_m[:, None]
+                if HAS_LNW:
+                    af = af * tl.load(lnw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+                if HAS_LNB:
+                    af = af + tl.load(lnb_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            elif PROLOGUE == 2:
+                mu_k = tl.load(mean_ptr + offs_k, mask=k_ok, other=0.0)
+                rs_k = tl.load(rstd_ptr + offs_k, mask=k_ok, other=0.0)
+                af = (af - mu_k[None, :]) * rs_k[None, :]
+                if HAS_LNW:
+                    af = af * w_m[:, None]
+                if HAS_LNB:
+                    af = af + b_m[:, None]
+            elif PROLOGUE == 3:
+                af = _gelu(af, False)
+            else:
+                af = _gelu(af, True)
+            # Out-of-range entries must stay 0 (LN of a padded 0 is not 0).
+            a = tl.where(a_mask, af, 0.0).to(a_ptr.dtype.element_ty)
+        if UPCAST:
+            acc += tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+        elif IEEE:
+            acc += tl.dot(a, tl.trans(b), input_precision="ieee")
+        else:
+            acc += tl.dot(a, tl.trans(b))
+
+    c_mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if EPILOGUE != 0:
+        hp = tl.load(
+            aux_ptr + offs_m64[:, None] * stride_xm + offs_n64[None, :] * stride_xn, mask=c_mask, other=0.0
+        )
+        acc *= _dgelu(hp.to(tl.float32), EPILOGUE == 2)
+    if HAS_GAMMA:
+        acc *= tl.load(gamma_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_DPS:
+        acc *= tl.load(dps_ptr + offs_m // tokens_per_sample, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+    if HAS_RES:
+        r = tl.load(
+            res_ptr + offs_m64[:, None] * stride_rm + offs_n64[None, :] * stride_rn, mask=c_mask, other=0.0
+        )
+        acc += r.to(tl.float32)
+    tl.store(
+        c_ptr + offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn,
+        acc.to(c_ptr.dtype.element_ty),
+        mask=c_mask,
+    )
+
+
+# ------------------------------------------------------------------------------------ configs
+
+#: Shipped GEMM configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per compute capability
+#: major version and operand width in bytes. One config per case keeps launches deterministic and
+#: each one is AOT-compiled (see aot_specs); Ampere gets 128x128x32 (4 stages fit 163 KiB), Hopper
+#: a deeper K tile. fp32 (IEEE dot, no tensor cores) uses small tiles to stay spill-free.
+GEMM_CONFIGS = {
+    (8, 2): (128, 128, 32, 4, 4),
+    (9, 2): (128, 128, 64, 8, 3),
+    (8, 4): (64, 64, 16, 4, 2),
+    (9, 4): (64, 64, 16, 4, 2),
+}
+#: Interpreter tiles: small, so masks and several K iterations are exercised on tiny shapes.
+INTERP_CONFIG = (16, 16, 16, 1, 1)
+
+
+def _config(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    if triton_interpreting() or device.type != "cuda":
+        return INTERP_CONFIG
+    major = torch.cuda.get_device_capability(device)[0]
+    return GEMM_CONFIGS[(9 if major >= 9 else 8, 4 if dtype == torch.float32 else 2)]
+
+
+def gemm(
+    a: Tensor,
+    b: Tensor,
+    out: Tensor,
+    *,
+    prologue: int = PRO_NONE,
+    mean: Tensor | None = None,
+    rstd: Tensor | None = None,
+    ln_weight: Tensor | None = None,
+    ln_bias: Tensor | None = None,
+    bias: Tensor | None = None,
+    epilogue: int = EPI_NONE,
+    aux: Tensor | None = None,
+    gamma: Tensor | None = None,
+    dps: Tensor | None = None,
+    tokens_per_sample: int = 1,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """out[M, N] = epilogue(prologue(a)[M, K] @ b[N, K]^T), any strides (a and b may be transposed
+    views). a and b must share a dtype; out may be any float dtype (fp32 for partial results)."""
+    m, k = a.shape
+    n, k2 = b.shape
+    assert k == k2 and tuple(out.shape) == (m, n) and a.dtype == b.dtype
+    bm, bn, bk, warps, stages = _config(a.device, a.dtype)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _gemm_kernel[grid](
+        a,
+        b,
+        out,
+        m,
+        n,
+        k,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        out.stride(0),
+        out.stride(1),
+        mean,
+        rstd,
+        ln_weight,
+        ln_bias,
+        bias,
+        aux,
+        aux.stride(0) if aux is not None else 0,
+        aux.stride(1) if aux is not None else 0,
+        gamma,
+        dps,
+        residual,
+        residual.stride(0) if residual is not None else 0,
+        residual.stride(1) if residual is not None else 0,
+        tokens_per_sample,
+        PROLOGUE=prologue,
+        HAS_LNW=ln_weight is not None,
+        HAS_LNB=ln_bias is not None,
+        HAS_BIAS=bias is not None,
+        EPILOGUE=epilogue,
+        HAS_GAMMA=gamma is not None,
+        HAS_DPS=dps is not None,
+        HAS_RES=residual is not None,
+        UPCAST=triton_interpreting(),
+        IEEE=a.dtype == torch.float32,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        GROUP_M=8,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return out
+
+
+def _gelu_pro(approximate: str) -> int:
+    return PRO_GELU_TANH if approximate == "tanh" else PRO_GELU
+
+
+def _dgelu_epi(approximate: str) -> int:
+    return EPI_DGELU_TANH if approximate == "tanh" else EPI_DGELU
+
+
+def _row_scale(t: Tensor, dps: Tensor | None, tokens_per_sample: int) -> Tensor:
+    """t [M, N] * dps[row // T] (a transient, for the backward only); t itself when dps is None."""
+    if dps is None:
+        return t
+    return t * dps.to(t.dtype).repeat_interleave(tokens_per_sample)[:, None]
+
+
+def _scaled_weight_grads(
+    g: Tensor, weight: Tensor, bias: Tensor | None, colsum: Tensor, gamma: Tensor | None, need_dgamma: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """From G = (dout * dps)^T @ input in fp32 [N, K] and colsum = sum_m dout * dps [N] (fp32):
+    dweight = gamma * G, dbias = gamma * colsum and, without recomputing the GEMM output
+    y = input @ W^T + b, dgamma[n] = sum_m dout' y = sum_k W[n, k] G[n, k] + b[n] colsum[n]."""
+    dgamma = None
+    if gamma is not None and need_dgamma:
+        dgamma = (g * weight.float()).sum(1)
+        if bias is not None:
+            dgamma = dgamma + bias.float() * colsum
+        dgamma = dgamma.to(gamma.dtype)
+    gscale = gamma.float()[:, None] if gamma is not None else None
+    dweight = (g * gscale if gscale is not None else g).to(weight.dtype)
+    dbias = (colsum * gamma.float() if gamma is not None else colsum).to(weight.dtype)
+    return dweight, dbias, dgamma
+
+
+# ------------------------------------------------------------------------ contract: layer_norm
+
+
+def layer_norm_linear_forward(
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Contract `layer_norm_linear_forward`: x [M, D] -> (LN(x) @ weight^T + bias [M, N], mean, rstd).
+    Two launches: row statistics, then the GEMM normalising A tiles in its prologue (the LN output
+    never goes to memory)."""
+    mean, rstd = row_stats(x, eps)
+    out = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
+    gemm(
+        x,
+        weight,
+        out,
+        prologue=PRO_LN_ROW,
+        mean=mean,
+        rstd=rstd,
+        ln_weight=ln_weight,
+        ln_bias=ln_bias,
+        bias=bias,
+    )
+    return out, mean, rstd
+
+
+def _ln_input_grads(
+    dxn: Tensor,
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    dres: Tensor | None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    dx, dlnw, dlnb = layer_norm_backward_fused(
+        dxn, x, ln_weight, mean, rstd, need_dbias=ln_bias is not None, dres=dres
+    )
+    if ln_bias is not None and dlnb is not None:
+        dlnb = dlnb.to(ln_bias.dtype)
+    return dx, dlnw, dlnb
+
+
+def _ln_wgrad(
+    dout: Tensor,
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    dw: Tensor,
+) -> Tensor:
+    """dw [N, D] = dout^T @ LN(x), computed as dw^T = LN(x)^T @ dout with the LN in the prologue
+    (statistics along K = tokens), written through transposed strides."""
+    return gemm(
+        x.t(),
+        dout.t(),
+        dw.t(),
+        prologue=PRO_LN_COL,
+        mean=mean,
+        rstd=rstd,
+        ln_weight=ln_weight,
+        ln_bias=ln_bias,
+    )
+
+
+def layer_norm_linear_backward(
+    dout: Tensor,
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    weight: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    has_bias: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor, Tensor | None]:
+    """Contract `layer_norm_linear_backward`: (dx, dln_weight, dln_bias, dweight, dbias). The LN
+    output is recomputed inside the wgrad GEMM's prologue; dLN(x) = dout @ weight is kept in fp32
+    for the LN backward."""
+    dw = torch.empty_like(weight)
+    _ln_wgrad(dout, x, ln_weight, ln_bias, mean, rstd, dw)
+    db = dout.float().sum(0).to(weight.dtype) if has_bias else None
+    dxn = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+    gemm(dout, weight.t(), dxn)
+    dx, dlnw, dlnb = _ln_input_grads(dxn, x, ln_weight, ln_bias, mean, rstd, None)
+    return dx, dlnw, dlnb, dw, db
+
+
+# ------------------------------------------------------------------------------ contract: mlp
+
+
+def linear_residual_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor,
+    gamma: Tensor | None,
+    dps: Tensor | None,
+    tokens_per_sample: int,
+) -> Tensor:
+    """Contract `linear_residual_forward`: residual + gamma * dps[row // T] * (x @ weight^T + bias),
+    one GEMM launch with everything in the epilogue."""
+    out = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
+    return gemm(
+        x,
+        weight,
+        out,
+        bias=bias,
+        gamma=gamma,
+        dps=dps,
+        tokens_per_sample=tokens_per_sample,
+        residual=residual,
+    )
+
+
+def linear_residual_backward(
+    dout: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gamma: Tensor | None,
+    dps: Tensor | None,
+    tokens_per_sample: int,
+    needs_gamma_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
+    """Contract `linear_residual_backward`: (dx, dweight, dbias, dresidual, dgamma).
+
+    dgamma needs the GEMM output y, which is not saved: it is recovered from the wgrad product
+    G = (dout*dps)^T x as sum_k W*G + b*colsum (see _scaled_weight_grads), no recompute GEMM."""
+    s = _row_scale(dout, dps, tokens_per_sample)
+    g = torch.empty(weight.shape, device=x.device, dtype=torch.float32)
+    gemm(s.t(), x.t(), g)
+    colsum = s.float().sum(0)
+    dw, db, dgamma = _scaled_weight_grads(g, weight, bias, colsum, gamma, needs_gamma_grad)
+    # dx = (s * gamma) @ W: gamma folded into the weight side ([N, K], smaller than [M, N] for
+    # ViT token counts) would change rounding; scale the activation grad instead.
+    sg = s * gamma.to(s.dtype) if gamma is not None else s
+    dx = torch.empty_like(x)
+    gemm(sg, weight.t(), dx)
+    return dx, dw, db if bias is not None else None, dout, dgamma
+
+
+def mlp_forward(
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor | None,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor | None,
+    eps: float,
+    gamma: Tensor | None,
+    dps: Tensor | None,
+    tokens_per_sample: int,
+    approximate: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Contract `mlp_forward` -> (out [M, D], mean [M], rstd [M], h_pre [M, F]). Three launches:
+    row stats; fc1 GEMM with LN prologue + bias, writing h_pre; fc2 GEMM with GELU prologue on
+    h_pre and bias/gamma/drop-path/residual epilogue (the GELU output never goes to memory)."""
+    mean, rstd = row_stats(x, eps)
+    m, f = x.shape[0], fc1_weight.shape[0]
+    h_pre = torch.empty(m, f, device=x.device, dtype=x.dtype)
+    gemm(
+        x,
+        fc1_weight,
+        h_pre,
+        prologue=PRO_LN_ROW,
+        mean=mean,
+        rstd=rstd,
+        ln_weight=ln_weight,
+        ln_bias=ln_bias,
+        bias=fc1_bias,
+    )
+    out = torch.empty_like(x)
+    gemm(
+        h_pre,
+        fc2_weight,
+        out,
+        prologue=_gelu_pro(approximate),
+        bias=fc2_bias,
+        gamma=gamma,
+        dps=dps,
+        tokens_per_sample=tokens_per_sample,
+        residual=x,
+    )
+    return out, mean, rstd, h_pre
+
+
+def mlp_backward(
+    dout: Tensor,
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    fc1_weight: Tensor,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor | None,
+    gamma: Tensor | None,
+    dps: Tensor | None,
+    tokens_per_sample: int,
+    mean: Tensor,
+    rstd: Tensor,
+    h_pre: Tensor,
+    approximate: str,
+    has_fc1_bias: bool,
+    needs_gamma_grad: bool,
+) -> tuple[Tensor, ...]:
+    """Contract `mlp_backward` -> (dx, dln_weight, dln_bias, dfc1_weight, dfc1_bias, dfc2_weight,
+    dfc2_bias, dgamma). Four GEMMs plus the LN backward:
+      G2^T = GELU(h_pre)^T @ s          (GELU recomputed in the prologue; s = dout * dps)
+      dh   = (s * gamma) @ W2 * dGELU(h_pre)   (dGELU in the epilogue)
+      dW1^T = LN(x)^T @ dh              (LN recomputed in the prologue)
+      dLN  = dh @ W1 (fp32), then LN backward with dout added as the residual-path gradient."""
+    s = _row_scale(dout, dps, tokens_per_sample)
+    d, f = fc2_weight.shape
+    g2 = torch.empty(d, f, device=x.device, dtype=torch.float32)
+    gemm(h_pre.t(), s.t(), g2.t(), prologue=_gelu_pro(approximate))
+    colsum = s.float().sum(0)
+    dw2, db2, dgamma = _scaled_weight_grads(g2, fc2_weight, fc2_bias, colsum, gamma, needs_gamma_grad)
+    sg = s * gamma.to(s.dtype) if gamma is not None else s
+    dh = torch.empty_like(h_pre)
+    gemm(sg, fc2_weight.t(), dh, epilogue=_dgelu_epi(approximate), aux=h_pre)
+    dw1 = torch.empty_like(fc1_weight)
+    _ln_wgrad(dh, x, ln_weight, ln_bias, mean, rstd, dw1)
+    db1 = dh.float().sum(0).to(fc1_weight.dtype) if has_fc1_bias else None
+    dxn = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+    gemm(dh, fc1_weight.t(), dxn)
+    dx, dlnw, dlnb = _ln_input_grads(dxn, x, ln_weight, ln_bias, mean, rstd, dout)
+    return dx, dlnw, dlnb, dw1, db1, dw2, db2 if fc2_bias is not None else None, dgamma
