@@ -85,13 +85,15 @@ class AttentionParams(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def normalize_qk(self, qkv: Tensor) -> Tensor:
-        """Apply q_norm / k_norm per head to the packed qkv [B, T, 3D] (identity without qk_norm)."""
-        if isinstance(self.q_norm, nn.Identity):
-            return qkv
-        batch, tokens, _ = qkv.shape
-        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).unbind(2)
-        return torch.stack([self.q_norm(q), self.k_norm(k), v], dim=2).reshape(batch, tokens, -1)
+
+def normalize_qk(attn: nn.Module, qkv: Tensor) -> Tensor:
+    """Apply `attn.q_norm` / `attn.k_norm` per head to the packed qkv [B, T, 3D] (a no-op without
+    qk-norm). Works on our AttentionParams and on timm's Attention, which share these names."""
+    if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity):
+        return qkv
+    batch, tokens, _ = qkv.shape
+    q, k, v = qkv.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).unbind(2)
+    return torch.stack([attn.q_norm(q), attn.k_norm(k), v], dim=2).reshape(batch, tokens, -1)
 
 
 def drop_path_scale(batch: int, drop_prob: float, training: bool, device: torch.device) -> Tensor | None:
@@ -137,9 +139,20 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, bias=proj_bias)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
 
+    @classmethod
+    def wrapping(cls, norm1, attn, ls1, norm2, mlp, ls2, drop_path: float, impl: str = "auto") -> Block:
+        """A Block that runs on existing sub-modules (e.g. a timm Block's), sharing their parameters:
+        the state-dict keys stay the same and optimizer state stays valid."""
+        block = cls.__new__(cls)
+        nn.Module.__init__(block)
+        block.impl, block.drop_path = impl, drop_path
+        block.norm1, block.attn, block.ls1 = norm1, attn, ls1
+        block.norm2, block.mlp, block.ls2 = norm2, mlp, ls2
+        return block
+
     @staticmethod
     def _gamma(ls: nn.Module) -> Tensor | None:
-        return ls.gamma if isinstance(ls, LayerScale) else None
+        return getattr(ls, "gamma", None)
 
     def forward(self, x: Tensor) -> Tensor:
         f = op_namespace(self.impl)
@@ -150,7 +163,7 @@ class Block(nn.Module):
         qkv = f.layer_norm_linear(
             x, self.norm1.weight, self.norm1.bias, attn.qkv.weight, attn.qkv.bias, self.norm1.eps
         )
-        qkv = attn.normalize_qk(qkv)
+        qkv = normalize_qk(attn, qkv)
         o = f.attention(
             qkv, attn.num_heads, scale=attn.scale, dropout_p=attn.attn_drop.p if self.training else 0.0
         )
@@ -177,4 +190,5 @@ class Block(nn.Module):
             self.norm2.eps,
             gamma=self._gamma(self.ls2),
             drop_path_scale=dps,
+            approximate=getattr(mlp.act, "approximate", "none"),
         )

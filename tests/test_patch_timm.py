@@ -1,0 +1,107 @@
+"""patch_timm / unpatch_timm on real timm models: same parameters, same outputs and gradients."""
+
+import copy
+
+import pytest
+import torch
+
+from vit_fast.integrations import is_patched, patch_timm, unpatch_timm
+from vit_fast.nn.block import Block
+
+timm = pytest.importorskip("timm")
+
+
+def _tiny(**kw):
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        num_classes=5,
+        **kw,
+    )
+
+
+def _logits_and_grads(model, x):
+    model.zero_grad()
+    out = model(x)
+    out.square().sum().backward()
+    return out.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def _close(a, b, rel=1e-5):
+    return (a - b).abs().max().item() <= rel * b.abs().max().item() + 1e-7
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"reg_tokens": 2, "global_pool": "avg"},
+        {"init_values": 0.1, "qk_norm": True},
+        {"no_embed_class": True, "reg_tokens": 1},
+    ],
+    ids=["plain", "reg_avg", "ls_qknorm", "noembcls"],
+)
+def test_patched_matches_stock(kw):
+    model = _tiny(**kw)
+    stock = copy.deepcopy(model)
+    x = torch.randn(3, 3, 32, 32)
+    want, want_grads = _logits_and_grads(stock, x)
+    params_before = {k: p for k, p in model.named_parameters()}
+    keys_before = list(model.state_dict())
+    patch_timm(model)
+    assert is_patched(model) and all(isinstance(b, Block) for b in model.blocks)
+    # the very same tensors, under the very same names
+    assert {k: p for k, p in model.named_parameters()} == params_before
+    assert list(model.state_dict()) == keys_before
+    got, got_grads = _logits_and_grads(model, x)
+    assert _close(got, want)
+    for k in want_grads:
+        assert _close(got_grads[k], want_grads[k]), k
+    unpatch_timm(model)
+    assert not is_patched(model)
+    assert all(type(b).__name__ == "Block" and not isinstance(b, Block) for b in model.blocks)
+    assert "forward_features" not in model.__dict__
+    again, _ = _logits_and_grads(model, x)
+    assert torch.equal(again, want) or _close(again, want, 1e-6)
+
+
+def test_optimizer_state_survives_patching():
+    model = _tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    opt.step()
+    patch_timm(model)
+    model(x).sum().backward()
+    opt.step()  # the same Parameter objects: AdamW's state keys still match
+    assert all(p in opt.state for p in model.parameters())
+
+
+def test_unsupported_parts_left_stock_with_one_warning():
+    model = _tiny(act_layer="relu")
+    with pytest.warns(UserWarning, match="mlp activation is ReLU") as record:
+        patch_timm(model)
+    assert len(record) == 1
+    assert not any(isinstance(b, Block) for b in model.blocks)  # every block needs GELU
+    x = torch.randn(1, 3, 32, 32)
+    assert model(x).shape == (1, 5)  # the embedding is still fused, blocks stock
+
+
+def test_patched_drop_path_and_dropout_train():
+    model = _tiny(drop_path_rate=0.5, proj_drop_rate=0.1, attn_drop_rate=0.0)
+    patch_timm(model)
+    model.train()
+    out = model(torch.randn(4, 3, 32, 32))
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+
+
+def test_rejects_non_vit():
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        patch_timm(torch.nn.Linear(2, 2))
