@@ -187,7 +187,8 @@ def _attn_fwd(args: tuple, kwargs: dict, out: Any) -> int:
 
 def _attn_bwd(args: tuple, kwargs: dict, out: Any) -> int:
     # dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q, plus recomputing S = Q K^T: 2.5x forward.
-    qkv = next(t for t in _tensors((args, kwargs)) if t.dim() == 3 and t.shape[-1] % 3 == 0)
+    # The packed qkv is the widest [B, T, 3D] tensor among the arguments (grad_out and out are [B, T, D]).
+    qkv = max((t for t in _tensors((args, kwargs)) if t.dim() == 3), key=lambda t: t.shape[-1])
     return _attention_fwd_flops(qkv) * 5 // 2
 
 
@@ -235,7 +236,9 @@ def _patch_bwd(args: tuple, kwargs: dict, out: Any) -> int:
     patches = (images.shape[-2] // weight.shape[-2]) * (images.shape[-1] // weight.shape[-1])
     one = _gemm_flops(images.shape[0] * patches, weight.shape[0], math.prod(weight.shape[1:]))
     outs = out if isinstance(out, (tuple, list)) else (out,)
-    return one * (2 if outs and outs[0] is not None else 1)
+    # An absent gradient may travel as None or as a 0-element tensor (custom ops cannot return None).
+    needs_dimages = bool(outs) and outs[0] is not None and outs[0].numel() > 0
+    return one * (2 if needs_dimages else 1)
 
 
 for _prefix in ("vit_fast::",):
@@ -253,8 +256,9 @@ for _prefix in ("vit_fast::",):
                 CUSTOM_FLOPS[f"{_prefix}{_n}{_suffix}"] = _bwd
 
 # Plain LayerNorm: no GEMM FLOPs, listed so a completeness check knows it is intentional.
-for _n in ("layer_norm", "layer_norm_forward", "layer_norm_backward", "layer_norm_fwd", "layer_norm_bwd"):
-    CUSTOM_FLOPS[f"vit_fast::{_n}"] = lambda args, kwargs, out: 0
+for _base in ("layer_norm", "add_layer_norm"):
+    for _suffix in ("", "_forward", "_backward", "_fwd", "_bwd"):
+        CUSTOM_FLOPS[f"vit_fast::{_base}{_suffix}"] = lambda args, kwargs, out: 0
 
 
 @register_flops("aten::_scaled_dot_product_flash_attention_for_cpu")
@@ -351,6 +355,8 @@ class CostMode(TorchDispatchMode):
             self.unknown_ops.add(key)
         ins, outs = _tensors((args, kwargs)), _tensors(out)
         nbytes = sum(tensor_bytes(t) for t in ins) + sum(tensor_bytes(t) for t in outs)
+        if nbytes == 0 and not flops:
+            return out  # only 0-element tensors (e.g. an absent gradient): no kernel runs
         floats = [t.dtype for t in ins + outs if t.is_floating_point()]
         dtype = min(floats, key=lambda d: torch.finfo(d).bits) if floats else torch.float32
         self.records.append(
@@ -601,7 +607,7 @@ def format_comparison(reports: list[CostReport], gpus: Iterable[str] = ("h100", 
     gpus = list(gpus)
     base = reports[0]
     head = (
-        f"{'variant':24} {'kind':22} {'launches':>9} {'GB r+w':>10} {'GFLOP':>10} {'saved GB':>9}"
+        f"{'variant':24} {'kind':28} {'launches':>9} {'GB r+w':>10} {'GFLOP':>10} {'saved GB':>9}"
         + "".join(f" {'ms ' + g.upper():>10}" for g in gpus)
     )
     lines = [
@@ -617,12 +623,12 @@ def format_comparison(reports: list[CostReport], gpus: Iterable[str] = ("h100", 
     for rep in reports:
         tot = rep.total()
         lines.append(
-            f"{rep.label:24} {'TOTAL':22} {tot.launches:>9,} {_gb(tot.bytes):>10} {tot.flops / 1e9:>10,.1f} "
+            f"{rep.label:24} {'TOTAL':28} {tot.launches:>9,} {_gb(tot.bytes):>10} {tot.flops / 1e9:>10,.1f} "
             f"{_gb(rep.saved_bytes):>9}" + "".join(f" {tot.time_s[g] * 1e3:>10.2f}" for g in gpus)
         )
         for kind, kc in rep.by_kind().items():
             lines.append(
-                f"{'':24} {kind[:22]:22} {kc.launches:>9,} {_gb(kc.bytes):>10} {kc.flops / 1e9:>10,.1f} "
+                f"{'':24} {kind[:28]:28} {kc.launches:>9,} {_gb(kc.bytes):>10} {kc.flops / 1e9:>10,.1f} "
                 f"{'':>9}" + "".join(f" {kc.time_s[g] * 1e3:>10.2f}" for g in gpus)
             )
     if len(reports) > 1:
@@ -632,7 +638,7 @@ def format_comparison(reports: list[CostReport], gpus: Iterable[str] = ("h100", 
             t = rep.total()
             ratio = lambda a, c: f"{a / c:.3f}" if c else "n/a"
             lines.append(
-                f"{rep.label + ' / ' + base.label:24} {'ratio':22} {ratio(t.launches, b.launches):>9} "
+                f"{rep.label[:24]:24} {'ratio vs ' + base.label[:19]:28} {ratio(t.launches, b.launches):>9} "
                 f"{ratio(t.bytes, b.bytes):>10} {ratio(t.flops, b.flops):>10} "
                 f"{ratio(rep.saved_bytes, base.saved_bytes):>9}"
                 + "".join(f" {ratio(t.time_s[g], b.time_s[g]):>10}" for g in gpus)
