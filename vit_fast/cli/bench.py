@@ -1,0 +1,123 @@
+"""`vit-fast bench`: measured per-op and whole-model timings, fused vs reference (vs torch.compile)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench",
+        help="measure per-op and whole-model speed and memory: fused vs reference (vs torch.compile)",
+        description=(
+            "Benchmarks on the device present. Per op (forward, backward, forward+backward) at the "
+            "block shapes of --model, the whole model (inference and training step), and sweeps over "
+            "tokens, batch and width; medians with IQR, saved-for-backward bytes, CUDA peak memory, "
+            "samples/s. Writes bench.csv, bench.json and bench_sweep.png to --out. The defaults finish in "
+            "about a minute on a 2-core CPU. torch.compile of the reference is off by default on CPU "
+            "(compiling takes minutes there): add --compile."
+        ),
+    )
+    p.add_argument("--model", default="vit_tiny_patch16_224")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--device", default=None, help="cuda if available, else cpu")
+    p.add_argument(
+        "--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="bf16 on CUDA, fp32 on CPU"
+    )
+    p.add_argument("--ops", default=",".join(_ops()), help="comma list of ops, or 'none'")
+    p.add_argument("--no-model", action="store_true", help="skip the whole-model cases")
+    p.add_argument("--no-sweep", action="store_true", help="skip the sweeps (and the plot)")
+    p.add_argument(
+        "--compile", action="store_true", help="also time torch.compile'd reference (default on CUDA)"
+    )
+    p.add_argument("--no-compile", action="store_true", help="never time torch.compile'd reference")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "triton", "cpu", "reference"),
+        default="auto",
+        help="force the fused ops' backend",
+    )
+    p.add_argument(
+        "--min-run-time", type=float, default=None, help="seconds per case (0.1 on CPU, 0.5 on CUDA)"
+    )
+    p.add_argument("--sweep-tokens", default="50,197,257")
+    p.add_argument("--sweep-batch", default="1,2,4")
+    p.add_argument("--sweep-width", default="96,192,384")
+    p.add_argument("--out", default="bench_out", help="directory for bench.csv, bench.json, bench_sweep.png")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--plain", action="store_true", help="plain-text table instead of rich")
+    p.set_defaults(func=run)
+    return p
+
+
+def _ops() -> tuple[str, ...]:
+    from vit_fast.perf.bench import OPS
+
+    return OPS
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in s.split(",") if v.strip())
+
+
+def run(args: argparse.Namespace) -> int:
+    import contextlib
+    import time
+
+    import torch
+
+    from vit_fast.cli.check import environment
+    from vit_fast.ops.backend import use_backend
+    from vit_fast.perf import bench
+    from vit_fast.perf.cost import DTYPES
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = torch.device(device).type == "cuda"
+    dtype = DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
+    if args.batch < 1:
+        raise SystemExit(f"--batch must be >= 1, got {args.batch}")
+    ops = () if args.ops == "none" else tuple(o.strip() for o in args.ops.split(",") if o.strip())
+    for op in ops:
+        if op not in bench.OPS:
+            raise SystemExit(f"--ops: unknown op {op!r}; known: {', '.join(bench.OPS)}")
+    impls = ("fused", "reference")
+    if (args.compile or on_cuda) and not args.no_compile:
+        impls += ("compiled",)
+    cfg = bench.BenchConfig(
+        model=args.model,
+        batch=args.batch,
+        impls=impls,
+        ops=ops,
+        device=device,
+        dtype=dtype,
+        min_run_time=args.min_run_time if args.min_run_time is not None else (0.5 if on_cuda else 0.1),
+        sweep=not args.no_sweep,
+        sweep_tokens=_ints(args.sweep_tokens),
+        sweep_batch=_ints(args.sweep_batch),
+        sweep_width=_ints(args.sweep_width),
+        run_ops=bool(ops),
+        run_model=not args.no_model,
+    )
+    env = environment()
+    print(
+        f"device {env['device']}, torch {env['torch']}, {torch.get_num_threads()} threads, {cfg.dtype}, "
+        f"impls {', '.join(impls)}, fused backends {env.get('backends_cuda' if on_cuda else 'backends_cpu')}"
+    )
+    if not on_cuda and "compiled" not in impls:
+        print(
+            "torch.compile'd reference skipped on CPU (compiling takes minutes here); add --compile to include it"
+        )
+    start = time.perf_counter()
+    forced = use_backend(args.backend) if args.backend != "auto" else contextlib.nullcontext()
+    with forced:
+        results = bench.run_suite(cfg, progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+    if args.plain or not bench.print_rich_table(results):
+        print(bench.format_table(results))
+    paths = bench.write_outputs(results, args.out, env | {"backend_forced": args.backend, "impls": impls})
+    if not args.no_plot:
+        png = bench.plot(results, args.out)
+        if png:
+            paths["plot"] = png
+    print(f"measured in {time.perf_counter() - start:.1f} s; wrote " + ", ".join(paths.values()))
+    return 0

@@ -1,0 +1,525 @@
+"""Benchmark harness: per-op and whole-model timings of fused vs reference vs torch.compile'd reference.
+
+Timing: on CUDA `triton.testing.do_bench` (CUDA events, L2 flushed between reps, quantiles); on CPU
+`torch.utils.benchmark.Timer.blocked_autorange` (blocks of calls, per-call medians). Every number is a
+median over repetitions with its interquartile range (IQR). Memory: on CUDA the peak allocated bytes
+of one forward+backward (`max_memory_allocated`); on any device the saved-for-backward bytes
+(`vit_fast.perf.memory`, deduplicated by storage), which is the activation memory a training step holds.
+
+impls: "fused" = `vit_fast.ops` / `create_model(impl="fused")` on the backend `select_backend` picks
+(Triton on CUDA, the C++ extension on CPU where built, else the reference inside the custom op);
+"reference" = `vit_fast.reference` / `impl="reference"` (plain PyTorch eager); "compiled" =
+`torch.compile` of the reference (slow to compile on CPU: opt in there).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vit_fast.perf.memory import SavedTensorRecorder
+
+OPS = ("patch_embed", "layer_norm_linear", "attention", "linear_residual", "layer_norm_mlp")
+OP_MODES = ("fwd", "bwd", "fwd+bwd")
+IMPLS = ("fused", "reference", "compiled")
+
+
+@dataclass
+class BenchResult:
+    """One benchmarked case. Times in milliseconds; bytes in bytes; None where not measured."""
+
+    kind: str  # "op" or "model"
+    name: str  # op name or model name
+    mode: str  # fwd | bwd | fwd+bwd | inference | train
+    impl: str  # fused | reference | compiled
+    backend: str  # what ran the fused op (triton / cpu / reference) or "eager" / "inductor"
+    device: str
+    dtype: str
+    batch: int
+    tokens: int
+    width: int
+    median_ms: float
+    iqr_ms: float
+    reps: int
+    samples_per_s: float | None = None
+    saved_bytes: int | None = None
+    peak_mem_bytes: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    fn: Callable[[], Any], device: torch.device, min_run_time: float = 0.2
+) -> tuple[float, float, int]:
+    """(median seconds, IQR seconds, repetitions) of `fn()` on `device` after one warm-up call."""
+    fn()
+    _sync(device)
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        rep_ms = max(25, int(min_run_time * 1000))
+        q25, q50, q75 = do_bench(fn, warmup=5, rep=rep_ms, quantiles=[0.25, 0.5, 0.75])
+        return q50 / 1e3, (q75 - q25) / 1e3, -1
+    from torch.utils.benchmark import Timer
+
+    m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time
+    )
+    times = sorted(m.times)
+    if len(times) >= 2:
+        q = statistics.quantiles(times, n=4, method="inclusive")
+        iqr = q[2] - q[0]
+    else:
+        iqr = 0.0
+    return statistics.median(times), iqr, m.number_per_run * len(times)
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """Peak bytes allocated by one call of `fn` on CUDA (None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-op cases
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OpShape:
+    """Sizes of one transformer block's ops: batch, tokens (incl. cls), width, heads, MLP hidden."""
+
+    batch: int
+    tokens: int
+    width: int
+    heads: int
+    mlp_hidden: int
+    patch: int = 16
+
+    @property
+    def grid(self) -> int:
+        # patch_embed: an image whose patch grid gives tokens-1 patches (+ cls); rounds to a square.
+        return max(1, round(math.sqrt(self.tokens - 1)))
+
+
+def _op_args(
+    op: str, s: OpShape, device: torch.device, dtype: torch.dtype
+) -> tuple[list[Any], dict[str, Any]]:
+    """Inputs (all floating ones require grad, except images) and kwargs of `op` at shape `s`."""
+
+    def p(*shape: int, scale: float = 0.02) -> Tensor:
+        return (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_()
+
+    def ones(n: int) -> Tensor:
+        return torch.ones(n, device=device, dtype=dtype).requires_grad_()
+
+    B, T, D, H, F = s.batch, s.tokens, s.width, s.heads, s.mlp_hidden
+    x = lambda: torch.randn(B, T, D, device=device, dtype=dtype).requires_grad_()
+    if op == "patch_embed":
+        g = s.grid
+        images = torch.randn(B, 3, g * s.patch, g * s.patch, device=device, dtype=dtype)
+        return [images, p(D, 3, s.patch, s.patch), p(D), p(1, g * g + 1, D), p(1, 1, D)], {
+            "patch_size": s.patch
+        }
+    if op == "layer_norm_linear":
+        return [x(), ones(D), p(D), p(3 * D, D), p(3 * D), 1e-6], {}
+    if op == "attention":
+        qkv = torch.randn(B, T, 3 * D, device=device, dtype=dtype).requires_grad_()
+        return [qkv, H], {}
+    if op == "linear_residual":
+        return [x(), p(D, D), p(D), x()], {}
+    if op == "layer_norm_mlp":
+        return [x(), ones(D), p(D), p(F, D), p(F), p(D, F), p(D), 1e-6], {}
+    raise ValueError(f"unknown op {op!r}; known: {OPS}")
+
+
+def _op_fn(op: str, impl: str) -> tuple[Callable[..., Tensor], str]:
+    """(callable, backend label) for op `op` in `impl`."""
+    import vit_fast.ops as fused
+    from vit_fast import reference
+
+    if impl == "fused":
+        return getattr(fused, op), "fused"
+    if impl == "reference":
+        return getattr(reference, op), "eager"
+    if impl == "compiled":
+        return torch.compile(getattr(reference, op), dynamic=False), "inductor"
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def _fused_backend(op: str, device: torch.device) -> str:
+    from vit_fast.ops.backend import select_backend
+
+    family = {"layer_norm_linear": "layer_norm", "linear_residual": "mlp", "layer_norm_mlp": "mlp"}.get(
+        op, op
+    )
+    return select_backend(device, family)
+
+
+def bench_op(
+    op: str,
+    impl: str,
+    shape: OpShape,
+    modes: Iterable[str] = OP_MODES,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    min_run_time: float = 0.2,
+) -> list[BenchResult]:
+    """Time `op` in `impl` at `shape` for each of `modes` (fwd: no-grad forward; bwd: backward of a
+    retained graph; fwd+bwd: both), plus saved-for-backward bytes and CUDA peak memory."""
+    device = torch.device(device)
+    fn, backend = _op_fn(op, impl)
+    if impl == "fused":
+        backend = _fused_backend(op, device)
+    args, kwargs = _op_args(op, shape, device, dtype)
+    tensors = [a for a in args if isinstance(a, Tensor) and a.requires_grad]
+    out = fn(*args, **kwargs)
+    grad = torch.randn_like(out)
+
+    def fwd() -> None:
+        with torch.no_grad():
+            fn(*args, **kwargs)
+
+    def fwd_bwd() -> None:
+        for t in tensors:
+            t.grad = None
+        fn(*args, **kwargs).backward(grad)
+
+    # The op's inputs exist anyway (they are the previous op's outputs or weights): count only what
+    # the op itself adds to the activations kept for backward.
+    with SavedTensorRecorder([a for a in args if isinstance(a, Tensor)]) as rec:
+        kept = fn(*args, **kwargs)
+    saved = rec.result.activation_bytes
+    del kept
+    peak = peak_memory(fwd_bwd, device)
+    results = []
+    for mode in modes:
+        if mode == "fwd":
+            call = fwd
+        elif mode == "fwd+bwd":
+            call = fwd_bwd
+        elif mode == "bwd":
+            graph_out = fn(*args, **kwargs)
+            call = lambda g=graph_out: torch.autograd.grad(g, tensors, grad, retain_graph=True)
+        else:
+            raise ValueError(f"mode must be one of {OP_MODES}, got {mode!r}")
+        med, iqr, reps = measure(call, device, min_run_time)
+        results.append(
+            BenchResult(
+                "op", op, mode, impl, backend, device.type, str(dtype).removeprefix("torch."),
+                shape.batch, shape.tokens, shape.width, med * 1e3, iqr * 1e3, reps,
+                saved_bytes=saved, peak_mem_bytes=peak,
+            )
+        )  # fmt: skip
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole-model cases
+# ----------------------------------------------------------------------------------------------
+
+
+def build_model(
+    name: str, impl: str, device: torch.device, dtype: torch.dtype, **kwargs: Any
+) -> torch.nn.Module:
+    """`vit_fast.models.create_model(name, impl=...)` ("compiled": torch.compile of the reference)."""
+    from vit_fast.models import create_model
+
+    base_impl = "reference" if impl == "compiled" else impl
+    model = create_model(name, impl=base_impl, **kwargs).to(device=device, dtype=dtype)
+    if impl == "compiled":
+        model = torch.compile(model)
+    return model
+
+
+def bench_model(
+    name: str,
+    impl: str,
+    batch: int,
+    modes: Iterable[str] = ("inference", "train"),
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    min_run_time: float = 0.5,
+    img_size: int | None = None,
+) -> list[BenchResult]:
+    """Inference (no-grad forward) and training step (forward, cross-entropy, backward, SGD step)
+    of model `name` in `impl` at `batch`: step time, samples/s, saved bytes, CUDA peak memory."""
+    device = torch.device(device)
+    kwargs = {} if img_size is None else {"img_size": img_size}
+    torch.manual_seed(0)
+    model = build_model(name, impl, device, dtype, **kwargs)
+    base = getattr(model, "_orig_mod", model)
+    size = img_size or int(base.patch_embed.img_size[0])
+    images = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    labels = torch.randint(0, base.num_classes, (batch,), device=device)
+    tokens = base.patch_embed.num_patches + base.num_prefix_tokens
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    backend = impl
+    if impl == "fused":
+        from vit_fast.ops.backend import active_backends
+
+        backend = ",".join(sorted(set(active_backends(device).values())))
+    elif impl == "reference":
+        backend = "eager"
+    elif impl == "compiled":
+        backend = "inductor"
+
+    def infer() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(images)
+
+    def train_step() -> None:
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
+        loss.backward()
+        opt.step()
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    with SavedTensorRecorder(params) as rec:
+        out = model(images)
+    saved = rec.result.activation_bytes
+    del out
+    results = []
+    for mode in modes:
+        call = {"inference": infer, "train": train_step}[mode]
+        peak = peak_memory(call, device)
+        med, iqr, reps = measure(call, device, min_run_time)
+        results.append(
+            BenchResult(
+                "model", name, mode, impl, backend, device.type, str(dtype).removeprefix("torch."),
+                batch, tokens, base.embed_dim, med * 1e3, iqr * 1e3, reps,
+                samples_per_s=batch / med, saved_bytes=saved if mode == "train" else None, peak_mem_bytes=peak,
+            )
+        )  # fmt: skip
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Suites, output
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchConfig:
+    model: str = "vit_tiny_patch16_224"
+    batch: int = 2
+    impls: tuple[str, ...] = ("fused", "reference")
+    ops: tuple[str, ...] = OPS
+    op_modes: tuple[str, ...] = OP_MODES
+    model_modes: tuple[str, ...] = ("inference", "train")
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    min_run_time: float = 0.1
+    sweep: bool = True
+    sweep_ops: tuple[str, ...] = ("attention", "layer_norm_mlp")
+    sweep_tokens: tuple[int, ...] = (50, 197, 257)
+    sweep_batch: tuple[int, ...] = (1, 2, 4)
+    sweep_width: tuple[int, ...] = (96, 192, 384)
+    run_ops: bool = True
+    run_model: bool = True
+
+
+def model_shape(name: str, batch: int) -> OpShape:
+    from vit_fast.models import model_config
+
+    cfg = model_config(name)
+    D = cfg.get("embed_dim", 768)
+    img, patch = cfg.get("img_size", 224), cfg.get("patch_size", 16)
+    img = img if isinstance(img, int) else img[0]
+    tokens = (img // patch) ** 2 + 1
+    return OpShape(batch, tokens, D, cfg.get("num_heads", 12), int(D * cfg.get("mlp_ratio", 4.0)), patch)
+
+
+def run_suite(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> list[BenchResult]:
+    """Run per-op cases at the model's block shape, the whole model, and the sweeps (fwd+bwd per op
+    versus tokens, batch and width) for every impl in `cfg.impls`."""
+    say = progress or (lambda msg: None)
+    device = torch.device(cfg.device)
+    results: list[BenchResult] = []
+    shape = model_shape(cfg.model, cfg.batch)
+    if cfg.run_ops:
+        for op in cfg.ops:
+            for impl in cfg.impls:
+                say(f"op {op} {impl}")
+                results += bench_op(op, impl, shape, cfg.op_modes, device, cfg.dtype, cfg.min_run_time)
+    if cfg.run_model:
+        for impl in cfg.impls:
+            say(f"model {cfg.model} {impl}")
+            results += bench_model(
+                cfg.model, impl, cfg.batch, cfg.model_modes, device, cfg.dtype, max(cfg.min_run_time, 0.3)
+            )
+    if cfg.sweep:
+        points = [
+            ("tokens", OpShape(cfg.batch, t, shape.width, shape.heads, shape.mlp_hidden))
+            for t in cfg.sweep_tokens
+        ]
+        points += [
+            ("batch", OpShape(b, shape.tokens, shape.width, shape.heads, shape.mlp_hidden))
+            for b in cfg.sweep_batch
+        ]
+        points += [
+            ("width", OpShape(cfg.batch, shape.tokens, w, max(1, w // 64), 4 * w)) for w in cfg.sweep_width
+        ]
+        for axis, s in points:
+            for op in cfg.sweep_ops:
+                for impl in cfg.impls:
+                    say(f"sweep {axis} {op} {impl}")
+                    for r in bench_op(op, impl, s, ("fwd+bwd",), device, cfg.dtype, cfg.min_run_time):
+                        r.kind, r.extra = "sweep", {"axis": axis}
+                        results.append(r)
+    return results
+
+
+COLUMNS = [
+    "kind", "name", "mode", "impl", "backend", "device", "dtype", "batch", "tokens", "width",
+    "median_ms", "iqr_ms", "reps", "samples_per_s", "saved_bytes", "peak_mem_bytes", "axis",
+]  # fmt: skip
+
+
+def _row(r: BenchResult) -> dict[str, Any]:
+    d = asdict(r)
+    d["axis"] = d.pop("extra").get("axis", "")
+    return {k: d.get(k) for k in COLUMNS}
+
+
+def write_outputs(
+    results: list[BenchResult], out_dir: str, env: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """Write bench.csv and bench.json (with the environment) to `out_dir`; return their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"csv": os.path.join(out_dir, "bench.csv"), "json": os.path.join(out_dir, "bench.json")}
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in results:
+            w.writerow(_row(r))
+    with open(paths["json"], "w") as f:
+        json.dump({"environment": env or {}, "results": [_row(r) for r in results]}, f, indent=1, default=str)
+    return paths
+
+
+def plot(results: list[BenchResult], out_dir: str) -> str | None:
+    """bench_sweep.png: fwd+bwd time (top) and saved-for-backward MB (bottom) against tokens, batch
+    and width, one line per op and impl. None when there are no sweep results."""
+    sweep = [r for r in results if r.kind == "sweep"]
+    if not sweep:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes_names = [a for a in ("tokens", "batch", "width") if any(r.extra.get("axis") == a for r in sweep)]
+    fig, axes = plt.subplots(2, len(axes_names), figsize=(5 * len(axes_names), 7), squeeze=False)
+    for col, axis in enumerate(axes_names):
+        pts = [r for r in sweep if r.extra.get("axis") == axis]
+        for key in sorted({(r.name, r.impl) for r in pts}):
+            line = sorted((getattr(r, axis), r) for r in pts if (r.name, r.impl) == key)
+            xs = [x for x, _ in line]
+            axes[0][col].plot(xs, [r.median_ms for _, r in line], marker="o", label=f"{key[0]} {key[1]}")
+            axes[1][col].plot(
+                xs, [(r.saved_bytes or 0) / 2**20 for _, r in line], marker="o", label=f"{key[0]} {key[1]}"
+            )
+        axes[0][col].set_title(f"fwd+bwd time vs {axis}")
+        axes[0][col].set_ylabel("median ms")
+        axes[1][col].set_title(f"saved-for-backward vs {axis}")
+        axes[1][col].set_ylabel("MiB")
+        axes[1][col].set_xlabel(axis)
+        axes[0][col].legend(fontsize=7)
+    dev = sweep[0].device
+    fig.suptitle(f"vit_fast per-op benchmark on {dev} ({sweep[0].dtype}), measured")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "bench_sweep.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def format_table(results: list[BenchResult]) -> str:
+    """Plain-text table of the op and model results (the sweep goes to CSV/plots)."""
+    head = (
+        f"{'kind':6} {'name':22} {'mode':9} {'impl':9} {'backend':10} {'B':>3} {'T':>4} {'D':>4} "
+        f"{'median ms':>10} {'IQR ms':>8} {'samples/s':>10} {'saved MiB':>9} {'peak MiB':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if r.kind == "sweep":
+            continue
+        sps = f"{r.samples_per_s:10.1f}" if r.samples_per_s else f"{'':10}"
+        sav = f"{r.saved_bytes / 2**20:9.2f}" if r.saved_bytes is not None else f"{'':9}"
+        peak = f"{r.peak_mem_bytes / 2**20:8.1f}" if r.peak_mem_bytes is not None else f"{'n/a':>8}"
+        lines.append(
+            f"{r.kind:6} {r.name[:22]:22} {r.mode:9} {r.impl:9} {r.backend[:10]:10} {r.batch:>3} {r.tokens:>4} "
+            f"{r.width:>4} {r.median_ms:10.3f} {r.iqr_ms:8.3f} {sps} {sav} {peak}"
+        )
+    return "\n".join(lines)
+
+
+def print_rich_table(results: list[BenchResult]) -> bool:
+    """Print the table with rich when installed; False when it is not (caller prints plain text)."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        return False
+    table = Table(title="vit_fast benchmark (measured: median over repetitions, IQR = spread)")
+    for col in (
+        "kind",
+        "name",
+        "mode",
+        "impl",
+        "backend",
+        "B",
+        "T",
+        "D",
+        "median ms",
+        "IQR ms",
+        "samples/s",
+        "saved MiB",
+        "peak MiB",
+    ):
+        table.add_column(col, justify="right" if col[0].isupper() or " " in col or "/" in col else "left")
+    for r in results:
+        if r.kind == "sweep":
+            continue
+        table.add_row(
+            r.kind, r.name, r.mode, r.impl, r.backend, str(r.batch), str(r.tokens), str(r.width),
+            f"{r.median_ms:.3f}", f"{r.iqr_ms:.3f}",
+            f"{r.samples_per_s:.1f}" if r.samples_per_s else "",
+            f"{r.saved_bytes / 2**20:.2f}" if r.saved_bytes is not None else "",
+            f"{r.peak_mem_bytes / 2**20:.1f}" if r.peak_mem_bytes is not None else "n/a",
+        )  # fmt: skip
+    Console(width=200).print(table)
+    return True
+
+
+def wall_clock() -> float:
+    return time.perf_counter()
