@@ -21,6 +21,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--model", default="vit_tiny_patch16_224")
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--img-size", type=int, default=None, help="override the model's image size")
+    p.add_argument("--depth", type=int, default=None, help="override the model's number of blocks")
     p.add_argument("--device", default=None, help="cuda if available, else cpu")
     p.add_argument(
         "--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="bf16 on CUDA, fp32 on CPU"
@@ -98,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         sweep_width=_ints(args.sweep_width),
         run_ops=bool(ops),
         run_model=not args.no_model,
+        model_kwargs={k: v for k, v in (("img_size", args.img_size), ("depth", args.depth)) if v is not None},
     )
     env = environment()
     print(

@@ -265,16 +265,16 @@ def bench_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     min_run_time: float = 0.5,
-    img_size: int | None = None,
+    **model_kwargs: Any,
 ) -> list[BenchResult]:
     """Inference (no-grad forward) and training step (forward, cross-entropy, backward, SGD step)
-    of model `name` in `impl` at `batch`: step time, samples/s, saved bytes, CUDA peak memory."""
+    of model `name` in `impl` at `batch`: step time, samples/s, saved bytes, CUDA peak memory.
+    `model_kwargs` override the model configuration (e.g. depth, img_size)."""
     device = torch.device(device)
-    kwargs = {} if img_size is None else {"img_size": img_size}
     torch.manual_seed(0)
-    model = build_model(name, impl, device, dtype, **kwargs)
+    model = build_model(name, impl, device, dtype, **model_kwargs)
     base = getattr(model, "_orig_mod", model)
-    size = img_size or int(base.patch_embed.img_size[0])
+    size = int(base.patch_embed.img_size[0])
     images = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
     labels = torch.randint(0, base.num_classes, (batch,), device=device)
     tokens = base.patch_embed.num_patches + base.num_prefix_tokens
@@ -345,12 +345,14 @@ class BenchConfig:
     sweep_width: tuple[int, ...] = (96, 192, 384)
     run_ops: bool = True
     run_model: bool = True
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def model_shape(name: str, batch: int) -> OpShape:
+def model_shape(name: str, batch: int, **overrides: Any) -> OpShape:
+    """The block shape of model `name` (with configuration `overrides`) at `batch`."""
     from vit_fast.models import model_config
 
-    cfg = model_config(name)
+    cfg = model_config(name) | overrides
     D = cfg.get("embed_dim", 768)
     img, patch = cfg.get("img_size", 224), cfg.get("patch_size", 16)
     img = img if isinstance(img, int) else img[0]
@@ -364,7 +366,7 @@ def run_suite(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     say = progress or (lambda msg: None)
     device = torch.device(cfg.device)
     results: list[BenchResult] = []
-    shape = model_shape(cfg.model, cfg.batch)
+    shape = model_shape(cfg.model, cfg.batch, **cfg.model_kwargs)
     if cfg.run_ops:
         for op in cfg.ops:
             for impl in cfg.impls:
@@ -374,8 +376,9 @@ def run_suite(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         for impl in cfg.impls:
             say(f"model {cfg.model} {impl}")
             results += bench_model(
-                cfg.model, impl, cfg.batch, cfg.model_modes, device, cfg.dtype, max(cfg.min_run_time, 0.3)
-            )
+                cfg.model, impl, cfg.batch, cfg.model_modes, device, cfg.dtype, max(cfg.min_run_time, 0.3),
+                **cfg.model_kwargs,
+            )  # fmt: skip
     if cfg.sweep:
         points = [
             ("tokens", OpShape(cfg.batch, t, shape.width, shape.heads, shape.mlp_hidden))

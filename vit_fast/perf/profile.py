@@ -1,0 +1,142 @@
+"""torch.profiler over a few training steps, with a named range per fused op.
+
+Each step runs inside a `train_step` range (with `backward` and `optimizer` sub-ranges); each call
+of a fused op runs inside a `record_function` range `vit_fast.<op>` (`reference.<op>` for the
+reference model), mirrored as an NVTX range on CUDA so Nsight Systems shows the same structure. The
+custom ops themselves also appear as `vit_fast::<op>_fwd/_bwd` events (the dispatcher records them). Writes a Chrome trace (chrome://tracing,
+Perfetto) and returns the top ops by self time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.autograd.profiler import record_function
+
+#: The ops that get a range: the functions the model calls from `vit_fast.ops` (fused) or
+#: `vit_fast.reference` (reference), looked up at call time, so wrapping the module attribute works.
+RANGED_OPS = (
+    "patch_embed",
+    "layer_norm_linear",
+    "attention",
+    "linear_residual",
+    "layer_norm_mlp",
+    "layer_norm",
+)
+
+
+@dataclass
+class TopOp:
+    name: str
+    calls: int
+    self_time_us: float
+    total_time_us: float
+
+
+def _ranged(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    nvtx = torch.cuda.is_available()
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with record_function(name):
+            if nvtx:
+                torch.cuda.nvtx.range_push(name)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if nvtx:
+                    torch.cuda.nvtx.range_pop()
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def op_ranges() -> Iterator[None]:
+    """Within the block, every call of a fused op (`vit_fast.ops.X`) or reference op
+    (`vit_fast.reference.X`) runs inside a `record_function` range "vit_fast.X" ("reference.X"),
+    mirrored as an NVTX range on CUDA. The module attributes are restored on exit."""
+    import vit_fast.ops as fused
+    from vit_fast import reference
+
+    saved: list[tuple[Any, str, Any]] = []
+    try:
+        for module, prefix in ((fused, "vit_fast"), (reference, "reference")):
+            for op in RANGED_OPS:
+                fn = getattr(module, op, None)
+                if fn is not None:
+                    saved.append((module, op, fn))
+                    setattr(module, op, _ranged(fn, f"{prefix}.{op}"))
+        yield
+    finally:
+        for module, op, fn in reversed(saved):
+            setattr(module, op, fn)
+
+
+def profile_training(
+    model_name: str = "vit_tiny_patch16_224",
+    impl: str = "fused",
+    batch: int = 2,
+    steps: int = 2,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    out_dir: str = "profile_out",
+    top: int = 15,
+    **model_kwargs: Any,
+) -> tuple[list[TopOp], str, str]:
+    """Profile `steps` training steps (after `warmup` unprofiled ones) of `model_name` in `impl`.
+
+    `model_kwargs` override the model configuration (e.g. depth=2, img_size=64 for a quick run).
+    Returns (top ops by self time, the key_averages table as text, the Chrome trace path).
+    """
+    from vit_fast.models import create_model
+
+    device = torch.device(device)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    torch.manual_seed(0)
+    model = create_model(model_name, impl=impl, **model_kwargs).to(device=device, dtype=dtype).train()
+    size = int(model.patch_embed.img_size[0])
+    images = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    labels = torch.randint(0, model.num_classes, (batch,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        with record_function("train_step"):
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
+            with record_function("backward"):
+                loss.backward()
+            with record_function("optimizer"):
+                opt.step()
+
+    for _ in range(warmup):
+        step()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with op_ranges(), torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    os.makedirs(out_dir, exist_ok=True)
+    trace = os.path.join(out_dir, f"trace_{model_name}_{impl}.json")
+    prof.export_chrome_trace(trace)
+    on_gpu = device.type == "cuda"
+    sort_key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    averages = prof.key_averages()
+    rows = []
+    for e in averages:
+        self_t = e.self_device_time_total if on_gpu else e.self_cpu_time_total
+        total_t = e.device_time_total if on_gpu else e.cpu_time_total
+        rows.append(TopOp(e.key, e.count, float(self_t), float(total_t)))
+    rows.sort(key=lambda r: -r.self_time_us)
+    table = averages.table(sort_by=sort_key, row_limit=top)
+    return rows[:top], table, trace
