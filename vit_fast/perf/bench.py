@@ -192,6 +192,14 @@ def bench_op(
 ) -> list[BenchResult]:
     """Time `op` in `impl` at `shape` for each of `modes` (fwd: no-grad forward; bwd: backward of a
     retained graph; fwd+bwd: both), plus saved-for-backward bytes and CUDA peak memory."""
+    modes = tuple(modes)
+    if op not in OPS:
+        raise ValueError(f"op: unknown op {op!r}; known: {OPS}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    bad = [m for m in modes if m not in OP_MODES]
+    if bad:
+        raise ValueError(f"modes: each mode must be one of {OP_MODES}, got {bad}")
     device = torch.device(device)
     fn, backend = _op_fn(op, impl)
     if impl == "fused":
@@ -270,6 +278,12 @@ def bench_model(
     """Inference (no-grad forward) and training step (forward, cross-entropy, backward, SGD step)
     of model `name` in `impl` at `batch`: step time, samples/s, saved bytes, CUDA peak memory.
     `model_kwargs` override the model configuration (e.g. depth, img_size)."""
+    modes = tuple(modes)
+    bad = [m for m in modes if m not in ("inference", "train")]
+    if bad or batch < 1:
+        raise ValueError(
+            f"modes must be 'inference'/'train' and batch >= 1, got modes={modes}, batch={batch}"
+        )
     device = torch.device(device)
     torch.manual_seed(0)
     model = build_model(name, impl, device, dtype, **model_kwargs)

@@ -1,0 +1,118 @@
+"""The benchmark harness (vit_fast.perf.bench): structure and sanity of its results, never timing.
+
+The fused ops run on the reference backend here (inside their custom ops, with their own autograd):
+what autograd saves is decided by the custom op, not by the backend, and the interpreter would only
+make the timings slower. Shapes are tiny; min_run_time is a hundredth of a second.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from vit_fast.ops import use_backend
+from vit_fast.perf import bench
+
+TINY = bench.OpShape(batch=1, tokens=17, width=32, heads=2, mlp_hidden=128, patch=4)
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend():
+    with use_backend("reference"):
+        yield
+
+
+def _check_result(r: bench.BenchResult) -> None:
+    assert math.isfinite(r.median_ms) and r.median_ms > 0
+    assert r.iqr_ms >= 0
+    assert r.reps >= 1
+    assert r.device == "cpu" and r.peak_mem_bytes is None  # CUDA-only measurement
+    assert r.saved_bytes is None or r.saved_bytes >= 0
+
+
+def test_measure_returns_positive_median():
+    med, iqr, reps = bench.measure(lambda: torch.ones(64).sum(), torch.device("cpu"), 0.01)
+    assert med > 0 and iqr >= 0 and reps >= 1
+
+
+@pytest.mark.parametrize("op", ["attention", "layer_norm_mlp"])
+def test_bench_op_fused_saves_less_than_reference(op):
+    fused = bench.bench_op(op, "fused", TINY, bench.OP_MODES, min_run_time=0.01)
+    ref = bench.bench_op(op, "reference", TINY, bench.OP_MODES, min_run_time=0.01)
+    assert [r.mode for r in fused] == list(bench.OP_MODES) == [r.mode for r in ref]
+    for r in fused + ref:
+        _check_result(r)
+        assert (r.kind, r.name, r.batch, r.tokens, r.width) == ("op", op, 1, 17, 32)
+    assert fused[0].backend == "reference" and ref[0].backend == "eager"
+    # attention: the reference keeps the [B, H, T, T] probabilities, the fused op only out + lse;
+    # MLP: the reference keeps LN output, fc1 output and GELU output, the fused op only h_pre + stats.
+    assert 0 < fused[0].saved_bytes < ref[0].saved_bytes
+
+
+@pytest.mark.parametrize("op", ["patch_embed", "layer_norm_linear", "linear_residual"])
+def test_bench_op_other_ops_run(op):
+    (r,) = bench.bench_op(op, "fused", TINY, ("fwd+bwd",), min_run_time=0.01)
+    _check_result(r)
+
+
+def test_bench_op_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown op"):
+        bench.bench_op("softmax", "fused", TINY)
+    with pytest.raises(ValueError, match="impl"):
+        bench.bench_op("attention", "cuda-graphs", TINY)
+    with pytest.raises(ValueError, match="mode"):
+        bench.bench_op("attention", "fused", TINY, ("sideways",), min_run_time=0.01)
+
+
+def test_bench_model_structure_and_saved_bytes():
+    kw = {"depth": 1, "img_size": 32}
+    fused = bench.bench_model("vit_tiny_patch16_224", "fused", 2, min_run_time=0.01, **kw)
+    ref = bench.bench_model("vit_tiny_patch16_224", "reference", 2, min_run_time=0.01, **kw)
+    for res in (fused, ref):
+        assert [r.mode for r in res] == ["inference", "train"]
+        for r in res:
+            _check_result(r)
+            assert r.kind == "model" and r.tokens == (32 // 16) ** 2 + 1 and r.width == 192
+            assert r.samples_per_s == pytest.approx(2 / (r.median_ms / 1e3))
+        assert res[0].saved_bytes is None and res[1].saved_bytes > 0
+    assert fused[1].saved_bytes < ref[1].saved_bytes
+
+
+def test_suite_outputs_csv_json_plot(tmp_path):
+    cfg = bench.BenchConfig(
+        model="vit_tiny_patch16_224",
+        batch=1,
+        ops=("attention",),
+        op_modes=("fwd",),
+        min_run_time=0.01,
+        run_model=False,
+        sweep_ops=("attention",),
+        sweep_tokens=(5, 17),
+        sweep_batch=(1, 2),
+        sweep_width=(32, 64),
+        model_kwargs={"img_size": 32},
+    )
+    results = bench.run_suite(cfg)
+    ops = [r for r in results if r.kind == "op"]
+    sweep = [r for r in results if r.kind == "sweep"]
+    assert {(r.name, r.impl) for r in ops} == {("attention", "fused"), ("attention", "reference")}
+    assert len(sweep) == 2 * (2 + 2 + 2)
+    assert {r.extra["axis"] for r in sweep} == {"tokens", "batch", "width"}
+    paths = bench.write_outputs(results, str(tmp_path), {"torch": torch.__version__})
+    with open(paths["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == bench.COLUMNS and len(rows) == len(results)
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+    with open(paths["json"]) as f:
+        data = json.load(f)
+    assert data["environment"]["torch"] == torch.__version__ and len(data["results"]) == len(results)
+    png = bench.plot(results, str(tmp_path))
+    assert png is not None
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    table = bench.format_table(results)
+    assert "median ms" in table and "attention" in table
