@@ -50,17 +50,25 @@ def _col_offsets(k, K, C, P: tl.constexpr, sC, sH, sW, CL_ORDER: tl.constexpr):
         ij = k % PP
     i = ij // P
     j = ij % P
-    img = c.to(tl.int64) * sC + i.to(tl.int64) * sH + j.to(tl.int64) * sW
-    wgt = c * PP + ij
+    # Offsets inside one image fit in 32 bits (the launcher checks), which keeps the gathered
+    # address tiles at one register per element.
+    img = c * sC + i * sH + j * sW
+    if CL_ORDER:
+        wgt = c * PP + ij
+    else:
+        wgt = k  # same order as the weight: plain (and provably contiguous) offsets
     return img, wgt, k < K
 
 
 @triton.jit
-def _patch_row_offsets(n, b, gw, P: tl.constexpr, sB, sH, sW):
+def _patch_row_offsets(n, b, gw, P: tl.constexpr, sB, sH, sW, IDX64: tl.constexpr):
     """Image offset of the top-left pixel of patch n (row-major over the grid) of image b."""
     gy = n // gw
     gx = n % gw
-    return b.to(tl.int64) * sB + (gy * P).to(tl.int64) * sH + (gx * P).to(tl.int64) * sW
+    inner = gy * P * sH + gx * P * sW
+    if IDX64:
+        return b.to(tl.int64) * sB + inner
+    return b * sB + inner
 
 
 @triton.jit
@@ -89,6 +97,7 @@ def _fwd_kernel(
     HAS_POS: tl.constexpr,
     NO_EMBED_CLASS: tl.constexpr,
     CL_ORDER: tl.constexpr,
+    IDX64: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -114,7 +123,7 @@ def _fwd_kernel(
     t = rows % T
     n = t - NUM_PREFIX  # patch index, negative on prefix rows
     is_patch = row_ok & (n >= 0)
-    row_img = _patch_row_offsets(tl.maximum(n, 0), b, gw, P, sB, sH, sW)
+    row_img = _patch_row_offsets(tl.maximum(n, 0), b, gw, P, sB, sH, sW, IDX64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -137,10 +146,10 @@ def _fwd_kernel(
         acc = tl.where(is_patch[:, None], acc + bias[None, :], acc)
     if NUM_PREFIX > 0:
         is_prefix = row_ok & (t < NUM_PREFIX)
-        pmask = is_prefix[:, None] & col_ok[None, :]
         if NUM_CLS > 0:
-            cls = tl.load(cls_ptr + cols[None, :] + t[:, None] * 0, mask=pmask & (t == 0)[:, None], other=0.0)
-            acc = tl.where((t == 0)[:, None], cls.to(tl.float32), acc)
+            # One row shared by every image: a 1-D load broadcast over the tile.
+            cls = tl.load(cls_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            acc = tl.where((t == 0)[:, None], cls[None, :], acc)
         if NUM_PREFIX > NUM_CLS:
             r = tl.maximum(t - NUM_CLS, 0)
             is_reg = is_prefix & (t >= NUM_CLS)
@@ -160,7 +169,10 @@ def _fwd_kernel(
         )
         acc += pos.to(tl.float32)
 
-    out_offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    if IDX64:
+        out_offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    else:
+        out_offs = rows[:, None] * D + cols[None, :]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -186,6 +198,7 @@ def _dweight_kernel(
     NUM_PREFIX: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     CL_ORDER: tl.constexpr,
+    IDX64: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -209,10 +222,13 @@ def _dweight_kernel(
         r_ok = rs < r_end
         b = rs // Np
         n = rs % Np
-        g_row = (b.to(tl.int64) * T + NUM_PREFIX + n) * D
+        if IDX64:
+            g_row = (b.to(tl.int64) * T + NUM_PREFIX + n) * D
+        else:
+            g_row = (b * T + NUM_PREFIX + n) * D
         # dY^T tile [BLOCK_D, BLOCK_R], read transposed through the pointers.
         g = tl.load(g_ptr + g_row[None, :] + ds[:, None], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-        row_img = _patch_row_offsets(n, b, gw, P, sB, sH, sW)
+        row_img = _patch_row_offsets(n, b, gw, P, sB, sH, sW, IDX64)
         a = tl.load(
             x_ptr + row_img[:, None] + col_img[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0
         )
@@ -249,6 +265,7 @@ def _dimage_kernel(
     P: tl.constexpr,
     NUM_PREFIX: tl.constexpr,
     CL_ORDER: tl.constexpr,
+    IDX64: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -262,7 +279,10 @@ def _dimage_kernel(
     r_ok = rs < R
     b = rs // Np
     n = rs % Np
-    g_row = (b.to(tl.int64) * T + NUM_PREFIX + n) * D
+    if IDX64:
+        g_row = (b.to(tl.int64) * T + NUM_PREFIX + n) * D
+    else:
+        g_row = (b * T + NUM_PREFIX + n) * D
     col_img, col_w, k_ok = _col_offsets(ks, K, C, P, sC, sH, sW, CL_ORDER)
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -276,7 +296,7 @@ def _dimage_kernel(
             w = w.to(tl.float32)
         acc = tl.dot(g, w, acc, input_precision="ieee")
 
-    row_img = _patch_row_offsets(n, b, gw, P, sB, sH, sW)
+    row_img = _patch_row_offsets(n, b, gw, P, sB, sH, sW, IDX64)
     tl.store(
         dx_ptr + row_img[:, None] + col_img[None, :],
         acc.to(dx_ptr.dtype.element_ty),
@@ -349,11 +369,15 @@ def _batch_sum_kernel(
 # still small enough that the tests with tiny shapes cross tile edges.
 
 #: forward (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), for 16-bit and for fp32 inputs.
-FWD_CONFIGS = {"16bit": (128, 128, 32, 8, 3), "16bit_small": (64, 64, 32, 4, 3), "fp32": (64, 64, 16, 4, 3)}
-#: dweight (BLOCK_D, BLOCK_K, BLOCK_R, num_warps, num_stages).
-DW_CONFIGS = {"16bit": (64, 64, 64, 4, 3), "fp32": (64, 64, 32, 4, 3)}
+# (128x128 tiles spill: the gathered A tile cannot use vector loads and the epilogue loads
+# position/prefix tiles, so 128x64 with 8 warps is the largest 0-spill tile.)
+FWD_CONFIGS = {"16bit": (128, 64, 32, 8, 3), "16bit_small": (64, 64, 32, 4, 3), "fp32": (64, 64, 16, 4, 3)}
+#: dweight (BLOCK_D, BLOCK_K, BLOCK_R, num_warps, num_stages). Both backward GEMMs gather one
+#: operand element by element; 8 warps for 16-bit keep them well under 255 registers (4 warps sat at
+#: 254-255 and the dimage kernel spilled on sm_80).
+DW_CONFIGS = {"16bit": (64, 64, 64, 8, 3), "fp32": (64, 64, 32, 4, 3)}
 #: dimage (BLOCK_M, BLOCK_K, BLOCK_D, num_warps, num_stages).
-DX_CONFIGS = {"16bit": (128, 64, 32, 4, 3), "fp32": (64, 64, 16, 4, 3)}
+DX_CONFIGS = {"16bit": (128, 64, 32, 8, 3), "fp32": (64, 64, 16, 4, 3)}
 #: batch sum (BLOCK_T, BLOCK_D, num_warps).
 BSUM_CONFIG = (16, 128, 4)
 
@@ -370,7 +394,7 @@ def _fwd_config(dtype: torch.dtype, rows: int, D: int) -> tuple[int, int, int, i
     if triton_interpreting():
         return _INTERP_FWD
     key = _dtype_key(dtype)
-    if key == "16bit" and (D < 128 or rows < 4096):
+    if key == "16bit" and (D < 64 or rows < 4096):
         # Small problems: more, smaller programs fill the SMs better than 128x128 tiles.
         key = "16bit_small"
     return FWD_CONFIGS[key]
@@ -388,6 +412,21 @@ def _image_strides(images: Tensor) -> tuple[bool, tuple[int, int, int, int]]:
     # Walk the reduction channels-innermost when channels are the fastest-moving image dim.
     cl_order = images.shape[1] > 1 and sC < sW
     return cl_order, (sB, sC, sH, sW)
+
+
+_I32_MAX = 2**31 - 1
+
+
+def _extent(t: Tensor) -> int:
+    """One past the largest element offset of t (its strided footprint)."""
+    return 1 + sum(st * (n - 1) for st, n in zip(t.stride(), t.shape))
+
+
+def _needs_int64(images: Tensor, *others: Tensor) -> bool:
+    """Whether flattened offsets may overflow int32 (then the kernels index in 64 bits)."""
+    if _extent(images[0]) > _I32_MAX:
+        raise ValueError(f"images: a single image spans more than 2**31 elements ({tuple(images.shape)})")
+    return max(_extent(t) for t in (images, *others)) > _I32_MAX
 
 
 def _geometry(images: Tensor, patch_size: int) -> tuple[int, int, int, int, int, int]:
@@ -420,6 +459,7 @@ def patch_embed_forward(
     out = torch.empty((B, T, D), device=images.device, dtype=images.dtype)
     weight = weight.contiguous()
     cl_order, strides = _image_strides(images)
+    idx64 = _needs_int64(images, out)
     M = B * T
     bm, bn, bk, warps, stages = _fwd_config(images.dtype, M, D)
     grid = (triton.cdiv(M, bm) * triton.cdiv(D, bn),)
@@ -445,6 +485,7 @@ def patch_embed_forward(
         HAS_POS=pos_embed is not None,
         NO_EMBED_CLASS=no_embed_class,
         CL_ORDER=cl_order,
+        IDX64=idx64,
         UPCAST=triton_interpreting(),
         BLOCK_M=bm,
         BLOCK_N=bn,
@@ -482,6 +523,7 @@ def patch_embed_backward(
     weight = weight.contiguous()
     dtype = weight.dtype
     cl_order, strides = _image_strides(images)
+    idx64 = _needs_int64(images, grad)
     upcast = triton_interpreting()
     key = _dtype_key(images.dtype)
 
@@ -512,6 +554,7 @@ def patch_embed_backward(
         NUM_PREFIX=prefix,
         HAS_BIAS=has_bias,
         CL_ORDER=cl_order,
+        IDX64=idx64,
         UPCAST=upcast,
         BLOCK_D=bd,
         BLOCK_K=bk,
@@ -552,6 +595,7 @@ def patch_embed_backward(
         # images; for any other layout it returns a contiguous tensor, whose strides are passed.
         dimages = torch.empty_like(images)
         dcl, dstrides = _image_strides(dimages)
+        idx64 = idx64 or _needs_int64(dimages)
         bm, bk2, bdd2, warps, stages = _INTERP_DX if upcast else DX_CONFIGS[key]
         _dimage_kernel[(triton.cdiv(R, bm), triton.cdiv(K, bk2))](
             grad,
@@ -568,6 +612,7 @@ def patch_embed_backward(
             P=patch_size,
             NUM_PREFIX=prefix,
             CL_ORDER=dcl,
+            IDX64=idx64,
             UPCAST=upcast,
             BLOCK_M=bm,
             BLOCK_K=bk2,
@@ -614,6 +659,7 @@ def aot_specs() -> list:
                         HAS_POS=True,
                         NO_EMBED_CLASS=False,
                         CL_ORDER=cl,
+                        IDX64=False,
                         UPCAST=False,
                         BLOCK_M=bm,
                         BLOCK_N=bn,
@@ -644,6 +690,7 @@ def aot_specs() -> list:
                 NUM_PREFIX=5,
                 HAS_BIAS=True,
                 CL_ORDER=cl,
+                IDX64=False,
                 UPCAST=False,
                 BLOCK_D=bd,
                 BLOCK_K=bk,
@@ -664,7 +711,16 @@ def aot_specs() -> list:
             bm, bk, bdd, warps, stages = DX_CONFIGS[key]
             sig = {"g_ptr": f"*{ty}", "w_ptr": f"*{ty}", "dx_ptr": f"*{ty}"}
             sig |= {n: i32 for n in ("R", "Np", "T", "D", "K", "C", "gw", "sB", "sC", "sH", "sW")}
-            const = dict(P=16, NUM_PREFIX=5, CL_ORDER=cl, UPCAST=False, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bdd)
+            const = dict(
+                P=16,
+                NUM_PREFIX=5,
+                CL_ORDER=cl,
+                IDX64=False,
+                UPCAST=False,
+                BLOCK_M=bm,
+                BLOCK_K=bk,
+                BLOCK_D=bdd,
+            )
             sig |= {n: "constexpr" for n in const}
             specs.append(
                 KernelSpec(
