@@ -39,8 +39,23 @@ def check_shape(t: Tensor, name: str, shape: tuple[int, ...]) -> None:
 def check_no_overlap(t: Tensor, name: str) -> None:
     """Reject tensors whose elements alias each other (e.g. expand()ed views): kernels write or
     reduce per element, and an aliased layout would make the answer silently wrong."""
-    if t.numel() > 1 and torch._debug_has_internal_overlap(t) != 0:
+    if has_internal_overlap(t):
         raise ValueError(f"{name} has overlapping memory (stride 0 or aliasing view); pass .contiguous()")
+
+
+def has_internal_overlap(t: Tensor) -> bool:
+    """True when two indices of `t` may address the same element.
+
+    Sufficient test on sizes/strides alone (plain Python, so torch.compile traces it): with the
+    non-trivial dims sorted by stride, each stride must exceed the span of all smaller ones.
+    """
+    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1)
+    span = 0
+    for stride, size in dims:
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
 
 
 def check_nonempty(t: Tensor, name: str) -> None:

@@ -1,0 +1,51 @@
+"""Backend selection and the shared argument checks."""
+
+import pytest
+import torch
+
+from vit_fast.ops import backend
+from vit_fast.ops._checks import check_no_overlap, check_tensor, has_internal_overlap
+
+
+def test_overlap_detection():
+    a = torch.randn(4, 5)
+    assert not has_internal_overlap(a)
+    assert not has_internal_overlap(a.t())
+    assert not has_internal_overlap(a[:, ::2])
+    assert not has_internal_overlap(torch.randn(2, 3, 4).permute(2, 0, 1))
+    assert has_internal_overlap(torch.randn(1, 5).expand(4, 5))
+    assert has_internal_overlap(torch.randn(10).as_strided((3, 4), (2, 1)))
+    with pytest.raises(ValueError, match="qkv has overlapping memory"):
+        check_no_overlap(torch.randn(1, 6).expand(3, 6), "qkv")
+
+
+def test_check_tensor_names_the_argument():
+    with pytest.raises(TypeError, match="images must be a torch.Tensor"):
+        check_tensor([1, 2], "images")
+    with pytest.raises(ValueError, match="images must be 4-D"):
+        check_tensor(torch.randn(3, 4, 4), "images", ndim=4)
+    with pytest.raises(TypeError, match="weight has dtype torch.int64"):
+        check_tensor(torch.ones(3, dtype=torch.long), "weight")
+
+
+def test_forced_backends(monkeypatch):
+    cpu = torch.device("cpu")
+    with backend.use_backend("reference"):
+        assert backend.select_backend(cpu, "attention") == "reference"
+    monkeypatch.setenv("VIT_FAST_BACKEND", "reference")
+    assert backend.select_backend(cpu, "mlp") == "reference"
+    monkeypatch.setenv("VIT_FAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="VIT_FAST_BACKEND"):
+        backend.select_backend(cpu, "mlp")
+    monkeypatch.delenv("VIT_FAST_BACKEND")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with backend.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        backend.select_backend(cpu, "attention")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backend.use_backend("cuda").__enter__()
+
+
+def test_auto_prefers_cpu_extension_when_built():
+    fam = "attention"
+    want = "cpu" if backend.has_cpu_kernel(fam) else ("triton" if backend.triton_interpreting() else "reference")
+    assert backend.select_backend(torch.device("cpu"), fam) == want
