@@ -1,0 +1,548 @@
+"""Flash attention for ViT shapes: Triton kernels reading q, k, v straight from the packed qkv.
+
+Layout. qkv is `[B, T, 3*D]` (timm's qkv Linear output, last dim contiguous, other strides free);
+head h reads q at columns `h*hd`, k at `D + h*hd`, v at `2*D + h*hd`. The forward writes the output
+with heads merged, `[B, T, D]`, and the fp32 natural log-sum-exp `lse [B, H, T]` of the scaled
+scores. The backward writes `dqkv [B, T, 3*D]` in the same packed layout: the dk/dv kernel and the
+dq kernel own disjoint columns, so nothing is zeroed first and no atomics are needed (bit-identical
+gradients run to run).
+
+Every kernel runs on a 2-D grid: axis 0 is `b * H + h` (axis 0 has no 65535 limit, so large
+batches are fine), axis 1 tiles the tokens. Head dims that are
+not powers of two (72, 80, 96, ...) are padded to `BLOCK_D` with masked loads (zeros add nothing to
+the dot products); token tails are masked to `-inf` scores (forward) or zero probabilities (backward).
+
+Dropout. The keep-mask element for (b, h, query i, key j) is `rand(seed + (b*H + h) * 2**32,
+i*T + j) >= p`: the Philox key carries the head and the counter the position, so masks are
+regenerated identically in the forward, both backward kernels and the debug mask kernel
+(`_keep_mask` is the one place that formula lives). Counters are 32-bit, so T*T must fit in int32.
+
+This module only holds kernels, their launch-config tables and `aot_specs()`; validation, backend
+choice and autograd live in `vit_fast.ops.attention`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from vit_fast.ops.backend import triton_interpreting
+
+# Module globals read inside @triton.jit must be constexpr.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+#: Largest head dim the kernels support (BLOCK_D = 256).
+MAX_HEAD_DIM = 256
+
+
+# --------------------------------------------------------------------------------------------------
+# shared pieces
+
+
+@triton.jit
+def _mm(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """a @ b with fp32 accumulation. UPCAST (interpreter only): the interpreter's dot mishandles
+    bf16 operands, so they are widened first. IEEE: fp32 inputs must not silently drop to tf32."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _keep_mask(seed, bh, offs_m, offs_n, T, dropout_p):
+    """Boolean [BLOCK_M, BLOCK_N] keep-mask of attention dropout for rows offs_m, cols offs_n of
+    head `bh` (= b*H + h). The head goes into the high 32 bits of the Philox key (the wrapper draws
+    seed < 2**31), the in-head position into the counter."""
+    head_seed = seed + bh.to(tl.int64) * 4294967296
+    counter = offs_m[:, None] * T + offs_n[None, :]
+    return tl.rand(head_seed, counter) >= dropout_p
+
+
+# --------------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    QKV,
+    Out,
+    Lse,
+    stride_qb,
+    stride_qt,
+    stride_ob,
+    stride_ot,
+    T,
+    H,
+    D,
+    head_dim,
+    scale_log2,
+    dropout_p,
+    seed,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < T
+    d_valid = offs_d < head_dim
+
+    base = QKV + b * stride_qb + h * head_dim
+    q = tl.load(
+        base + offs_m[:, None] * stride_qt + offs_d[None, :],
+        mask=m_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    )
+
+    # Running max (log2 units), running denominator, unnormalised output: all fp32.
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    inv_keep = 1.0 / (1.0 - dropout_p)
+
+    for start_n in range(0, T, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < T
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(base + D + offs_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(base + 2 * D + offs_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
+
+        s = _mm(q, tl.trans(k), UPCAST, IEEE) * scale_log2
+        # Every key block holds at least one valid column (start_n < T), so m_new stays finite.
+        s = tl.where(n_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        # The softmax denominator uses the probabilities before dropout (lse is pre-dropout).
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = _keep_mask(seed, bh, offs_m, offs_n, T, dropout_p)
+            p = tl.where(keep, p * inv_keep, 0.0)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, IEEE)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    lse = (m_i + tl.log2(l_i)) * LN2
+    tl.store(Lse + bh.to(tl.int64) * T + offs_m, lse, mask=m_valid)
+    o_ptrs = Out + b * stride_ob + h * head_dim + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# backward
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    Out,
+    dOut,
+    Delta,
+    stride_ob,
+    stride_ot,
+    stride_gb,
+    stride_gt,
+    T,
+    H,
+    head_dim,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Delta[b, h, t] = sum_d dO * O (fp32): the softmax-backward row term, computed once so the
+    dk/dv kernel (which walks over query rows) does not need whole rows of P."""
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < T)[:, None] & (offs_d < head_dim)[None, :]
+    cols = h * head_dim + offs_d[None, :]
+    o = tl.load(Out + b * stride_ob + offs_m[:, None] * stride_ot + cols, mask=mask, other=0.0)
+    do = tl.load(dOut + b * stride_gb + offs_m[:, None] * stride_gt + cols, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    QKV,
+    dOut,
+    Lse,
+    Delta,
+    dQKV,
+    stride_qb,
+    stride_qt,
+    stride_gb,
+    stride_gt,
+    stride_db,
+    stride_dt,
+    T,
+    H,
+    D,
+    head_dim,
+    scale,
+    scale_log2,
+    dropout_p,
+    seed,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One program per (key block, head): keeps k, v and the dk, dv accumulators on chip and walks
+    over all query blocks, recomputing P from the saved lse."""
+    bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_valid = offs_n < T
+    d_valid = offs_d < head_dim
+    kv_mask = n_valid[:, None] & d_valid[None, :]
+
+    base = QKV + b * stride_qb + h * head_dim
+    k = tl.load(base + D + offs_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(base + 2 * D + offs_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
+    g_base = dOut + b * stride_gb + h * head_dim
+    row_base = bh.to(tl.int64) * T
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    inv_keep = 1.0 / (1.0 - dropout_p)
+
+    for start_m in range(0, T, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < T
+        qm = m_valid[:, None] & d_valid[None, :]
+        q = tl.load(base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=qm, other=0.0)
+        do = tl.load(g_base + offs_m[:, None] * stride_gt + offs_d[None, :], mask=qm, other=0.0)
+        lse = tl.load(Lse + row_base + offs_m, mask=m_valid, other=0.0)
+        delta = tl.load(Delta + row_base + offs_m, mask=m_valid, other=0.0)
+
+        s = _mm(q, tl.trans(k), UPCAST, IEEE) * scale_log2
+        p = tl.exp2(s - (lse * LOG2E)[:, None])
+        # Padded rows/cols must contribute exactly nothing.
+        p = tl.where(m_valid[:, None] & n_valid[None, :], p, 0.0)
+        dp = _mm(do, tl.trans(v), UPCAST, IEEE)
+        if HAS_DROPOUT:
+            keep = _keep_mask(seed, bh, offs_m, offs_n, T, dropout_p)
+            pd = tl.where(keep, p * inv_keep, 0.0)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        else:
+            pd = p
+        dv += _mm(tl.trans(pd).to(do.dtype), do, UPCAST, IEEE)
+        ds = p * (dp - delta[:, None])
+        dk += _mm(tl.trans(ds).to(q.dtype), q, UPCAST, IEEE)
+
+    dk = dk * scale
+    d_base = dQKV + b * stride_db + h * head_dim + offs_n[:, None] * stride_dt + offs_d[None, :]
+    tl.store(d_base + D, dk.to(dQKV.dtype.element_ty), mask=kv_mask)
+    tl.store(d_base + 2 * D, dv.to(dQKV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    QKV,
+    dOut,
+    Lse,
+    Delta,
+    dQKV,
+    stride_qb,
+    stride_qt,
+    stride_gb,
+    stride_gt,
+    stride_db,
+    stride_dt,
+    T,
+    H,
+    D,
+    head_dim,
+    scale,
+    scale_log2,
+    dropout_p,
+    seed,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One program per (query block, head): walks over all key blocks accumulating dq on chip."""
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < T
+    d_valid = offs_d < head_dim
+    qm = m_valid[:, None] & d_valid[None, :]
+
+    base = QKV + b * stride_qb + h * head_dim
+    q = tl.load(base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=qm, other=0.0)
+    do = tl.load(
+        dOut + b * stride_gb + h * head_dim + offs_m[:, None] * stride_gt + offs_d[None, :],
+        mask=qm,
+        other=0.0,
+    )
+    row_base = bh.to(tl.int64) * T
+    lse2 = tl.load(Lse + row_base + offs_m, mask=m_valid, other=0.0) * LOG2E
+    delta = tl.load(Delta + row_base + offs_m, mask=m_valid, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    inv_keep = 1.0 / (1.0 - dropout_p)
+
+    for start_n in range(0, T, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < T
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(base + D + offs_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(base + 2 * D + offs_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
+
+        s = _mm(q, tl.trans(k), UPCAST, IEEE) * scale_log2
+        p = tl.exp2(s - lse2[:, None])
+        p = tl.where(n_valid[None, :], p, 0.0)
+        dp = _mm(do, tl.trans(v), UPCAST, IEEE)
+        if HAS_DROPOUT:
+            keep = _keep_mask(seed, bh, offs_m, offs_n, T, dropout_p)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, UPCAST, IEEE)
+
+    dq = dq * scale
+    d_ptrs = dQKV + b * stride_db + h * head_dim + offs_m[:, None] * stride_dt + offs_d[None, :]
+    tl.store(d_ptrs, dq.to(dQKV.dtype.element_ty), mask=qm)
+
+
+# --------------------------------------------------------------------------------------------------
+# debug: materialise the dropout keep-mask (tests only, small shapes)
+
+
+@triton.jit
+def _dropout_mask_kernel(Mask, T, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Mask[bh, i, j] = 1 where the attention kernels keep probability (i, j) of head bh."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _keep_mask(seed, bh, offs_m, offs_n, T, dropout_p)
+    ptrs = Mask + bh.to(tl.int64) * T * T + offs_m[:, None] * T + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m < T)[:, None] & (offs_n < T)[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# launch configurations
+#
+# Each shipped GPU config is (BLOCK_M, BLOCK_N, num_warps, num_stages) for a given BLOCK_D and
+# architecture; autotune picks among those that apply to the launch (see `configs_for`). Every entry
+# here is compiled by `aot_specs()` for its archs, so what autotune can choose is what was checked
+# for spills and shared memory. Under the interpreter a single small tile keeps tests fast.
+
+_Tile = tuple[int, int, int, int]
+
+# Chosen from `aot` sweeps (bf16 and fp16, with dropout, which costs the most registers): for each
+# (kernel, BLOCK_D, arch) the tiles that compile with 0 spills, larger tiles first. Head dims up to
+# 32 reuse the BLOCK_D = 64 tiles (smaller tiles of the same shape need fewer registers).
+_FWD_64 = [(128, 64, 8, 2), (64, 64, 4, 2)]
+_DKDV_64 = {80: [(64, 64, 4, 2), (32, 64, 8, 2)], 90: [(32, 64, 8, 2), (64, 64, 8, 1)]}
+_DQ_64 = {80: [(64, 64, 4, 2), (128, 32, 8, 2)], 90: [(64, 64, 8, 2), (128, 32, 8, 2)]}
+
+#: kernel -> BLOCK_D -> arch -> tiles (BLOCK_M, BLOCK_N, num_warps, num_stages)
+GPU_CONFIGS: dict[str, dict[int, dict[int, list[_Tile]]]] = {
+    "fwd": {
+        **{bd: {80: _FWD_64, 90: _FWD_64} for bd in (16, 32, 64)},
+        128: {80: [(64, 64, 4, 2), (64, 32, 4, 2)], 90: [(128, 64, 8, 2), (64, 64, 4, 2)]},
+        256: {80: [(64, 32, 8, 1), (64, 64, 8, 1)], 90: [(32, 32, 4, 1)]},
+    },
+    "dkdv": {
+        **{bd: _DKDV_64 for bd in (16, 32, 64)},
+        128: {80: [(32, 64, 8, 2), (32, 32, 4, 2)], 90: [(32, 64, 8, 2), (32, 32, 4, 2)]},
+        256: {80: [(32, 32, 8, 1)], 90: [(32, 32, 8, 1)]},
+    },
+    "dq": {
+        **{bd: _DQ_64 for bd in (16, 32, 64)},
+        128: {80: [(64, 32, 4, 2), (64, 64, 8, 2)], 90: [(64, 32, 4, 2)]},
+        256: {80: [(32, 32, 8, 1), (16, 32, 4, 1)], 90: [(32, 32, 8, 1), (32, 64, 8, 1)]},
+    },
+}
+#: Tile used when interpreting: small enough that T = 197 runs in seconds on a CPU core.
+INTERPRET_TILE: _Tile = (64, 64, 1, 1)
+#: Architectures with their own tables; newer GPUs use the sm_90 table, older ones sm_80's.
+_ARCHS = (80, 90)
+
+
+def block_d_for(head_dim: int) -> int:
+    """Head dim padded to the next power of two, at least 16 (tl.dot's minimum K)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _arch_key(capability: tuple[int, int]) -> int:
+    cc = capability[0] * 10 + capability[1]
+    return 90 if cc >= 90 else 80
+
+
+def configs_for(kernel: str, block_d: int, capability: tuple[int, int] | None) -> list[triton.Config]:
+    """The autotune candidates for one launch: the single interpreter tile, or the shipped tiles for
+    (kernel, BLOCK_D, arch)."""
+    if capability is None or triton_interpreting():
+        tiles = [INTERPRET_TILE]
+    else:
+        tiles = GPU_CONFIGS[kernel][block_d][_arch_key(capability)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles
+    ]
+
+
+_tuned: dict[tuple[str, int, int], object] = {}
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+
+
+def tuned_kernel(kernel: str, block_d: int, capability: tuple[int, int] | None):
+    """The autotuned launcher of `kernel` for one BLOCK_D and arch (built once, then cached).
+
+    One autotuner per (kernel, BLOCK_D, arch) because the candidate tiles depend on them; the tuning
+    key adds T (sequence length) and, implicitly, the tensor dtypes."""
+    arch = 0 if capability is None or triton_interpreting() else _arch_key(capability)
+    key = (kernel, block_d, arch)
+    if key not in _tuned:
+        _tuned[key] = triton.autotune(
+            configs=configs_for(kernel, block_d, capability), key=["T", "HAS_DROPOUT"]
+        )(_KERNELS[kernel])
+    return _tuned[key]
+
+
+def delta_tile(block_d: int) -> tuple[int, int]:
+    """(BLOCK_M, num_warps) of the tiny delta pre-pass."""
+    if triton_interpreting():
+        return 32, 1
+    return (64 if block_d <= 128 else 32), 4
+
+
+# --------------------------------------------------------------------------------------------------
+# ahead-of-time specs
+
+
+def aot_specs() -> list:
+    """Every shipped (kernel, dtype, BLOCK_D, tile, arch) config, for `python -m vit_fast.perf.aot`.
+
+    fp16 and bf16 at BLOCK_D 64 (head dims 33..64) and 128 (65..128: 72, 80, 88, 96, 112), fp16 also
+    at BLOCK_D 32 and 256; every tile of GPU_CONFIGS for those, with and without dropout, for the
+    forward, dk/dv and dq kernels; plus the delta pre-pass. (fp32 runs the same tiles with IEEE dots
+    and is not part of the shipped report.)"""
+    from vit_fast.perf.aot import KernelSpec
+
+    specs: list[KernelSpec] = []
+    scalars_fwd = {
+        "stride_qb": "i32",
+        "stride_qt": "i32",
+        "stride_ob": "i32",
+        "stride_ot": "i32",
+        "T": "i32",
+        "H": "i32",
+        "D": "i32",
+        "head_dim": "i32",
+        "scale_log2": "fp32",
+        "dropout_p": "fp32",
+        "seed": "i32",
+    }
+    scalars_bwd = {
+        "stride_qb": "i32",
+        "stride_qt": "i32",
+        "stride_gb": "i32",
+        "stride_gt": "i32",
+        "stride_db": "i32",
+        "stride_dt": "i32",
+        "T": "i32",
+        "H": "i32",
+        "D": "i32",
+        "head_dim": "i32",
+        "scale": "fp32",
+        "scale_log2": "fp32",
+        "dropout_p": "fp32",
+        "seed": "i32",
+    }
+    consts = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HAS_DROPOUT", "UPCAST", "IEEE")
+    shipped = [("fp16", bd) for bd in (32, 64, 128, 256)] + [("bf16", bd) for bd in (64, 128)]
+    for dt in ("fp16", "bf16"):
+        for block_d in [bd for d, bd in shipped if d == dt]:
+            for arch in _ARCHS:
+                for kernel in ("fwd", "dkdv", "dq"):
+                    for bm, bn, w, s in GPU_CONFIGS[kernel][block_d][arch]:
+                        for dropout in (False, True):
+                            if kernel == "fwd":
+                                ptrs = {"QKV": f"*{dt}", "Out": f"*{dt}", "Lse": "*fp32"}
+                                sig = {**ptrs, **scalars_fwd}
+                            else:
+                                ptrs = {
+                                    "QKV": f"*{dt}",
+                                    "dOut": f"*{dt}",
+                                    "Lse": "*fp32",
+                                    "Delta": "*fp32",
+                                    "dQKV": f"*{dt}",
+                                }
+                                sig = {**ptrs, **scalars_bwd}
+                            sig.update(dict.fromkeys(consts, "constexpr"))
+                            cx = {
+                                "BLOCK_M": bm,
+                                "BLOCK_N": bn,
+                                "BLOCK_D": block_d,
+                                "HAS_DROPOUT": dropout,
+                                "UPCAST": False,
+                                "IEEE": False,
+                            }
+                            specs.append(
+                                KernelSpec(
+                                    name=f"attn_{kernel}_{dt}_d{block_d}_m{bm}n{bn}{'_drop' if dropout else ''}",
+                                    fn=_KERNELS[kernel],
+                                    signature=sig,
+                                    constexprs=cx,
+                                    num_warps=w,
+                                    num_stages=s,
+                                    divisible_by_16=tuple(ptrs),
+                                    archs=(arch,),
+                                )
+                            )
+        bm, w = 64, 4  # delta_tile(128) on GPU
+        specs.append(
+            KernelSpec(
+                name=f"attn_delta_{dt}_d128",
+                fn=_attn_bwd_delta_kernel,
+                signature={
+                    "Out": f"*{dt}",
+                    "dOut": f"*{dt}",
+                    "Delta": "*fp32",
+                    "stride_ob": "i32",
+                    "stride_ot": "i32",
+                    "stride_gb": "i32",
+                    "stride_gt": "i32",
+                    "T": "i32",
+                    "H": "i32",
+                    "head_dim": "i32",
+                    "BLOCK_M": "constexpr",
+                    "BLOCK_D": "constexpr",
+                },
+                constexprs={"BLOCK_M": bm, "BLOCK_D": 128},
+                num_warps=w,
+                divisible_by_16=("Out", "dOut", "Delta"),
+            )
+        )
+    return specs
