@@ -137,3 +137,21 @@ def test_fused_block_saves_at_most_60_percent():
     per_token = {k: v / (2 * 197) for k, v in saved.items()}
     print(f"saved bytes per token (ViT-B block, bf16): {per_token}, fused/reference = {ratio:.3f}")
     assert ratio <= 0.60, (per_token, ratio)
+
+
+def test_checkpoint_moves_between_fused_model_and_timm(tmp_path):
+    """A checkpoint written by the fused model loads into timm's model (strict) and back."""
+    timm = pytest.importorskip("timm")
+    kw = {"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 7, "reg_tokens": 1}
+    ours = vit_fast.create_model("vit_tiny_patch16_224", impl="fused", **kw)
+    path = tmp_path / "fused.pt"
+    torch.save(ours.state_dict(), path)
+    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw)
+    theirs.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), use_backend("reference"):
+        assert (theirs(x) - ours(x)).abs().max().item() <= 1e-5
+    torch.nn.init.normal_(theirs.head.weight)
+    torch.save(theirs.state_dict(), path)
+    ours.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    assert torch.equal(ours.head.weight, theirs.head.weight)
