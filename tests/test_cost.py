@@ -134,3 +134,22 @@ def test_training_step_report_structure_and_fused_vs_reference():
     assert fused.total().launches < ref.total().launches
     assert fused.total().bytes < ref.total().bytes
     assert fused.saved_bytes < ref.saved_bytes
+
+
+def test_attention_backward_is_2_5x_forward_for_sdpa_and_ours():
+    import vit_fast.ops as fused
+
+    def sdpa(q, k, v):
+        torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+
+    mode = cost.CostMode()
+    with cost.fake_mode():
+        q, k, v = (torch.empty(2, 3, 17, 16, requires_grad=True) for _ in range(3))
+        qkv = torch.empty(2, 17, 3 * 48, requires_grad=True)
+        with mode:
+            sdpa(q, k, v)
+            fused.attention(qkv, 3).sum().backward()
+    attn = [r for r in mode.records if r.kind.endswith("attention")]
+    fwd = 4 * 2 * 17 * 17 * 48  # 4 * B * T^2 * D, for both programs
+    assert len(attn) == 4  # forward and backward of each: one launch each, not descended into
+    assert sorted(r.flops for r in attn) == sorted([fwd, fwd * 5 // 2, fwd, fwd * 5 // 2])
