@@ -1,7 +1,10 @@
 // vit_fast C++ CPU backend: module entry point.
-// The fused CPU kernels register themselves in their own files (one op family per file);
-// this file only defines the Python module so `import vit_fast._C` works and reports what was built.
+// The fused CPU kernels live in one file per op family (attention.cpp, layer_norm.cpp, mlp.cpp,
+// patch_embed.cpp); this file binds them under the names of docs/backend_contract.md, so the
+// torch.library custom ops in vit_fast/ops can call `vit_fast._C.<name>` for CPU tensors.
 #include <torch/extension.h>
+
+#include "ops.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -22,4 +25,51 @@ bool has_openmp() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vit_fast fused CPU kernels";
   m.def("has_openmp", &has_openmp, "Whether the extension was compiled with OpenMP");
+  m.def("has_blas_tiles", &vit_fast::have_blas_sgemm,
+        "Whether attention tiles call BLAS sgemm directly (else through at::mm, slower)");
+  namespace py = pybind11;
+  using namespace vit_fast;
+  // Long GEMM-free loops release the GIL so other Python threads can run meanwhile.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+
+  m.def("attention_forward", &attention_forward, "(out [B,T,D], lse [B,H,T] fp32) from packed qkv [B,T,3D]",
+        py::arg("qkv"), py::arg("num_heads"), py::arg("scale"), py::arg("dropout_p"), py::arg("seed"), nogil);
+  m.def("attention_backward", &attention_backward, "dqkv [B,T,3D] (packed layout)", py::arg("grad_out"),
+        py::arg("qkv"), py::arg("out"), py::arg("lse"), py::arg("num_heads"), py::arg("scale"), py::arg("dropout_p"),
+        py::arg("seed"), nogil);
+
+  m.def("layer_norm_forward", &layer_norm_forward, "(y, mean, rstd)", py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("eps"), nogil);
+  m.def("layer_norm_backward", &layer_norm_backward, "(dx, dweight|None, dbias|None)", py::arg("dy"), py::arg("x"),
+        py::arg("weight"), py::arg("mean"), py::arg("rstd"), nogil);
+  m.def("layer_norm_linear_forward", &layer_norm_linear_forward, "(out, mean, rstd)", py::arg("x"),
+        py::arg("ln_weight"), py::arg("ln_bias"), py::arg("weight"), py::arg("bias"), py::arg("eps"), nogil);
+  m.def("layer_norm_linear_backward", &layer_norm_linear_backward,
+        "(dx, dln_weight|None, dln_bias|None, dweight, dbias|None)", py::arg("dout"), py::arg("x"),
+        py::arg("ln_weight"), py::arg("ln_bias"), py::arg("weight"), py::arg("mean"), py::arg("rstd"),
+        py::arg("has_bias"), nogil);
+
+  m.def("linear_residual_forward", &linear_residual_forward, "residual + gamma * dps * (x W^T + b)", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("gamma"), py::arg("dps"),
+        py::arg("tokens_per_sample"), nogil);
+  m.def("linear_residual_backward", &linear_residual_backward, "(dx, dweight, dbias|None, dresidual, dgamma|None)",
+        py::arg("dout"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("gamma"), py::arg("dps"),
+        py::arg("tokens_per_sample"), py::arg("needs_gamma_grad"), nogil);
+  m.def("mlp_forward", &mlp_forward, "(out, mean, rstd, h_pre)", py::arg("x"), py::arg("ln_weight"),
+        py::arg("ln_bias"), py::arg("fc1_weight"), py::arg("fc1_bias"), py::arg("fc2_weight"), py::arg("fc2_bias"),
+        py::arg("eps"), py::arg("gamma"), py::arg("dps"), py::arg("tokens_per_sample"), py::arg("approximate"), nogil);
+  m.def("mlp_backward", &mlp_backward,
+        "(dx, dln_weight|None, dln_bias|None, dfc1_weight, dfc1_bias|None, dfc2_weight, dfc2_bias|None, dgamma|None)",
+        py::arg("dout"), py::arg("x"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("fc1_weight"),
+        py::arg("fc2_weight"), py::arg("fc2_bias"), py::arg("gamma"), py::arg("dps"), py::arg("tokens_per_sample"),
+        py::arg("mean"), py::arg("rstd"), py::arg("h_pre"), py::arg("approximate"), py::arg("has_fc1_bias"),
+        py::arg("needs_gamma_grad"), nogil);
+
+  m.def("patch_embed_forward", &patch_embed_forward, "tokens [B,T,D]", py::arg("images"), py::arg("weight"),
+        py::arg("bias"), py::arg("pos_embed"), py::arg("cls_token"), py::arg("reg_tokens"), py::arg("patch_size"),
+        py::arg("no_embed_class"), nogil);
+  m.def("patch_embed_backward", &patch_embed_backward,
+        "(dimages|None, dweight, dbias|None, dpos_embed|None, dcls|None, dreg|None)", py::arg("grad"),
+        py::arg("images"), py::arg("weight"), py::arg("has_bias"), py::arg("has_pos"), py::arg("has_cls"),
+        py::arg("num_reg"), py::arg("patch_size"), py::arg("no_embed_class"), py::arg("needs_image_grad"), nogil);
 }

@@ -1,0 +1,207 @@
+"""Micro-benchmark: the C++ CPU kernels (vit_fast._C) vs the eager reference ops, per op, at ViT-S/16
+shapes (B=8, T=197, D=384, H=6, F=1536), float32, forward and forward+backward.
+
+    OMP_NUM_THREADS=2 python benchmarks/cpu_ops.py [--runs 7] [--threads N] [--dtype float32|bfloat16]
+
+Times are medians of `--runs` torch.utils.benchmark measurements taken in the same process; the
+ratio column is eager / fused (> 1 means the fused op is faster). The fused side calls the contract
+functions directly (forward, then backward with the saved tensors), which is what the torch.library
+ops do, minus their small Python dispatch cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.utils.benchmark as tb
+
+from vit_fast import reference
+
+B, T, D, H, F, P = 8, 197, 384, 6, 1536, 16
+
+
+def median_ms(fn, runs: int) -> float:
+    fn()  # warm-up (allocator, MKL/oneDNN primitive caches)
+    timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return statistics.median(timer.blocked_autorange(min_run_time=0.2).median for _ in range(runs)) * 1e3
+
+
+def cases(dtype: torch.dtype):
+    import vit_fast._C as C
+
+    def p(*shape, scale=1.0, grad=True):
+        return (torch.randn(*shape) * scale).to(dtype).requires_grad_(grad)
+
+    M = B * T
+    # --- attention
+    qkv = p(B, T, 3 * D)
+    g_attn = torch.randn(B, T, D, dtype=dtype)
+    scale = (D // H) ** -0.5
+
+    def attn_ref():
+        return reference.attention(qkv, H)
+
+    def attn_fused_fwd():
+        return C.attention_forward(qkv.detach(), H, scale, 0.0, 0)
+
+    def attn_fused_fb():
+        out, lse = C.attention_forward(qkv.detach(), H, scale, 0.0, 0)
+        return C.attention_backward(g_attn, qkv.detach(), out, lse, H, scale, 0.0, 0)
+
+    yield "attention", attn_ref, attn_fused_fwd, attn_fused_fb, g_attn, [qkv]
+
+    # --- LN + qkv Linear
+    x = p(B, T, D)
+    lw, lb, w, b = p(D), p(D), p(3 * D, D, scale=D**-0.5), p(3 * D)
+    g_lnl = torch.randn(B, T, 3 * D, dtype=dtype)
+
+    def lnl_ref():
+        return reference.layer_norm_linear(x, lw, lb, w, b, 1e-6)
+
+    def lnl_fwd():
+        return C.layer_norm_linear_forward(
+            x.detach().view(M, D), lw.detach(), lb.detach(), w.detach(), b.detach(), 1e-6
+        )
+
+    def lnl_fb():
+        _, mean, rstd = lnl_fwd()
+        return C.layer_norm_linear_backward(
+            g_lnl.view(M, 3 * D),
+            x.detach().view(M, D),
+            lw.detach(),
+            lb.detach(),
+            w.detach(),
+            mean,
+            rstd,
+            True,
+        )
+
+    yield "layer_norm_linear", lnl_ref, lnl_fwd, lnl_fb, g_lnl, [x, lw, lb, w, b]
+
+    # --- proj + residual (layer-scale and drop-path on: the training configuration with all epilogues)
+    xo, res = p(B, T, D), p(B, T, D)
+    pw, pb, gamma = p(D, D, scale=D**-0.5), p(D), p(D, scale=0.1)
+    dps = torch.ones(B, dtype=dtype)
+    g_lr = torch.randn(B, T, D, dtype=dtype)
+
+    def lr_ref():
+        return reference.linear_residual(xo, pw, pb, res, gamma=gamma, drop_path_scale=dps)
+
+    def lr_fwd():
+        return C.linear_residual_forward(
+            xo.detach().view(M, D), pw.detach(), pb.detach(), res.detach().view(M, D), gamma.detach(), dps, T
+        )
+
+    def lr_fb():
+        lr_fwd()
+        return C.linear_residual_backward(
+            g_lr.view(M, D), xo.detach().view(M, D), pw.detach(), pb.detach(), gamma.detach(), dps, T, True
+        )
+
+    yield "linear_residual", lr_ref, lr_fwd, lr_fb, g_lr, [xo, pw, pb, res, gamma]
+
+    # --- LN + MLP
+    xm = p(B, T, D)
+    mlw, mlb = p(D), p(D)
+    w1, b1, w2, b2 = p(F, D, scale=D**-0.5), p(F), p(D, F, scale=F**-0.5), p(D)
+    g_mlp = torch.randn(B, T, D, dtype=dtype)
+
+    def mlp_ref():
+        return reference.layer_norm_mlp(xm, mlw, mlb, w1, b1, w2, b2, 1e-6)
+
+    def mlp_fwd():
+        return C.mlp_forward(
+            xm.detach().view(M, D),
+            mlw.detach(),
+            mlb.detach(),
+            w1.detach(),
+            b1.detach(),
+            w2.detach(),
+            b2.detach(),
+            1e-6,
+            None,
+            None,
+            T,
+            "none",
+        )
+
+    def mlp_fb():
+        _, mean, rstd, h = mlp_fwd()
+        return C.mlp_backward(
+            g_mlp.view(M, D),
+            xm.detach().view(M, D),
+            mlw.detach(),
+            mlb.detach(),
+            w1.detach(),
+            w2.detach(),
+            b2.detach(),
+            None,
+            None,
+            T,
+            mean,
+            rstd,
+            h,
+            "none",
+            True,
+            False,
+        )
+
+    yield "layer_norm_mlp", mlp_ref, mlp_fwd, mlp_fb, g_mlp, [xm, mlw, mlb, w1, b1, w2, b2]
+
+    # --- patch embedding (no image gradient, as in training from pixels)
+    images = p(B, 3, 224, 224, grad=False)
+    pew, peb, pos, cls = p(D, 3, P, P, scale=0.05), p(D), p(1, T, D), p(1, 1, D)
+    g_pe = torch.randn(B, T, D, dtype=dtype)
+
+    def pe_ref():
+        return reference.patch_embed(images, pew, peb, pos, cls, patch_size=P)
+
+    def pe_fwd():
+        return C.patch_embed_forward(
+            images, pew.detach(), peb.detach(), pos.detach(), cls.detach(), None, P, False
+        )
+
+    def pe_fb():
+        pe_fwd()
+        return C.patch_embed_backward(g_pe, images, pew.detach(), True, True, True, 0, P, False, False)
+
+    yield "patch_embed", pe_ref, pe_fwd, pe_fb, g_pe, [pew, peb, pos, cls]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--only", default="", help="substring filter on op names")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    print(
+        f"threads={torch.get_num_threads()} dtype={args.dtype} B={B} T={T} D={D} H={H} F={F}; median of {args.runs}"
+    )
+    print(
+        f"{'op':<20}{'eager fwd':>11}{'fused fwd':>11}{'ratio':>7}{'eager f+b':>11}{'fused f+b':>11}{'ratio':>7}"
+    )
+    for name, ref, fused_fwd, fused_fb, grad, leaves in cases(dtype):
+        if args.only not in name:
+            continue
+        with torch.no_grad():
+            e_fwd = median_ms(ref, args.runs)
+        f_fwd = median_ms(fused_fwd, args.runs)
+
+        def ref_fb(ref=ref, grad=grad, leaves=leaves):
+            torch.autograd.grad(ref(), leaves, grad)
+
+        e_fb = median_ms(ref_fb, args.runs)
+        f_fb = median_ms(fused_fb, args.runs)
+        print(
+            f"{name:<20}{e_fwd:>9.2f}ms{f_fwd:>9.2f}ms{e_fwd / f_fwd:>6.2f}x{e_fb:>9.2f}ms{f_fb:>9.2f}ms{e_fb / f_fb:>6.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()

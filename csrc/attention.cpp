@@ -1,0 +1,270 @@
+// Attention family: flash-style multi-head self-attention on packed qkv [B, T, 3*D].
+//
+// Forward: one task per (batch, head, query block) in a parallel loop. Each task walks the keys in
+// blocks with an online softmax (running max m and sum l per query row), so the only score storage
+// is one BLOCK_Q x BLOCK_K fp32 tile per thread; q/k/v are read from qkv by strides (no permute
+// copy), the output is written with heads merged, and lse = m + log(l) is saved for backward.
+// Backward (FlashAttention-2 style): one task per (batch, head); for each key block, loop over query
+// blocks, recompute P = exp(scale * q k^T - lse) per tile, and accumulate dV, dK for that key block
+// and dQ for all rows in fp32 scratch of size [T, head_dim] (never T x T).
+// Dropout on the probabilities uses a counter-based hash of (seed, b, h, i, j), regenerated in the
+// backward. bf16 inputs are widened to fp32 per (b, h) slice so every tile GEMM runs in fp32.
+#include "common.h"
+
+namespace vit_fast {
+namespace {
+
+constexpr int64_t kFwdBlockQ = 64;
+constexpr int64_t kFwdBlockK = 256;  // ViT sequence lengths (<= 257) then need one key block
+constexpr int64_t kBwdBlockQ = 64;
+constexpr int64_t kBwdBlockK = 128;
+
+struct AttnShape {
+  int64_t batch, tokens, dim, heads, head_dim, stride_b, stride_t;
+};
+
+AttnShape check_qkv(const Tensor& qkv, int64_t num_heads) {
+  check_float_tensor(qkv, "qkv");
+  check_dim(qkv, "qkv", 3);
+  TORCH_CHECK(num_heads > 0, "num_heads must be positive, got ", num_heads);
+  const int64_t width3 = qkv.size(2);
+  TORCH_CHECK(width3 % (3 * num_heads) == 0, "qkv last dim (", width3, ") must be divisible by 3 * num_heads (",
+              3 * num_heads, ")");
+  TORCH_CHECK(qkv.size(0) > 0 && qkv.size(1) > 0, "qkv must be non-empty, got shape ", qkv.sizes());
+  TORCH_CHECK(qkv.stride(2) == 1, "qkv must have a contiguous last dim, got strides ", qkv.strides());
+  const int64_t dim = width3 / 3;
+  return {qkv.size(0), qkv.size(1), dim, num_heads, dim / num_heads, qkv.stride(0), qkv.stride(1)};
+}
+
+// Copy `rows` rows of `cols` elements (row stride `ld`) into a dense fp32 buffer.
+template <typename T>
+void widen_rows(const T* src, int64_t ld, int64_t rows, int64_t cols, float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * ld;
+    float* d = dst + r * cols;
+    for (int64_t c = 0; c < cols; ++c) d[c] = to_f(s[c]);
+  }
+}
+
+// A [rows, head_dim] operand as fp32 pointer + leading dim: the tensor itself for fp32, a widened
+// copy for bf16.
+template <typename T>
+const float* as_f32(const T* src, int64_t ld, int64_t rows, int64_t cols, std::vector<float>& buf,
+                    int64_t& ld_out) {
+  if constexpr (std::is_same_v<T, float>) {
+    ld_out = ld;
+    return src;
+  } else {
+    buf.resize(static_cast<size_t>(rows * cols));
+    widen_rows(src, ld, rows, cols, buf.data());
+    ld_out = cols;
+    return buf.data();
+  }
+}
+
+template <typename T>
+void attention_forward_impl(const Tensor& qkv, const AttnShape& s, float scale, float dropout_p, int64_t seed,
+                            Tensor& out, Tensor& lse) {
+  const T* base = qkv.data_ptr<T>();
+  T* out_p = out.data_ptr<T>();
+  float* lse_p = lse.data_ptr<float>();
+  const int64_t T_ = s.tokens, hd = s.head_dim, D = s.dim;
+  const int64_t nqb = (T_ + kFwdBlockQ - 1) / kFwdBlockQ;
+  const uint64_t key = seed_key(seed);
+  const float inv_keep = dropout_p > 0.0f ? 1.0f / (1.0f - dropout_p) : 1.0f;
+
+  at::parallel_for(0, s.batch * s.heads * nqb, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> tile(static_cast<size_t>(kFwdBlockQ * kFwdBlockK));
+    std::vector<float> acc(static_cast<size_t>(kFwdBlockQ * hd));
+    std::vector<float> row_max(kFwdBlockQ), row_sum(kFwdBlockQ);
+    std::vector<float> qbuf, kbuf, vbuf;
+    int64_t widened_bh = -1;
+    const float* kf = nullptr;
+    const float* vf = nullptr;
+    int64_t ldk = 0, ldv = 0;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t qb = task % nqb, bh = task / nqb;
+      const int64_t b = bh / s.heads, h = bh % s.heads;
+      const T* q = base + b * s.stride_b + h * hd;
+      const int64_t i0 = qb * kFwdBlockQ, bq = std::min(kFwdBlockQ, T_ - i0);
+      int64_t ldq = 0;
+      const float* qf = as_f32(q + i0 * s.stride_t, s.stride_t, bq, hd, qbuf, ldq);
+      if (bh != widened_bh) {  // consecutive tasks share (b, h): widen K and V once
+        kf = as_f32(q + D, s.stride_t, T_, hd, kbuf, ldk);
+        vf = as_f32(q + 2 * D, s.stride_t, T_, hd, vbuf, ldv);
+        widened_bh = bh;
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<float>::infinity());
+      std::fill(row_sum.begin(), row_sum.end(), 0.0f);
+      for (int64_t j0 = 0; j0 < T_; j0 += kFwdBlockK) {
+        const int64_t bk = std::min(kFwdBlockK, T_ - j0);
+        gemm_rm(false, true, bq, bk, hd, scale, qf, ldq, kf + j0 * ldk, ldk, 0.0f, tile.data(), kFwdBlockK);
+        for (int64_t i = 0; i < bq; ++i) {
+          float* row = tile.data() + i * kFwdBlockK;
+          float mx = row[0];
+          for (int64_t j = 1; j < bk; ++j) mx = row[j] > mx ? row[j] : mx;
+          const float m_new = std::max(row_max[i], mx);
+          // Rescale what was accumulated under the old running max (first block: nothing yet).
+          const float alpha = row_max[i] == -std::numeric_limits<float>::infinity() ? 0.0f
+                                                                                    : std::exp(row_max[i] - m_new);
+          float sum = 0.0f;
+          for (int64_t j = 0; j < bk; ++j) {
+            const float e = fast_exp(row[j] - m_new);
+            row[j] = e;
+            sum += e;
+          }
+          row_sum[i] = row_sum[i] * alpha + sum;  // normaliser counts every key: dropout comes after softmax
+          row_max[i] = m_new;
+          if (dropout_p > 0.0f) {
+            const uint64_t base_ctr = static_cast<uint64_t>((bh * T_ + i0 + i) * T_ + j0);
+            for (int64_t j = 0; j < bk; ++j)
+              row[j] = uniform01(key, base_ctr + j) >= dropout_p ? row[j] * inv_keep : 0.0f;
+          }
+          if (alpha != 1.0f) {
+            float* a = acc.data() + i * hd;
+            for (int64_t d = 0; d < hd; ++d) a[d] *= alpha;
+          }
+        }
+        gemm_rm(false, false, bq, hd, bk, 1.0f, tile.data(), kFwdBlockK, vf + j0 * ldv, ldv, 1.0f, acc.data(), hd);
+      }
+      for (int64_t i = 0; i < bq; ++i) {
+        const float inv = 1.0f / row_sum[i];
+        T* o = out_p + (b * T_ + i0 + i) * D + h * hd;
+        const float* a = acc.data() + i * hd;
+        for (int64_t d = 0; d < hd; ++d) o[d] = from_f<T>(a[d] * inv);
+        lse_p[bh * T_ + i0 + i] = row_max[i] + std::log(row_sum[i]);
+      }
+    }
+  });
+}
+
+template <typename T>
+void attention_backward_impl(const Tensor& grad_out, const Tensor& qkv, const Tensor& out, const Tensor& lse,
+                             const AttnShape& s, float scale, float dropout_p, int64_t seed, Tensor& dqkv) {
+  const T* base = qkv.data_ptr<T>();
+  const T* go_p = grad_out.data_ptr<T>();
+  const T* out_p = out.data_ptr<T>();
+  const float* lse_p = lse.data_ptr<float>();
+  T* dqkv_p = dqkv.data_ptr<T>();
+  const int64_t T_ = s.tokens, hd = s.head_dim, D = s.dim;
+  const uint64_t key = seed_key(seed);
+  const float inv_keep = dropout_p > 0.0f ? 1.0f / (1.0f - dropout_p) : 1.0f;
+  constexpr int64_t BQ = kBwdBlockQ, BK = kBwdBlockK;
+
+  at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p_tile(static_cast<size_t>(BQ * BK)), dp_tile(static_cast<size_t>(BQ * BK));
+    std::vector<float> pd_tile(dropout_p > 0.0f ? static_cast<size_t>(BQ * BK) : 0);
+    std::vector<float> dq(static_cast<size_t>(T_ * hd)), dk(static_cast<size_t>(BK * hd)),
+        dv(static_cast<size_t>(BK * hd)), delta(T_);
+    std::vector<float> qbuf, kbuf, vbuf, gobuf;
+    for (int64_t bh = t0; bh < t1; ++bh) {
+      const int64_t b = bh / s.heads, h = bh % s.heads;
+      const T* q = base + b * s.stride_b + h * hd;
+      const T* go = go_p + b * T_ * D + h * hd;
+      const T* o = out_p + b * T_ * D + h * hd;
+      const float* lse_row = lse_p + bh * T_;
+      int64_t ldq, ldk, ldv, ldgo;
+      const float* qf = as_f32(q, s.stride_t, T_, hd, qbuf, ldq);
+      const float* kf = as_f32(q + D, s.stride_t, T_, hd, kbuf, ldk);
+      const float* vf = as_f32(q + 2 * D, s.stride_t, T_, hd, vbuf, ldv);
+      const float* gof = as_f32(go, D, T_, hd, gobuf, ldgo);
+      // delta_i = sum_j P_ij dP_ij = dO_i . O_i (holds with dropout too, since O = (P * Z) V).
+      for (int64_t i = 0; i < T_; ++i) {
+        float acc = 0.0f;
+        for (int64_t d = 0; d < hd; ++d) acc += to_f(go[i * D + d]) * to_f(o[i * D + d]);
+        delta[i] = acc;
+      }
+      std::fill(dq.begin(), dq.end(), 0.0f);
+      for (int64_t j0 = 0; j0 < T_; j0 += BK) {
+        const int64_t bk = std::min(BK, T_ - j0);
+        std::fill(dk.begin(), dk.end(), 0.0f);
+        std::fill(dv.begin(), dv.end(), 0.0f);
+        const float* kj = kf + j0 * ldk;
+        const float* vj = vf + j0 * ldv;
+        for (int64_t i0 = 0; i0 < T_; i0 += BQ) {
+          const int64_t bq = std::min(BQ, T_ - i0);
+          const float* qi = qf + i0 * ldq;
+          const float* goi = gof + i0 * ldgo;
+          gemm_rm(false, true, bq, bk, hd, scale, qi, ldq, kj, ldk, 0.0f, p_tile.data(), BK);
+          gemm_rm(false, true, bq, bk, hd, 1.0f, goi, ldgo, vj, ldv, 0.0f, dp_tile.data(), BK);
+          for (int64_t i = 0; i < bq; ++i) {
+            float* pr = p_tile.data() + i * BK;
+            float* dpr = dp_tile.data() + i * BK;
+            const float l = lse_row[i0 + i], dl = delta[i0 + i];
+            for (int64_t j = 0; j < bk; ++j) pr[j] = fast_exp(pr[j] - l);
+            if (dropout_p > 0.0f) {
+              float* pdr = pd_tile.data() + i * BK;
+              const uint64_t base_ctr = static_cast<uint64_t>((bh * T_ + i0 + i) * T_ + j0);
+              for (int64_t j = 0; j < bk; ++j) {
+                const float z = uniform01(key, base_ctr + j) >= dropout_p ? inv_keep : 0.0f;
+                pdr[j] = pr[j] * z;
+                dpr[j] *= z;
+              }
+            }
+            for (int64_t j = 0; j < bk; ++j) dpr[j] = pr[j] * (dpr[j] - dl);  // dS
+          }
+          const float* pd = dropout_p > 0.0f ? pd_tile.data() : p_tile.data();
+          gemm_rm(true, false, bk, hd, bq, 1.0f, pd, BK, goi, ldgo, 1.0f, dv.data(), hd);
+          gemm_rm(false, false, bq, hd, bk, scale, dp_tile.data(), BK, kj, ldk, 1.0f, dq.data() + i0 * hd, hd);
+          gemm_rm(true, false, bk, hd, bq, scale, dp_tile.data(), BK, qi, ldq, 1.0f, dk.data(), hd);
+        }
+        for (int64_t j = 0; j < bk; ++j) {
+          T* row = dqkv_p + (b * T_ + j0 + j) * 3 * D + h * hd;
+          for (int64_t d = 0; d < hd; ++d) {
+            row[D + d] = from_f<T>(dk[j * hd + d]);
+            row[2 * D + d] = from_f<T>(dv[j * hd + d]);
+          }
+        }
+      }
+      for (int64_t i = 0; i < T_; ++i) {
+        T* row = dqkv_p + (b * T_ + i) * 3 * D + h * hd;
+        for (int64_t d = 0; d < hd; ++d) row[d] = from_f<T>(dq[i * hd + d]);
+      }
+    }
+  });
+}
+
+void check_dropout(double dropout_p) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> attention_forward(const Tensor& qkv, int64_t num_heads, double scale, double dropout_p,
+                                             int64_t seed) {
+  const AttnShape s = check_qkv(qkv, num_heads);
+  check_dropout(dropout_p);
+  Tensor out = at::empty({s.batch, s.tokens, s.dim}, qkv.options());
+  Tensor lse = at::empty({s.batch, s.heads, s.tokens}, qkv.options().dtype(at::kFloat));
+  VF_DISPATCH(qkv.scalar_type(), "attention_forward", [&] {
+    attention_forward_impl<scalar_t>(qkv, s, static_cast<float>(scale), static_cast<float>(dropout_p), seed, out,
+                                     lse);
+  });
+  return {out, lse};
+}
+
+Tensor attention_backward(const Tensor& grad_out, const Tensor& qkv, const Tensor& out, const Tensor& lse,
+                          int64_t num_heads, double scale, double dropout_p, int64_t seed) {
+  const AttnShape s = check_qkv(qkv, num_heads);
+  check_dropout(dropout_p);
+  check_float_tensor(grad_out, "grad_out");
+  check_float_tensor(out, "out");
+  check_same_dtype(grad_out, qkv, "grad_out");
+  check_same_dtype(out, qkv, "out");
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({s.batch, s.tokens, s.dim}), "grad_out must have shape [",
+              s.batch, ", ", s.tokens, ", ", s.dim, "], got ", grad_out.sizes());
+  TORCH_CHECK(out.sizes() == grad_out.sizes(), "out must have shape ", grad_out.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(lse.defined() && lse.device().is_cpu() && lse.scalar_type() == at::kFloat, "lse must be a float32 CPU tensor");
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({s.batch, s.heads, s.tokens}), "lse must have shape [", s.batch, ", ",
+              s.heads, ", ", s.tokens, "], got ", lse.sizes());
+  const Tensor go = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();
+  Tensor dqkv = at::empty({s.batch, s.tokens, 3 * s.dim}, qkv.options());
+  VF_DISPATCH(qkv.scalar_type(), "attention_backward", [&] {
+    attention_backward_impl<scalar_t>(go, qkv, o, l, s, static_cast<float>(scale), static_cast<float>(dropout_p), seed,
+                                      dqkv);
+  });
+  return dqkv;
+}
+
+}  // namespace vit_fast

@@ -1,0 +1,333 @@
+// Shared helpers of the vit_fast CPU kernels: argument checks, dtype dispatch, a small row-major
+// GEMM entry point for tiles, vectorisable exp/erf/GELU, LayerNorm row kernels and the dropout hash.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace vit_fast {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// ---------------------------------------------------------------------------------------------
+// Checks: every public function validates before touching memory, so a bad call raises a Python
+// RuntimeError (TORCH_CHECK) that names the argument.
+
+inline void check_float_tensor(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), name, " must be a tensor");
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
+              " must be float32 or bfloat16, got ", t.scalar_type());
+}
+
+inline void check_dim(const Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+inline void check_vec(const OptTensor& t, const char* name, int64_t n) {
+  if (!t.has_value()) return;
+  check_float_tensor(*t, name);
+  TORCH_CHECK(t->numel() == n, name, " must have ", n, " elements, got shape ", t->sizes());
+}
+
+inline void check_same_dtype(const Tensor& t, const Tensor& ref, const char* name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(),
+              " but must match the input dtype ", ref.scalar_type());
+}
+
+// A float32 contiguous copy of a small parameter vector (weights, biases, gamma, dps); empty when absent.
+inline Tensor f32_or_empty(const OptTensor& t) {
+  if (!t.has_value()) return Tensor();
+  return t->to(at::kFloat).contiguous().reshape({-1});
+}
+
+inline const float* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+// Runs `body` with scalar_t = float or at::BFloat16.
+#define VF_DISPATCH(dtype, NAME, ...)                                                     \
+  [&] {                                                                                   \
+    if ((dtype) == at::kFloat) {                                                          \
+      using scalar_t = float;                                                             \
+      return __VA_ARGS__();                                                               \
+    } else if ((dtype) == at::kBFloat16) {                                                \
+      using scalar_t = at::BFloat16;                                                      \
+      return __VA_ARGS__();                                                               \
+    }                                                                                     \
+    TORCH_CHECK(false, NAME, ": unsupported dtype ", (dtype), " (float32 or bfloat16)");  \
+  }()
+
+template <typename T>
+inline float to_f(T v) {
+  return static_cast<float>(v);
+}
+template <typename T>
+inline T from_f(float v) {
+  return static_cast<T>(v);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile GEMM, row-major: C[M,N] = alpha * op(A) op(B) + beta * C, all fp32.
+// The attention tiles are small (64 x 64 x head_dim), so going through the ATen dispatcher per tile
+// would cost several microseconds each; instead call the BLAS that libtorch_cpu already carries
+// (MKL's Fortran sgemm_, LP64 interface). The symbol is declared weak: on a torch build without it
+// the pointer is null and we fall back to at::mm on views, which is slower but always works.
+extern "C" __attribute__((weak)) void sgemm_(const char* transa, const char* transb, const int* m,
+                                             const int* n, const int* k, const float* alpha,
+                                             const float* a, const int* lda, const float* b,
+                                             const int* ldb, const float* beta, float* c,
+                                             const int* ldc);
+
+inline bool have_blas_sgemm() { return &sgemm_ != nullptr; }
+
+inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                    const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+                    int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (have_blas_sgemm()) {
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap operands, keep flags.
+    const char ta = trans_b ? 'T' : 'N';
+    const char tb = trans_a ? 'T' : 'N';
+    const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
+    const int ilda = static_cast<int>(ldb), ildb = static_cast<int>(lda), ildc = static_cast<int>(ldc);
+    sgemm_(&ta, &tb, &im, &in, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc);
+    return;
+  }
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  Tensor ta = trans_a ? at::from_blob(const_cast<float*>(a), {k, m}, {lda, 1}, opts).t()
+                      : at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, opts);
+  Tensor tb = trans_b ? at::from_blob(const_cast<float*>(b), {n, k}, {ldb, 1}, opts).t()
+                      : at::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, opts);
+  Tensor tc = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  at::addmm_out(tc, tc, ta, tb, beta, alpha);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vectorisable math. std::exp / std::erf are libm calls that stop GCC from vectorising a loop, so
+// the element passes use these branch-free versions built from +, *, / and bit casts only.
+
+// exp(x) for float: range reduction x = n ln2 + r, |r| <= ln2/2, degree-7 Taylor polynomial for
+// e^r (truncation error < 6e-9 relative), then scale by 2^n through the exponent bits.
+inline float fast_exp(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  // Round-to-nearest via the 1.5 * 2^23 trick (exact for |v| < 2^22; we are not built with -ffast-math).
+  const float v = x * 1.44269504088896341f;
+  const float n = (v + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln2 split hi + lo
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const float result = p * std::bit_cast<float>(bits);
+  return x <= -87.0f ? 0.0f : result;
+}
+
+// erf(x): Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), odd extension for x < 0.
+inline float fast_erf(float x) {
+  const float ax = x < 0.0f ? -x : x;
+  const float t = 1.0f / (1.0f + 0.3275911f * ax);
+  float poly = 1.061405429f;
+  poly = poly * t - 1.453152027f;
+  poly = poly * t + 1.421413741f;
+  poly = poly * t - 0.284496736f;
+  poly = poly * t + 0.254829592f;
+  const float y = 1.0f - poly * t * fast_exp(-ax * ax);
+  return x < 0.0f ? -y : y;
+}
+
+constexpr float kSqrtHalf = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+constexpr float kSqrt2OverPi = 0.79788456080286536f;
+constexpr float kTanhCoef = 0.044715f;
+
+inline float fast_tanh(float u) {
+  // tanh(u) = 1 - 2 / (exp(2u) + 1); fast_exp clamps, so large |u| saturates to +-1 cleanly.
+  return 1.0f - 2.0f / (fast_exp(2.0f * u) + 1.0f);
+}
+
+// GELU value and derivative at h, exact (erf) or tanh approximation.
+template <bool kTanh>
+inline void gelu_and_grad(float h, float& value, float& grad) {
+  if constexpr (kTanh) {
+    const float u = kSqrt2OverPi * (h + kTanhCoef * h * h * h);
+    const float th = fast_tanh(u);
+    value = 0.5f * h * (1.0f + th);
+    grad = 0.5f * (1.0f + th) + 0.5f * h * (1.0f - th * th) * kSqrt2OverPi * (1.0f + 3.0f * kTanhCoef * h * h);
+  } else {
+    const float cdf = 0.5f * (1.0f + fast_erf(h * kSqrtHalf));
+    value = h * cdf;
+    grad = cdf + h * kInvSqrt2Pi * fast_exp(-0.5f * h * h);
+  }
+}
+
+template <bool kTanh>
+inline float gelu_value(float h) {
+  if constexpr (kTanh) {
+    const float u = kSqrt2OverPi * (h + kTanhCoef * h * h * h);
+    return 0.5f * h * (1.0f + fast_tanh(u));
+  } else {
+    return h * 0.5f * (1.0f + fast_erf(h * kSqrtHalf));
+  }
+}
+
+inline bool parse_approximate(const std::string& approximate) {
+  TORCH_CHECK(approximate == "none" || approximate == "tanh",
+              "approximate must be 'none' or 'tanh', got '", approximate, "'");
+  return approximate == "tanh";
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm rows (statistics in fp32). Two passes over a row that sits in L1: the centred variance
+// is more accurate than E[x^2] - E[x]^2 and costs nothing measurable at ViT widths.
+
+template <typename T>
+inline void ln_row_forward(const T* x, const float* w, const float* b, T* y, int64_t d, float eps,
+                           float* mean_out, float* rstd_out) {
+  float sum = 0.0f;
+  for (int64_t i = 0; i < d; ++i) sum += to_f(x[i]);
+  const float mean = sum / static_cast<float>(d);
+  float sq = 0.0f;
+  for (int64_t i = 0; i < d; ++i) {
+    const float c = to_f(x[i]) - mean;
+    sq += c * c;
+  }
+  const float rstd = 1.0f / std::sqrt(sq / static_cast<float>(d) + eps);
+  for (int64_t i = 0; i < d; ++i) {
+    float v = (to_f(x[i]) - mean) * rstd;
+    if (w) v *= w[i];
+    if (b) v += b[i];
+    y[i] = from_f<T>(v);
+  }
+  if (mean_out) *mean_out = mean;
+  if (rstd_out) *rstd_out = rstd;
+}
+
+// Recompute LN(x) row by row (used by backward passes that need the normalised input for a GEMM).
+template <typename T>
+inline void ln_apply_rows(const T* x, const float* w, const float* b, const float* mean,
+                          const float* rstd, T* y, int64_t m, int64_t d) {
+  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * d;
+      T* yr = y + r * d;
+      const float mu = mean[r], rs = rstd[r];
+      for (int64_t i = 0; i < d; ++i) {
+        float v = (to_f(xr[i]) - mu) * rs;
+        if (w) v *= w[i];
+        if (b) v += b[i];
+        yr[i] = from_f<T>(v);
+      }
+    }
+  });
+}
+
+// LN backward over all rows: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w, plus
+// `extra` (a residual gradient added in the same pass, may be null). Weight/bias gradients are
+// reduced in fp32 per thread and summed at the end (no atomics, deterministic for a thread count).
+template <typename T, typename TD>
+inline void ln_backward_rows(const TD* dy, const T* x, const float* w, const float* mean,
+                             const float* rstd, const T* extra, T* dx, float* dw, float* db, int64_t m,
+                             int64_t d) {
+  const int nthreads = at::get_num_threads();
+  const bool need_w = dw != nullptr, need_b = db != nullptr;
+  std::vector<float> part_w(need_w ? static_cast<size_t>(nthreads) * d : 0, 0.0f);
+  std::vector<float> part_b(need_b ? static_cast<size_t>(nthreads) * d : 0, 0.0f);
+  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+    const int tid = at::get_thread_num();
+    float* pw = need_w ? part_w.data() + static_cast<size_t>(tid) * d : nullptr;
+    float* pb = need_b ? part_b.data() + static_cast<size_t>(tid) * d : nullptr;
+    std::vector<float> xhat(d), g(d);
+    for (int64_t r = r0; r < r1; ++r) {
+      const TD* dyr = dy + r * d;
+      const T* xr = x + r * d;
+      const float mu = mean[r], rs = rstd[r];
+      float s_g = 0.0f, s_gx = 0.0f;
+      for (int64_t i = 0; i < d; ++i) {
+        const float xh = (to_f(xr[i]) - mu) * rs;
+        const float dyv = to_f(dyr[i]);
+        const float gv = w ? dyv * w[i] : dyv;
+        xhat[i] = xh;
+        g[i] = gv;
+        s_g += gv;
+        s_gx += gv * xh;
+        if (pw) pw[i] += dyv * xh;
+        if (pb) pb[i] += dyv;
+      }
+      const float c_g = s_g / static_cast<float>(d), c_gx = s_gx / static_cast<float>(d);
+      T* dxr = dx + r * d;
+      const T* er = extra ? extra + r * d : nullptr;
+      for (int64_t i = 0; i < d; ++i) {
+        float v = rs * (g[i] - c_g - xhat[i] * c_gx);
+        if (er) v += to_f(er[i]);
+        dxr[i] = from_f<T>(v);
+      }
+    }
+  });
+  for (int t = 0; t < nthreads; ++t) {
+    for (int64_t i = 0; i < d; ++i) {
+      if (need_w) dw[i] += part_w[static_cast<size_t>(t) * d + i];
+      if (need_b) db[i] += part_b[static_cast<size_t>(t) * d + i];
+    }
+  }
+}
+
+// Sum of the rows of a [m, n] matrix in fp32 (bias gradients), optionally weighted per row by
+// row_scale[r / rows_per_scale] and multiplied elementwise by `other` (layer-scale gradients).
+template <typename T>
+inline Tensor column_sum(const T* a, const T* other, const float* row_scale, int64_t rows_per_scale,
+                         int64_t m, int64_t n) {
+  const int nthreads = at::get_num_threads();
+  std::vector<float> part(static_cast<size_t>(nthreads) * n, 0.0f);
+  at::parallel_for(0, m, 32, [&](int64_t r0, int64_t r1) {
+    float* p = part.data() + static_cast<size_t>(at::get_thread_num()) * n;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* ar = a + r * n;
+      const float s = row_scale ? row_scale[r / rows_per_scale] : 1.0f;
+      if (s == 0.0f) continue;
+      if (other) {
+        const T* orow = other + r * n;
+        for (int64_t i = 0; i < n; ++i) p[i] += s * to_f(ar[i]) * to_f(orow[i]);
+      } else {
+        for (int64_t i = 0; i < n; ++i) p[i] += s * to_f(ar[i]);
+      }
+    }
+  });
+  Tensor out = at::zeros({n}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  for (int t = 0; t < nthreads; ++t)
+    for (int64_t i = 0; i < n; ++i) o[i] += part[static_cast<size_t>(t) * n + i];
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counter-based dropout RNG: splitmix64's finaliser over (seed, position). Stateless, so the
+// backward regenerates exactly the forward's mask from the same (seed, b, h, i, j).
+inline uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+// Uniform in [0, 1) with 24 random bits, for element `counter` of the stream `seed`.
+inline float uniform01(uint64_t seed_key, uint64_t counter) {
+  const uint64_t z = mix64(seed_key + counter * 0x9E3779B97F4A7C15ULL);
+  return static_cast<float>(z >> 40) * (1.0f / 16777216.0f);
+}
+
+inline uint64_t seed_key(int64_t seed) { return mix64(static_cast<uint64_t>(seed) ^ 0x5DEECE66DULL); }
+
+}  // namespace vit_fast

@@ -1,0 +1,361 @@
+// MLP family: the attention output projection with its residual epilogue (linear_residual) and the
+// whole pre-LN MLP sub-block (LN + fc1 + bias + GELU, fc2 + bias + layer-scale + drop-path + residual).
+//
+// GEMMs go through ATen (MKL / oneDNN). Everything between them is one parallel, vectorisable pass:
+//   forward  fc1 epilogue: h_pre = acc + b1 (saved), a = GELU(h_pre) (GEMM input of fc2)
+//            fc2 epilogue: out = x + (acc + b2) * gamma * dps[row / T], in place on the GEMM output
+//   backward GELU pass:    a = GELU(h_pre) and dh = da * GELU'(h_pre) in one sweep (shared erf/exp)
+//            LN pass:      dx = LN-backward(dxn) + dout (the residual path), with dln_w/dln_b partials
+// The float32 element passes are compiled for AVX-512 / AVX2 / baseline and picked at load time
+// (GCC target_clones): the setup.py flags target baseline x86-64, which would leave the exp/erf
+// polynomial at 4 lanes.
+#include "common.h"
+
+namespace vit_fast {
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define VF_CLONES
+#endif
+
+// ----- element passes (templated bodies; float versions get the multi-target clones) -----------
+
+template <typename T, bool kTanh>
+inline __attribute__((always_inline)) void bias_gelu_body(T* h, T* a, const float* bias, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float hv = to_f(h[i]) + bias[i];
+    const T hs = from_f<T>(hv);
+    h[i] = hs;
+    a[i] = from_f<T>(gelu_value<kTanh>(to_f(hs)));
+  }
+}
+
+template <typename T, bool kTanh>
+inline __attribute__((always_inline)) void gelu_backward_body(const T* h, T* a, T* da, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    float value, grad;
+    gelu_and_grad<kTanh>(to_f(h[i]), value, grad);
+    a[i] = from_f<T>(value);
+    da[i] = from_f<T>(to_f(da[i]) * grad);
+  }
+}
+
+VF_CLONES void bias_gelu_f32(float* h, float* a, const float* bias, int64_t n, bool tanh) {
+  if (tanh)
+    bias_gelu_body<float, true>(h, a, bias, n);
+  else
+    bias_gelu_body<float, false>(h, a, bias, n);
+}
+
+VF_CLONES void gelu_backward_f32(const float* h, float* a, float* da, int64_t n, bool tanh) {
+  if (tanh)
+    gelu_backward_body<float, true>(h, a, da, n);
+  else
+    gelu_backward_body<float, false>(h, a, da, n);
+}
+
+template <typename T>
+void bias_gelu_row(T* h, T* a, const float* bias, int64_t n, bool tanh) {
+  if constexpr (std::is_same_v<T, float>) {
+    bias_gelu_f32(h, a, bias, n, tanh);
+  } else if (tanh) {
+    bias_gelu_body<T, true>(h, a, bias, n);
+  } else {
+    bias_gelu_body<T, false>(h, a, bias, n);
+  }
+}
+
+template <typename T>
+void gelu_backward_row(const T* h, T* a, T* da, int64_t n, bool tanh) {
+  if constexpr (std::is_same_v<T, float>) {
+    gelu_backward_f32(h, a, da, n, tanh);
+  } else if (tanh) {
+    gelu_backward_body<T, true>(h, a, da, n);
+  } else {
+    gelu_backward_body<T, false>(h, a, da, n);
+  }
+}
+
+// out = res + (y + bias) * gamma * dps[row / tps], written over y (the fresh GEMM output).
+template <typename T>
+void residual_epilogue(T* y, const T* res, const float* bias, const float* gamma, const float* dps, int64_t tps,
+                       int64_t m, int64_t n) {
+  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      T* yr = y + r * n;
+      const T* rr = res + r * n;
+      const float s = dps ? dps[r / tps] : 1.0f;
+      for (int64_t i = 0; i < n; ++i) {
+        float v = to_f(yr[i]);
+        if (bias) v += bias[i];
+        if (gamma) v *= gamma[i];
+        yr[i] = from_f<T>(to_f(rr[i]) + v * s);
+      }
+    }
+  });
+}
+
+// dy = dout * gamma * dps[row / tps]: the gradient reaching the GEMM output through the epilogue.
+template <typename T>
+Tensor scale_grad(const Tensor& dout, const float* gamma, const float* dps, int64_t tps) {
+  if (!gamma && !dps) return dout;
+  Tensor dy = at::empty_like(dout);
+  const int64_t m = dout.size(0), n = dout.size(1);
+  const T* d = dout.data_ptr<T>();
+  T* o = dy.data_ptr<T>();
+  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float s = dps ? dps[r / tps] : 1.0f;
+      for (int64_t i = 0; i < n; ++i) {
+        const float g = gamma ? gamma[i] : 1.0f;
+        o[r * n + i] = from_f<T>(to_f(d[r * n + i]) * g * s);
+      }
+    }
+  });
+  return dy;
+}
+
+// ----- checks -----------------------------------------------------------------------------------
+
+void check_matrix(const Tensor& t, const char* name, const Tensor& like) {
+  check_float_tensor(t, name);
+  check_dim(t, name, 2);
+  check_same_dtype(t, like, name);
+}
+
+void check_epilogue_args(const OptTensor& gamma, const OptTensor& dps, int64_t tps, int64_t m, int64_t n) {
+  check_vec(gamma, "gamma", n);
+  TORCH_CHECK(tps > 0, "tokens_per_sample must be positive, got ", tps);
+  if (dps.has_value()) {
+    TORCH_CHECK(m % tps == 0, "rows (", m, ") must be a multiple of tokens_per_sample (", tps, ")");
+    check_vec(dps, "dps", m / tps);
+  }
+}
+
+OptTensor grad_as(const Tensor& g32, const OptTensor& like) {
+  if (!like.has_value()) return std::nullopt;
+  return g32.to(like->scalar_type()).reshape(like->sizes());
+}
+
+}  // namespace
+
+// ================================ linear_residual =================================================
+
+Tensor linear_residual_forward(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& residual,
+                               const OptTensor& gamma, const OptTensor& dps, int64_t tokens_per_sample) {
+  check_float_tensor(x, "x");
+  check_dim(x, "x", 2);
+  TORCH_CHECK(x.size(0) > 0 && x.size(1) > 0, "x must be non-empty, got shape ", x.sizes());
+  check_matrix(weight, "weight", x);
+  TORCH_CHECK(weight.size(1) == x.size(1) && weight.size(0) > 0, "weight must have shape [N, ", x.size(1), "], got ",
+              weight.sizes());
+  const int64_t m = x.size(0), n = weight.size(0);
+  check_vec(bias, "bias", n);
+  check_matrix(residual, "residual", x);
+  TORCH_CHECK(residual.sizes() == at::IntArrayRef({m, n}), "residual must have shape [", m, ", ", n, "], got ",
+              residual.sizes());
+  check_epilogue_args(gamma, dps, tokens_per_sample, m, n);
+  const Tensor b32 = f32_or_empty(bias), g32 = f32_or_empty(gamma), s32 = f32_or_empty(dps);
+  const Tensor res = residual.contiguous();
+  Tensor out = at::mm(x, weight.t());
+  VF_DISPATCH(x.scalar_type(), "linear_residual_forward", [&] {
+    residual_epilogue(out.data_ptr<scalar_t>(), res.data_ptr<scalar_t>(), ptr_or_null(b32), ptr_or_null(g32),
+                      ptr_or_null(s32), tokens_per_sample, m, n);
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, OptTensor, Tensor, OptTensor> linear_residual_backward(
+    const Tensor& dout, const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& gamma,
+    const OptTensor& dps, int64_t tokens_per_sample, bool needs_gamma_grad) {
+  check_float_tensor(x, "x");
+  check_dim(x, "x", 2);
+  TORCH_CHECK(x.size(0) > 0 && x.size(1) > 0, "x must be non-empty, got shape ", x.sizes());
+  check_matrix(weight, "weight", x);
+  TORCH_CHECK(weight.size(1) == x.size(1), "weight must have shape [N, ", x.size(1), "], got ", weight.sizes());
+  const int64_t m = x.size(0), n = weight.size(0);
+  check_vec(bias, "bias", n);
+  check_matrix(dout, "dout", x);
+  TORCH_CHECK(dout.sizes() == at::IntArrayRef({m, n}), "dout must have shape [", m, ", ", n, "], got ", dout.sizes());
+  check_epilogue_args(gamma, dps, tokens_per_sample, m, n);
+  const Tensor g32 = f32_or_empty(gamma), s32 = f32_or_empty(dps), b32 = f32_or_empty(bias);
+  const Tensor dc = dout.contiguous();
+  Tensor dy = VF_DISPATCH(x.scalar_type(), "linear_residual_backward", [&] {
+    return scale_grad<scalar_t>(dc, ptr_or_null(g32), ptr_or_null(s32), tokens_per_sample);
+  });
+  Tensor dx = at::mm(dy, weight);
+  Tensor dweight = at::mm(dy.t(), x);
+  OptTensor dbias;
+  if (bias.has_value()) dbias = grad_as(at::sum(dy, {0}, false, at::kFloat), bias);
+  Tensor dresidual = dc.clone();  // a custom op may not return an alias of its input
+  OptTensor dgamma;
+  if (needs_gamma_grad && gamma.has_value()) {
+    // d gamma_c = sum_r dout_rc * dps_r * y_rc needs the pre-scale GEMM output y: recompute it.
+    Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+    Tensor g = VF_DISPATCH(x.scalar_type(), "linear_residual_backward", [&] {
+      return column_sum<scalar_t>(dc.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), ptr_or_null(s32),
+                                  tokens_per_sample, m, n);
+    });
+    dgamma = grad_as(g, gamma);
+  }
+  return {dx, dweight, dbias, dresidual, dgamma};
+}
+
+// ===================================== LN + MLP ===================================================
+
+namespace {
+
+struct MlpDims {
+  int64_t m, d, f;
+};
+
+MlpDims check_mlp(const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias, const Tensor& fc1_weight,
+                  const Tensor& fc2_weight, const OptTensor& fc2_bias, const OptTensor& gamma, const OptTensor& dps,
+                  int64_t tps) {
+  check_float_tensor(x, "x");
+  check_dim(x, "x", 2);
+  TORCH_CHECK(x.size(0) > 0 && x.size(1) > 0, "x must be non-empty, got shape ", x.sizes());
+  const int64_t m = x.size(0), d = x.size(1);
+  check_vec(ln_weight, "ln_weight", d);
+  check_vec(ln_bias, "ln_bias", d);
+  check_matrix(fc1_weight, "fc1_weight", x);
+  TORCH_CHECK(fc1_weight.size(1) == d && fc1_weight.size(0) > 0, "fc1_weight must have shape [F, ", d, "], got ",
+              fc1_weight.sizes());
+  const int64_t f = fc1_weight.size(0);
+  check_matrix(fc2_weight, "fc2_weight", x);
+  TORCH_CHECK(fc2_weight.sizes() == at::IntArrayRef({d, f}), "fc2_weight must have shape [", d, ", ", f, "], got ",
+              fc2_weight.sizes());
+  check_vec(fc2_bias, "fc2_bias", d);
+  check_epilogue_args(gamma, dps, tps, m, d);
+  return {m, d, f};
+}
+
+void ln_rows_into(const Tensor& x, const Tensor& w32, const Tensor& b32, double eps, Tensor& xn, Tensor& mean,
+                  Tensor& rstd) {
+  const int64_t m = x.size(0), d = x.size(1);
+  VF_DISPATCH(x.scalar_type(), "mlp layer_norm", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = xn.data_ptr<scalar_t>();
+    float* mp = mean.data_ptr<float>();
+    float* rp = rstd.data_ptr<float>();
+    at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        ln_row_forward(xp + r * d, ptr_or_null(w32), ptr_or_null(b32), yp + r * d, d, static_cast<float>(eps), mp + r,
+                       rp + r);
+    });
+  });
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> mlp_forward(const Tensor& x, const OptTensor& ln_weight,
+                                                       const OptTensor& ln_bias, const Tensor& fc1_weight,
+                                                       const OptTensor& fc1_bias, const Tensor& fc2_weight,
+                                                       const OptTensor& fc2_bias, double eps, const OptTensor& gamma,
+                                                       const OptTensor& dps, int64_t tokens_per_sample,
+                                                       const std::string& approximate) {
+  const MlpDims s = check_mlp(x, ln_weight, ln_bias, fc1_weight, fc2_weight, fc2_bias, gamma, dps, tokens_per_sample);
+  check_vec(fc1_bias, "fc1_bias", s.f);
+  const bool tanh = parse_approximate(approximate);
+  const Tensor xc = x.contiguous();
+  const Tensor lw = f32_or_empty(ln_weight), lb = f32_or_empty(ln_bias);
+  const Tensor b1 = fc1_bias.has_value() ? f32_or_empty(fc1_bias) : at::zeros({s.f}, at::kFloat);
+  const Tensor b2 = f32_or_empty(fc2_bias), g32 = f32_or_empty(gamma), s32 = f32_or_empty(dps);
+
+  Tensor xn = at::empty_like(xc);
+  Tensor mean = at::empty({s.m}, x.options().dtype(at::kFloat));
+  Tensor rstd = at::empty({s.m}, x.options().dtype(at::kFloat));
+  ln_rows_into(xc, lw, lb, eps, xn, mean, rstd);
+  Tensor h_pre = at::mm(xn, fc1_weight.t());
+  Tensor act = at::empty_like(h_pre);
+  VF_DISPATCH(x.scalar_type(), "mlp_forward", [&] {
+    scalar_t* hp = h_pre.data_ptr<scalar_t>();
+    scalar_t* ap = act.data_ptr<scalar_t>();
+    const float* bp = b1.data_ptr<float>();
+    at::parallel_for(0, s.m, 8, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) bias_gelu_row(hp + r * s.f, ap + r * s.f, bp, s.f, tanh);
+    });
+  });
+  Tensor out = at::mm(act, fc2_weight.t());
+  VF_DISPATCH(x.scalar_type(), "mlp_forward", [&] {
+    residual_epilogue(out.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), ptr_or_null(b2), ptr_or_null(g32),
+                      ptr_or_null(s32), tokens_per_sample, s.m, s.d);
+  });
+  return {out, mean, rstd, h_pre};
+}
+
+std::tuple<Tensor, OptTensor, OptTensor, Tensor, OptTensor, Tensor, OptTensor, OptTensor> mlp_backward(
+    const Tensor& dout, const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias,
+    const Tensor& fc1_weight, const Tensor& fc2_weight, const OptTensor& fc2_bias, const OptTensor& gamma,
+    const OptTensor& dps, int64_t tokens_per_sample, const Tensor& mean, const Tensor& rstd, const Tensor& h_pre,
+    const std::string& approximate, bool has_fc1_bias, bool needs_gamma_grad) {
+  const MlpDims s = check_mlp(x, ln_weight, ln_bias, fc1_weight, fc2_weight, fc2_bias, gamma, dps, tokens_per_sample);
+  const bool tanh = parse_approximate(approximate);
+  check_matrix(dout, "dout", x);
+  TORCH_CHECK(dout.sizes() == x.sizes(), "dout must have shape ", x.sizes(), ", got ", dout.sizes());
+  check_matrix(h_pre, "h_pre", x);
+  TORCH_CHECK(h_pre.sizes() == at::IntArrayRef({s.m, s.f}), "h_pre must have shape [", s.m, ", ", s.f, "], got ",
+              h_pre.sizes());
+  for (const auto& [t, name] : {std::pair{&mean, "mean"}, std::pair{&rstd, "rstd"}}) {
+    TORCH_CHECK(t->defined() && t->device().is_cpu() && t->scalar_type() == at::kFloat && t->numel() == s.m, name,
+                " must be a float32 CPU tensor with ", s.m, " elements");
+  }
+  const Tensor xc = x.contiguous(), dc = dout.contiguous(), hc = h_pre.contiguous();
+  const Tensor mc = mean.contiguous(), rc = rstd.contiguous();
+  const Tensor lw = f32_or_empty(ln_weight), lb = f32_or_empty(ln_bias);
+  const Tensor g32 = f32_or_empty(gamma), s32 = f32_or_empty(dps);
+
+  // Through the fc2 epilogue: dy2 = dout * gamma * dps.
+  Tensor dy2 = VF_DISPATCH(x.scalar_type(), "mlp_backward", [&] {
+    return scale_grad<scalar_t>(dc, ptr_or_null(g32), ptr_or_null(s32), tokens_per_sample);
+  });
+  // da = dy2 W2, then one pass turns it into dh = da * GELU'(h_pre) and recomputes a = GELU(h_pre).
+  Tensor dh = at::mm(dy2, fc2_weight);
+  Tensor act = at::empty_like(hc);
+  VF_DISPATCH(x.scalar_type(), "mlp_backward", [&] {
+    const scalar_t* hp = hc.data_ptr<scalar_t>();
+    scalar_t* ap = act.data_ptr<scalar_t>();
+    scalar_t* dp = dh.data_ptr<scalar_t>();
+    at::parallel_for(0, s.m, 8, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) gelu_backward_row(hp + r * s.f, ap + r * s.f, dp + r * s.f, s.f, tanh);
+    });
+  });
+  Tensor dfc2_w = at::mm(dy2.t(), act);
+  OptTensor dfc2_b;
+  if (fc2_bias.has_value()) dfc2_b = grad_as(at::sum(dy2, {0}, false, at::kFloat), fc2_bias);
+  OptTensor dgamma;
+  if (needs_gamma_grad && gamma.has_value()) {
+    Tensor y2 = fc2_bias.has_value() ? at::addmm(*fc2_bias, act, fc2_weight.t()) : at::mm(act, fc2_weight.t());
+    Tensor g = VF_DISPATCH(x.scalar_type(), "mlp_backward", [&] {
+      return column_sum<scalar_t>(dc.data_ptr<scalar_t>(), y2.data_ptr<scalar_t>(), ptr_or_null(s32),
+                                  tokens_per_sample, s.m, s.d);
+    });
+    dgamma = grad_as(g, gamma);
+  }
+  act = Tensor();  // free [M, F] before the next allocations
+  OptTensor dfc1_b;
+  if (has_fc1_bias) dfc1_b = at::sum(dh, {0}, false, at::kFloat).to(fc1_weight.scalar_type());
+  Tensor xn = at::empty_like(xc);
+  VF_DISPATCH(x.scalar_type(), "mlp_backward", [&] {
+    ln_apply_rows(xc.data_ptr<scalar_t>(), ptr_or_null(lw), ptr_or_null(lb), mc.data_ptr<float>(),
+                  rc.data_ptr<float>(), xn.data_ptr<scalar_t>(), s.m, s.d);
+  });
+  Tensor dfc1_w = at::mm(dh.t(), xn);
+  Tensor dxn = at::mm(dh, fc1_weight);
+  Tensor dx = at::empty_like(xc);
+  Tensor dlw = ln_weight.has_value() ? at::zeros({s.d}, at::kFloat) : Tensor();
+  Tensor dlb = ln_bias.has_value() ? at::zeros({s.d}, at::kFloat) : Tensor();
+  VF_DISPATCH(x.scalar_type(), "mlp_backward", [&] {
+    ln_backward_rows<scalar_t, scalar_t>(dxn.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), ptr_or_null(lw),
+                                         mc.data_ptr<float>(), rc.data_ptr<float>(), dc.data_ptr<scalar_t>(),
+                                         dx.data_ptr<scalar_t>(), dlw.defined() ? dlw.data_ptr<float>() : nullptr,
+                                         dlb.defined() ? dlb.data_ptr<float>() : nullptr, s.m, s.d);
+  });
+  OptTensor dlw_out = ln_weight.has_value() ? grad_as(dlw, ln_weight) : std::nullopt;
+  OptTensor dlb_out = ln_bias.has_value() ? grad_as(dlb, ln_bias) : std::nullopt;
+  return {dx, dlw_out, dlb_out, dfc1_w, dfc1_b, dfc2_w, dfc2_b, dgamma};
+}
+
+}  // namespace vit_fast

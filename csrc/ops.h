@@ -1,0 +1,54 @@
+// Declarations of the backend functions of docs/backend_contract.md (one .cpp per op family),
+// bound to Python in vit_fast.cpp under exactly the contract's names.
+#pragma once
+
+#include "common.h"
+
+namespace vit_fast {
+
+// attention.cpp
+std::tuple<Tensor, Tensor> attention_forward(const Tensor& qkv, int64_t num_heads, double scale, double dropout_p,
+                                             int64_t seed);
+Tensor attention_backward(const Tensor& grad_out, const Tensor& qkv, const Tensor& out, const Tensor& lse,
+                          int64_t num_heads, double scale, double dropout_p, int64_t seed);
+
+// layer_norm.cpp
+std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& x, const OptTensor& weight,
+                                                      const OptTensor& bias, double eps);
+std::tuple<Tensor, OptTensor, OptTensor> layer_norm_backward(const Tensor& dy, const Tensor& x,
+                                                             const OptTensor& weight, const Tensor& mean,
+                                                             const Tensor& rstd);
+std::tuple<Tensor, Tensor, Tensor> layer_norm_linear_forward(const Tensor& x, const OptTensor& ln_weight,
+                                                             const OptTensor& ln_bias, const Tensor& weight,
+                                                             const OptTensor& bias, double eps);
+std::tuple<Tensor, OptTensor, OptTensor, Tensor, OptTensor> layer_norm_linear_backward(
+    const Tensor& dout, const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias, const Tensor& weight,
+    const Tensor& mean, const Tensor& rstd, bool has_bias);
+
+// mlp.cpp
+Tensor linear_residual_forward(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& residual,
+                               const OptTensor& gamma, const OptTensor& dps, int64_t tokens_per_sample);
+std::tuple<Tensor, Tensor, OptTensor, Tensor, OptTensor> linear_residual_backward(
+    const Tensor& dout, const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& gamma,
+    const OptTensor& dps, int64_t tokens_per_sample, bool needs_gamma_grad);
+std::tuple<Tensor, Tensor, Tensor, Tensor> mlp_forward(const Tensor& x, const OptTensor& ln_weight,
+                                                       const OptTensor& ln_bias, const Tensor& fc1_weight,
+                                                       const OptTensor& fc1_bias, const Tensor& fc2_weight,
+                                                       const OptTensor& fc2_bias, double eps, const OptTensor& gamma,
+                                                       const OptTensor& dps, int64_t tokens_per_sample,
+                                                       const std::string& approximate);
+std::tuple<Tensor, OptTensor, OptTensor, Tensor, OptTensor, Tensor, OptTensor, OptTensor> mlp_backward(
+    const Tensor& dout, const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias,
+    const Tensor& fc1_weight, const Tensor& fc2_weight, const OptTensor& fc2_bias, const OptTensor& gamma,
+    const OptTensor& dps, int64_t tokens_per_sample, const Tensor& mean, const Tensor& rstd, const Tensor& h_pre,
+    const std::string& approximate, bool has_fc1_bias, bool needs_gamma_grad);
+
+// patch_embed.cpp
+Tensor patch_embed_forward(const Tensor& images, const Tensor& weight, const OptTensor& bias,
+                           const OptTensor& pos_embed, const OptTensor& cls_token, const OptTensor& reg_tokens,
+                           int64_t patch_size, bool no_embed_class);
+std::tuple<OptTensor, Tensor, OptTensor, OptTensor, OptTensor, OptTensor> patch_embed_backward(
+    const Tensor& grad, const Tensor& images, const Tensor& weight, bool has_bias, bool has_pos, bool has_cls,
+    int64_t num_reg, int64_t patch_size, bool no_embed_class, bool needs_image_grad);
+
+}  // namespace vit_fast

@@ -1,0 +1,534 @@
+"""The C++ CPU backend (`vit_fast._C`), called directly through the backend contract.
+
+Each contract forward/backward pair is wrapped in a tiny autograd.Function here, so the numerics rule
+(vit_fast.testing.check_numerics: output and every gradient against autograd through
+vit_fast.reference in float64) judges exactly what the torch.library ops will call.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vit_fast import reference
+from vit_fast.testing import check_numerics
+
+_C = pytest.importorskip("vit_fast._C")
+if not hasattr(_C, "attention_forward"):
+    pytest.skip("vit_fast._C was built without the CPU kernels", allow_module_level=True)
+
+BF16 = torch.bfloat16
+F32 = torch.float32
+
+
+def _p(*shape, requires_grad=True, scale=1.0):
+    return (torch.randn(*shape) * scale).requires_grad_(requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd wrappers around the contract functions
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, num_heads, scale, dropout_p, seed):
+        out, lse = _C.attention_forward(qkv, num_heads, scale, dropout_p, seed)
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.args = (num_heads, scale, dropout_p, seed)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        qkv, out, lse = ctx.saved_tensors
+        return _C.attention_backward(grad.contiguous(), qkv, out, lse, *ctx.args), None, None, None, None
+
+
+def fused_attention(qkv, num_heads, *, scale=None, dropout_p=0.0, seed=0):
+    hd = qkv.shape[-1] // (3 * num_heads)
+    return _Attention.apply(qkv, num_heads, hd**-0.5 if scale is None else scale, dropout_p, seed)
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, rstd = _C.layer_norm_forward(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = _C.layer_norm_backward(dy.contiguous(), x, weight, mean, rstd)
+        return dx, dw, db, None
+
+
+def fused_layer_norm(x, weight, bias, eps=1e-6):
+    return _LayerNorm.apply(x.reshape(-1, x.shape[-1]), weight, bias, eps).reshape(x.shape)
+
+
+class _LayerNormLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, w, b, eps):
+        out, mean, rstd = _C.layer_norm_linear_forward(x, ln_w, ln_b, w, b, eps)
+        ctx.save_for_backward(x, ln_w, ln_b, w, mean, rstd)
+        ctx.has_bias = b is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, ln_w, ln_b, w, mean, rstd = ctx.saved_tensors
+        grads = _C.layer_norm_linear_backward(dout.contiguous(), x, ln_w, ln_b, w, mean, rstd, ctx.has_bias)
+        return (*grads, None)
+
+
+def fused_layer_norm_linear(x, ln_w, ln_b, w, b, eps):
+    out = _LayerNormLinear.apply(x.reshape(-1, x.shape[-1]), ln_w, ln_b, w, b, eps)
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+class _LinearResidual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, residual, gamma, dps, tps):
+        out = _C.linear_residual_forward(x, w, b, residual, gamma, dps, tps)
+        ctx.save_for_backward(x, w, b, gamma, dps)
+        ctx.tps = tps
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w, b, gamma, dps = ctx.saved_tensors
+        dx, dw, db, dres, dgamma = _C.linear_residual_backward(
+            dout.contiguous(), x, w, b, gamma, dps, ctx.tps, ctx.needs_input_grad[4]
+        )
+        return dx, dw, db, dres, dgamma, None, None
+
+
+def fused_linear_residual(x, w, b, residual, *, gamma=None, drop_path_scale=None):
+    batch, tokens, _ = x.shape
+    out = _LinearResidual.apply(
+        x.reshape(batch * tokens, -1),
+        w,
+        b,
+        residual.reshape(batch * tokens, -1),
+        gamma,
+        drop_path_scale,
+        tokens,
+    )
+    return out.reshape(batch, tokens, -1)
+
+
+class _Mlp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, w1, b1, w2, b2, eps, gamma, dps, tps, approximate):
+        out, mean, rstd, h_pre = _C.mlp_forward(
+            x, ln_w, ln_b, w1, b1, w2, b2, eps, gamma, dps, tps, approximate
+        )
+        ctx.save_for_backward(x, ln_w, ln_b, w1, w2, b2, gamma, dps, mean, rstd, h_pre)
+        ctx.args = (tps, approximate, b1 is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, ln_w, ln_b, w1, w2, b2, gamma, dps, mean, rstd, h_pre = ctx.saved_tensors
+        tps, approximate, has_b1 = ctx.args
+        dx, dlw, dlb, dw1, db1, dw2, db2, dgamma = _C.mlp_backward(
+            dout.contiguous(),
+            x,
+            ln_w,
+            ln_b,
+            w1,
+            w2,
+            b2,
+            gamma,
+            dps,
+            tps,
+            mean,
+            rstd,
+            h_pre,
+            approximate,
+            has_b1,
+            ctx.needs_input_grad[8],
+        )
+        return dx, dlw, dlb, dw1, db1, dw2, db2, None, dgamma, None, None, None
+
+
+def fused_layer_norm_mlp(
+    x, ln_w, ln_b, w1, b1, w2, b2, eps, *, gamma=None, drop_path_scale=None, approximate="none"
+):
+    batch, tokens, dim = x.shape
+    out = _Mlp.apply(
+        x.reshape(batch * tokens, dim),
+        ln_w,
+        ln_b,
+        w1,
+        b1,
+        w2,
+        b2,
+        eps,
+        gamma,
+        drop_path_scale,
+        tokens,
+        approximate,
+    )
+    return out.reshape(batch, tokens, dim)
+
+
+class _PatchEmbed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, images, weight, bias, pos, cls, reg, patch_size, no_embed_class):
+        ctx.save_for_backward(images, weight)
+        ctx.args = (bias is not None, pos is not None, cls is not None, 0 if reg is None else reg.shape[1])
+        ctx.cfg = (patch_size, no_embed_class)
+        return _C.patch_embed_forward(images, weight, bias, pos, cls, reg, patch_size, no_embed_class)
+
+    @staticmethod
+    def backward(ctx, grad):
+        images, weight = ctx.saved_tensors
+        grads = _C.patch_embed_backward(
+            grad.contiguous(), images, weight, *ctx.args, *ctx.cfg, ctx.needs_input_grad[0]
+        )
+        return (*grads, None, None)
+
+
+def fused_patch_embed(
+    images, weight, bias, pos_embed, cls_token=None, reg_tokens=None, *, patch_size, no_embed_class=False
+):
+    return _PatchEmbed.apply(
+        images, weight, bias, pos_embed, cls_token, reg_tokens, patch_size, no_embed_class
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# attention
+
+
+def _qkv(batch, tokens, heads, head_dim, *, scale=1.0):
+    return _p(batch, tokens, 3 * heads * head_dim, scale=scale)
+
+
+@pytest.mark.parametrize(
+    "batch,tokens,heads,head_dim",
+    [(1, 1, 1, 16), (2, 2, 2, 32), (2, 50, 3, 72), (1, 197, 2, 64), (1, 257, 1, 80), (2, 65, 2, 96)],
+)
+def test_attention_fp32(batch, tokens, heads, head_dim):
+    qkv = _qkv(batch, tokens, heads, head_dim, scale=2.0)  # scale 2: peaky softmax, exercises the max shift
+    check_numerics(fused_attention, reference.attention, [qkv, heads])
+
+
+def test_attention_long_sequence_uses_several_key_blocks():
+    # T = 577 (ViT at 384): more than one forward key block (256) and backward block (128), so the
+    # online-softmax rescaling and the dK/dV block accumulation are exercised.
+    qkv = _qkv(1, 577, 1, 64, scale=2.0)
+    check_numerics(fused_attention, reference.attention, [qkv, 1])
+
+
+def test_attention_custom_scale():
+    qkv = _qkv(2, 33, 2, 16)
+    check_numerics(fused_attention, reference.attention, [qkv, 2], {"scale": 0.37})
+
+
+@pytest.mark.parametrize("tokens,head_dim", [(50, 64), (197, 64)])
+def test_attention_bf16(tokens, head_dim):
+    qkv = _qkv(2, tokens, 2, head_dim)
+    check_numerics(fused_attention, reference.attention, [qkv, 2], dtype=BF16)
+
+
+def test_attention_strided_qkv():
+    # qkv as a view with a padded token stride (last dim contiguous): read by strides, no copy.
+    heads, hd, tokens = 2, 32, 40
+    big = torch.randn(2, tokens, 3 * heads * hd + 24)
+    qkv = big[:, :, : 3 * heads * hd]
+    assert not qkv.is_contiguous()
+    out, lse = _C.attention_forward(qkv, heads, hd**-0.5, 0.0, 0)
+    out_ref, lse_ref = _C.attention_forward(qkv.contiguous(), heads, hd**-0.5, 0.0, 0)
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+    torch.testing.assert_close(lse, lse_ref, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(
+        _C.attention_backward(g, qkv, out, lse, heads, hd**-0.5, 0.0, 0),
+        _C.attention_backward(g, qkv.contiguous(), out, lse, heads, hd**-0.5, 0.0, 0),
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_attention_lse_matches_logsumexp():
+    heads, hd = 3, 16
+    qkv = torch.randn(2, 37, 3 * heads * hd)
+    _, lse = _C.attention_forward(qkv, heads, 0.25, 0.0, 0)
+    q, k, _ = qkv.double().reshape(2, 37, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    expected = ((q @ k.transpose(-2, -1)) * 0.25).logsumexp(-1)
+    assert lse.dtype == torch.float32 and lse.shape == (2, heads, 37)
+    torch.testing.assert_close(lse.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def _dropout_mask(batch, tokens, heads, p, seed):
+    """The kept-probability scale Z [B, H, T, T] the kernel applies, read back through one-hot values:
+    with v_j = e_j and uniform scores the output row i is exactly P_i * Z_i with P_ij = 1/T."""
+    hd = tokens
+    qkv = torch.zeros(batch, tokens, 3, heads, hd, dtype=torch.float64)
+    qkv[:, :, 2] = torch.eye(tokens, dtype=torch.float64).reshape(1, tokens, 1, tokens)
+    out, _ = _C.attention_forward(qkv.reshape(batch, tokens, -1).float(), heads, 1.0, p, seed)
+    return out.reshape(batch, tokens, heads, tokens).permute(0, 2, 1, 3).double() * tokens
+
+
+def test_attention_dropout_mask_properties():
+    p = 0.25
+    z = _dropout_mask(2, 24, 2, p, seed=1234)
+    kept = z != 0
+    # Every entry is 0 or 1/(1-p); the same seed gives the same mask, another seed a different one.
+    torch.testing.assert_close(z[kept], torch.full_like(z[kept], 1 / (1 - p)), rtol=1e-5, atol=1e-5)
+    assert torch.equal(z, _dropout_mask(2, 24, 2, p, seed=1234))
+    assert not torch.equal(z, _dropout_mask(2, 24, 2, p, seed=1235))
+    frac = 1 - kept.double().mean().item()
+    assert abs(frac - p) < 0.05, frac  # 2304 Bernoulli draws: std ~0.009
+
+
+def test_attention_dropout_forward_and_backward():
+    # The mask depends only on (seed, b, h, i, j), so read it back with one-hot values, then check
+    # the kernel on random inputs against a float64 reference that applies that mask explicitly.
+    batch, tokens, heads, hd, p, seed = 2, 24, 2, 16, 0.3, 99
+    z = _dropout_mask(batch, tokens, heads, p, seed)
+
+    def ref(qkv, num_heads, *, scale=None, dropout_p=0.0):
+        q, k, v = qkv.reshape(batch, tokens, 3, num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        probs = ((q * hd**-0.5) @ k.transpose(-2, -1)).softmax(-1) * z.to(qkv.dtype)
+        return (probs @ v).transpose(1, 2).reshape(batch, tokens, num_heads * hd)
+
+    def fused(qkv, num_heads):
+        return fused_attention(qkv, num_heads, dropout_p=p, seed=seed)
+
+    check_numerics(fused, ref, [_qkv(batch, tokens, heads, hd), heads])
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda: _C.attention_forward(torch.randn(2, 5, 10), 2, 1.0, 0.0, 0), "divisible"),
+        (lambda: _C.attention_forward(torch.randn(5, 12), 2, 1.0, 0.0, 0), "qkv must be 3-D"),
+        (lambda: _C.attention_forward(torch.randn(0, 5, 12), 2, 1.0, 0.0, 0), "non-empty"),
+        (lambda: _C.attention_forward(torch.randn(2, 5, 12, dtype=torch.float64), 2, 1.0, 0.0, 0), "float32"),
+        (
+            lambda: _C.attention_forward(torch.randn(2, 12, 5).transpose(1, 2), 2, 1.0, 0.0, 0),
+            "contiguous last",
+        ),
+        (lambda: _C.attention_forward(torch.randn(2, 5, 12), 2, 1.0, 1.0, 0), "dropout_p"),
+    ],
+)
+def test_attention_rejects_bad_input(bad, match):
+    with pytest.raises(RuntimeError, match=match):
+        bad()
+
+
+def test_attention_backward_rejects_bad_lse():
+    qkv = torch.randn(2, 5, 12)
+    out, lse = _C.attention_forward(qkv, 2, 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="lse"):
+        _C.attention_backward(out, qkv, out, lse[:, :1], 2, 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="grad_out"):
+        _C.attention_backward(out.bfloat16(), qkv, out, lse, 2, 1.0, 0.0, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# LayerNorm, LayerNorm + Linear
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_layer_norm(affine, dtype):
+    x = _p(2, 9, 100, scale=3.0)
+    w, b = (_p(100), _p(100)) if affine else (None, None)
+    check_numerics(fused_layer_norm, reference.layer_norm, [x + 1.5, w, b, 1e-6], dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("affine,has_bias", [(True, True), (False, False), (True, False)])
+def test_layer_norm_linear(dtype, affine, has_bias):
+    d, n = 72, 3 * 72
+    x = _p(2, 11, d)
+    lw, lb = (_p(d), _p(d)) if affine else (None, None)
+    w = _p(n, d, scale=d**-0.5)
+    b = _p(n) if has_bias else None
+    check_numerics(fused_layer_norm_linear, reference.layer_norm_linear, [x, lw, lb, w, b, 1e-6], dtype=dtype)
+
+
+def test_layer_norm_rejects_bad_input():
+    with pytest.raises(RuntimeError, match="ln_weight"):
+        _C.layer_norm_forward(torch.randn(4, 8), torch.randn(7), None, 1e-6)
+    with pytest.raises(RuntimeError, match="x must be 2-D"):
+        _C.layer_norm_forward(torch.randn(8), None, None, 1e-6)
+    with pytest.raises(RuntimeError, match="non-empty"):
+        _C.layer_norm_forward(torch.randn(0, 8), None, None, 1e-6)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        _C.layer_norm_linear_forward(torch.randn(4, 8), None, None, torch.randn(6, 5), None, 1e-6)
+    with pytest.raises(RuntimeError, match="weight has dtype"):
+        _C.layer_norm_linear_forward(torch.randn(4, 8), None, None, torch.randn(6, 8).bfloat16(), None, 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# linear_residual, LN + MLP
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize(
+    "use_gamma,use_dps,has_bias", [(False, False, True), (True, True, True), (True, False, False)]
+)
+def test_linear_residual(dtype, use_gamma, use_dps, has_bias):
+    batch, tokens, k, n = 3, 13, 48, 40
+    x, res = _p(batch, tokens, k), _p(batch, tokens, n)
+    w = _p(n, k, scale=k**-0.5)
+    b = _p(n) if has_bias else None
+    kwargs = {}
+    if use_gamma:
+        kwargs["gamma"] = _p(n, scale=0.5)
+    if use_dps:
+        kwargs["drop_path_scale"] = torch.tensor([0.0, 1.25, 1.25])
+    check_numerics(fused_linear_residual, reference.linear_residual, [x, w, b, res], kwargs, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("extras", [False, True])
+def test_layer_norm_mlp(dtype, approximate, extras):
+    batch, tokens, d, f = 2, 10, 40, 4 * 40
+    x = _p(batch, tokens, d)
+    lw, lb = _p(d), _p(d)
+    w1, b1 = _p(f, d, scale=d**-0.5), _p(f)
+    w2, b2 = _p(d, f, scale=f**-0.5), _p(d)
+    kwargs = {"approximate": approximate}
+    if extras:
+        kwargs |= {"gamma": _p(d, scale=0.3), "drop_path_scale": torch.tensor([2.0, 0.0])}
+    check_numerics(
+        fused_layer_norm_mlp, reference.layer_norm_mlp, [x, lw, lb, w1, b1, w2, b2, 1e-6], kwargs, dtype=dtype
+    )
+
+
+def test_layer_norm_mlp_without_biases_or_affine():
+    d, f = 24, 56
+    x = _p(1, 7, d)
+    w1, w2 = _p(f, d, scale=d**-0.5), _p(d, f, scale=f**-0.5)
+    check_numerics(fused_layer_norm_mlp, reference.layer_norm_mlp, [x, None, None, w1, None, w2, None, 1e-5])
+
+
+def test_mlp_rejects_bad_input():
+    x = torch.randn(6, 8)
+    w1, w2 = torch.randn(16, 8), torch.randn(8, 16)
+    with pytest.raises(RuntimeError, match="fc2_weight must have shape"):
+        _C.mlp_forward(x, None, None, w1, None, w2.t().contiguous(), None, 1e-6, None, None, 6, "none")
+    with pytest.raises(RuntimeError, match="approximate"):
+        _C.mlp_forward(x, None, None, w1, None, w2, None, 1e-6, None, None, 6, "sigmoid")
+    with pytest.raises(RuntimeError, match="tokens_per_sample"):
+        _C.mlp_forward(x, None, None, w1, None, w2, None, 1e-6, None, torch.ones(2), 4, "none")
+    with pytest.raises(RuntimeError, match="dps"):
+        _C.linear_residual_forward(x, torch.randn(8, 8), None, x, None, torch.ones(3), 3)
+    with pytest.raises(RuntimeError, match="residual must have shape"):
+        _C.linear_residual_forward(x, w1, None, x, None, None, 6)
+
+
+# ----------------------------------------------------------------------------------------------
+# patch embedding
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize(
+    "cls,reg,no_embed_class,channels_last",
+    [(True, 0, False, False), (True, 2, True, True), (False, 0, False, False), (False, 3, False, True)],
+)
+def test_patch_embed(dtype, cls, reg, no_embed_class, channels_last):
+    batch, chans, size, p, d = 2, 3, 20, 4, 24  # 5 x 5 grid
+    images = _p(batch, chans, size, size)
+    if channels_last:
+        images = images.detach().to(memory_format=torch.channels_last).requires_grad_(True)
+    weight, bias = _p(d, chans, p, p, scale=0.2), _p(d)
+    n = (size // p) ** 2
+    pos = _p(1, n if no_embed_class else n + int(cls) + reg, d)
+    cls_t = _p(1, 1, d) if cls else None
+    reg_t = _p(1, reg, d) if reg else None
+    check_numerics(
+        fused_patch_embed,
+        reference.patch_embed,
+        [images, weight, bias, pos, cls_t, reg_t],
+        {"patch_size": p, "no_embed_class": no_embed_class},
+        dtype=dtype,
+    )
+
+
+def test_patch_embed_uneven_image_and_no_pos():
+    # 18 x 14 image with p=4: the conv drops the last 2 rows / columns, which get zero gradient.
+    images, weight = _p(1, 2, 18, 14), _p(16, 2, 4, 4, scale=0.3)
+    check_numerics(fused_patch_embed, reference.patch_embed, [images, weight, None, None], {"patch_size": 4})
+
+
+def test_patch_embed_rejects_bad_input():
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        _C.patch_embed_forward(
+            torch.randn(1, 3, 8, 8), torch.randn(4, 3, 2, 2), None, None, None, None, 4, False
+        )
+    with pytest.raises(RuntimeError, match="pos_embed must have shape"):
+        _C.patch_embed_forward(
+            torch.randn(1, 3, 8, 8), torch.randn(4, 3, 4, 4), None, torch.randn(1, 3, 4), None, None, 4, False
+        )
+    with pytest.raises(RuntimeError, match="non-empty batch"):
+        _C.patch_embed_forward(
+            torch.randn(0, 3, 8, 8), torch.randn(4, 3, 4, 4), None, None, None, None, 4, False
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# threads, realistic shapes
+
+
+def test_results_do_not_depend_on_thread_count():
+    qkv = torch.randn(2, 50, 3 * 2 * 32)
+    x = torch.randn(100, 64)
+    w1, w2 = torch.randn(128, 64) * 0.1, torch.randn(64, 128) * 0.1
+    prev = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out, _ = _C.attention_forward(qkv, 2, 0.2, 0.0, 0)
+            y = _C.mlp_forward(x, None, None, w1, None, w2, None, 1e-6, None, None, 50, "none")[0]
+            results.append((out, y))
+    finally:
+        torch.set_num_threads(prev)
+    # Per-row work never crosses threads here, so the answers are identical, not just close.
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-6)
+
+
+def test_vit_s_attention_fp32():
+    # ViT-S/16 at 224: T = 197, D = 384, H = 6 (batch 2 to keep the float64 reference quick).
+    check_numerics(fused_attention, reference.attention, [_qkv(2, 197, 6, 64), 6])
+
+
+def test_vit_s_mlp_fp32():
+    batch, tokens, d, f = 2, 197, 384, 1536
+    x = _p(batch, tokens, d)
+    args = [x, _p(d), _p(d), _p(f, d, scale=d**-0.5), _p(f), _p(d, f, scale=f**-0.5), _p(d), 1e-6]
+    kwargs = {"gamma": _p(d, scale=0.1), "drop_path_scale": torch.tensor([1.0, 0.0])}
+    check_numerics(fused_layer_norm_mlp, reference.layer_norm_mlp, args, kwargs)
+
+
+@pytest.mark.slow
+def test_vit_s_all_ops_batch8_fp32():
+    batch, tokens, d, heads = 8, 197, 384, 6
+    check_numerics(fused_attention, reference.attention, [_qkv(batch, tokens, heads, 64), heads])
+    x = _p(batch, tokens, d)
+    check_numerics(
+        fused_layer_norm_linear,
+        reference.layer_norm_linear,
+        [x, _p(d), _p(d), _p(3 * d, d, scale=d**-0.5), _p(3 * d), 1e-6],
+    )
+    check_numerics(
+        fused_linear_residual,
+        reference.linear_residual,
+        [x, _p(d, d, scale=d**-0.5), _p(d), _p(batch, tokens, d)],
+    )
+    images = _p(batch, 3, 224, 224)
+    check_numerics(
+        fused_patch_embed,
+        reference.patch_embed,
+        [images, _p(d, 3, 16, 16, scale=0.05), _p(d), _p(1, 197, d), _p(1, 1, d)],
+        {"patch_size": 16},
+    )
