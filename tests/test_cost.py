@@ -153,3 +153,12 @@ def test_attention_backward_is_2_5x_forward_for_sdpa_and_ours():
     fwd = 4 * 2 * 17 * 17 * 48  # 4 * B * T^2 * D, for both programs
     assert len(attn) == 4  # forward and backward of each: one launch each, not descended into
     assert sorted(r.flops for r in attn) == sorted([fwd, fwd * 5 // 2, fwd, fwd * 5 // 2])
+
+
+def test_trace_step_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="batch"):
+        cost.trace_step("vit_tiny_patch16_224", "fused", 0)
+    with pytest.raises(ValueError, match="dtype"):
+        cost.trace_step("vit_tiny_patch16_224", "fused", 1, torch.int8)
+    with pytest.raises(ValueError, match="impl"):
+        cost.trace_step("vit_tiny_patch16_224", "tensorrt", 1)

@@ -122,5 +122,12 @@ def run(args: argparse.Namespace) -> int:
         png = bench.plot(results, args.out)
         if png:
             paths["plot"] = png
+    if not on_cuda:
+        import resource
+
+        # Whole-process peak resident memory (Linux reports KiB): a coarse upper bound covering all
+        # cases above; the per-case activation memory is the saved-bytes column.
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"process peak RSS {rss:.0f} MiB (all cases together)")
     print(f"measured in {time.perf_counter() - start:.1f} s; wrote " + ", ".join(paths.values()))
     return 0

@@ -22,9 +22,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--gpu", default="h100,a100", help="comma list of h100, a100 (default both)")
     p.add_argument(
         "--variants",
-        default="timm,fused",
+        default="timm,reference,fused",
         help="comma list of timm (stock timm, SDPA attention), timm-math (timm, attention written out), "
-        "reference (vit_fast reference model), fused (vit_fast fused model); the first is the baseline",
+        "reference (vit_fast reference model: plain PyTorch, attention written out), fused (vit_fast fused "
+        "model); each later variant gets ratio rows against each earlier one",
     )
     p.add_argument("--mode", choices=("train", "inference"), default="train")
     p.add_argument("--optimizer", choices=("adamw", "none"), default="adamw")
@@ -45,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch < 1:
         raise SystemExit(f"--batch must be >= 1, got {args.batch}")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        if v not in cost.VARIANTS:
+            raise SystemExit(f"--variants: unknown variant {v!r}; known: {', '.join(cost.VARIANTS)}")
     reports = []
     for v in variants:
         reports.append(

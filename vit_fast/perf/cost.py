@@ -450,6 +450,8 @@ def _kc_dict(k: KindCost) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: Model variants `trace_step` can build (see `build_model`).
+VARIANTS = ("timm", "timm-math", "reference", "fused", "auto")
 
 
 def build_model(name: str, impl: str, **kwargs: Any) -> torch.nn.Module:
@@ -530,6 +532,12 @@ def trace_step(
     """
     from vit_fast.perf.memory import SavedTensorRecorder
 
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {list(DTYPES.values())}, got {dtype!r}")
+    if impl not in VARIANTS:
+        raise ValueError(f"impl must be one of {VARIANTS}, got {impl!r}")
     mode = CostMode()
     if img_size is not None:
         model_kwargs["img_size"] = img_size
@@ -634,16 +642,17 @@ def format_comparison(reports: list[CostReport], gpus: Iterable[str] = ("h100", 
             )
     if len(reports) > 1:
         lines.append("-" * len(head))
-        b = base.total()
-        for rep in reports[1:]:
-            t = rep.total()
-            ratio = lambda a, c: f"{a / c:.3f}" if c else "n/a"
-            lines.append(
-                f"{rep.label[:24]:24} {'ratio vs ' + base.label[:19]:28} {ratio(t.launches, b.launches):>9} "
-                f"{ratio(t.bytes, b.bytes):>10} {ratio(t.flops, b.flops):>10} "
-                f"{ratio(rep.saved_bytes, base.saved_bytes):>9}"
-                + "".join(f" {ratio(t.time_s[g], b.time_s[g]):>10}" for g in gpus)
-            )
+        ratio = lambda a, c: f"{a / c:.3f}" if c else "n/a"
+        # every later variant against every earlier one (e.g. fused vs timm and fused vs reference)
+        for j, rep in enumerate(reports[1:], start=1):
+            for other in reports[:j]:
+                t, b = rep.total(), other.total()
+                lines.append(
+                    f"{rep.label[:24]:24} {'ratio vs ' + other.label[:19]:28} {ratio(t.launches, b.launches):>9} "
+                    f"{ratio(t.bytes, b.bytes):>10} {ratio(t.flops, b.flops):>10} "
+                    f"{ratio(rep.saved_bytes, other.saved_bytes):>9}"
+                    + "".join(f" {ratio(t.time_s[g], b.time_s[g]):>10}" for g in gpus)
+                )
     unknown = sorted(set().union(*(r.unknown_ops for r in reports)))
     if unknown:
         lines.append(f"ops without a FLOP formula (counted as 0 FLOPs): {', '.join(unknown)}")
