@@ -2,8 +2,9 @@
 GEMM LN prologue), and backward (optionally adding an incoming residual gradient).
 
 Statistics are always float32 and computed two-pass from registers (mean first, then the variance
-of the centred row), so rows with a large mean and a tiny spread (mean 1e4, std 1e-3) do not lose
-their variance to cancellation as the one-pass E[x^2] - E[x]^2 formula would.
+of the centred row) on values shifted by the row's first element, so rows with a large mean and a
+tiny spread (mean 1e4, std 1e-3) lose neither their variance (one-pass E[x^2] - E[x]^2 would) nor
+their mean's last bits.
 
 The launchers at the bottom implement the `layer_norm` family of docs/backend_contract.md.
 """
@@ -49,14 +50,22 @@ def _ln_fwd_kernel(
     offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if HAS_RES:
-        # The sum is rounded to the storage dtype before normalising, exactly as the unfused
-        # `x + residual` followed by LayerNorm would see it.
-        x = x + tl.load(res_ptr + offs, mask=mask, other=0.0)
+        # Add in fp32 and round to the storage dtype before normalising, exactly as the unfused
+        # `x + residual` followed by LayerNorm sees it (also: bf16 arithmetic is not supported
+        # by the interpreter).
+        r = tl.load(res_ptr + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + offs, x, mask=mask)
     xf = x.to(tl.float32)
-    mean = tl.sum(xf, axis=1) / D
-    xc = tl.where(mask, xf - mean[:, None], 0.0)
+    # Shifted two-pass statistics: subtract each row's first element (exact for nearby values,
+    # Sterbenz) before summing, so a row like 1e4 + 1e-3 * noise sums small numbers and its mean
+    # comes out correctly rounded instead of off by several ulps of 1e4 (which is ~1 std there).
+    x0 = tl.sum(tl.where(cols[None, :] == 0, xf, 0.0), axis=1)
+    xs = tl.where(mask, xf - x0[:, None], 0.0)
+    mean_s = tl.sum(xs, axis=1) / D
+    xc = tl.where(mask, xs - mean_s[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / D
+    mean = x0 + mean_s
     rstd = 1.0 / tl.sqrt(var + eps)
     tl.store(mean_ptr + rows, mean, mask=row_ok)
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
@@ -107,10 +116,15 @@ def _ln_bwd_kernel(
         offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-        # xhat is recomputed from the saved statistics instead of being saved by the forward.
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        # xhat is recomputed instead of being saved by the forward. The mean is recomputed from
+        # the row in registers (shifted, as in the forward) rather than read back: the saved fp32
+        # mean of a row like 1e4 + 1e-3 * noise is off by up to half an ulp of 1e4, a sizeable
+        # fraction of its std, and that error would go straight into dweight and dx.
+        x0 = tl.sum(tl.where(cols[None, :] == 0, x, 0.0), axis=1)
+        xs = tl.where(mask, x - x0[:, None], 0.0)
+        mean_s = tl.sum(xs, axis=1) / D
+        xhat = tl.where(mask, (xs - mean_s[:, None]) * rstd[:, None], 0.0)
         if NEED_DW:
             dw_acc += tl.sum(dy * xhat, axis=0)
         if NEED_DB:
@@ -140,8 +154,13 @@ def _rows_per_program(block_d: int) -> int:
     return max(1, min(16, 4096 // block_d))
 
 
-def _num_warps(block_d: int, rows: int) -> int:
-    return 4 if block_d * rows <= 4096 else 8
+def _num_warps(block_d: int, rows: int, backward: bool = False) -> int:
+    # The backward keeps ~4 row-sized fp32 arrays live (x, dy, xhat, dy*w): give it 8 warps from
+    # 4K elements on so each thread holds <= 16 elements per array (no spills on sm_80 at D=4096).
+    elems = block_d * rows
+    if backward:
+        return 4 if elems < 4096 else 8 if elems <= 4096 else 16
+    return 4 if elems <= 4096 else 8
 
 
 def _row_stats_launch(
@@ -247,7 +266,7 @@ def layer_norm_backward_fused(
         NEED_DB=need_dbias,
         ROWS=rows,
         BLOCK_D=block_d,
-        num_warps=_num_warps(block_d, rows),
+        num_warps=_num_warps(block_d, rows, backward=True),
     )
     wdtype = weight.dtype if weight is not None else x.dtype
     dw = dw_part.sum(0).to(wdtype) if dw_part is not None else None
@@ -278,6 +297,7 @@ def aot_specs() -> list:
             block_d = triton.next_power_of_2(d)
             rows = _rows_per_program(block_d)
             warps = _num_warps(block_d, rows)
+            bwd_warps = _num_warps(block_d, rows, backward=True)
             specs.append(
                 KernelSpec(
                     name=f"ln_fwd_res_{dt}_D{block_d}",
@@ -345,7 +365,7 @@ def aot_specs() -> list:
                             "ROWS": rows,
                             "BLOCK_D": block_d,
                         },
-                        num_warps=warps,
+                        num_warps=bwd_warps,
                         divisible_by_16=("dy_ptr", "x_ptr", "dx_ptr", "dres_ptr"),
                     )
                 )

@@ -215,21 +215,26 @@ def _gemm_kernel(
 
 #: Shipped GEMM configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per compute capability
 #: major version and operand width in bytes. One config per case keeps launches deterministic and
-#: each one is AOT-compiled (see aot_specs); Ampere gets 128x128x32 (4 stages fit 163 KiB), Hopper
+#: each one is AOT-compiled (see aot_specs); Ampere gets 128x128x32 (4 stages fit 163 KiB) with 8
+#: warps (4 warps spill once the LN prologue's fp32 A tile joins the 128x128 accumulator), Hopper
 #: a deeper K tile. fp32 (IEEE dot, no tensor cores) uses small tiles to stay spill-free.
 GEMM_CONFIGS = {
-    (8, 2): (128, 128, 32, 4, 4),
+    (8, 2): (128, 128, 32, 8, 4),
     (9, 2): (128, 128, 64, 8, 3),
     (8, 4): (64, 64, 16, 4, 2),
     (9, 4): (64, 64, 16, 4, 2),
 }
-#: Interpreter tiles: small, so masks and several K iterations are exercised on tiny shapes.
+#: Interpreter tiles: small for small problems, so masks and several K iterations are exercised on
+#: tiny shapes; larger for realistic widths, where the interpreter's per-tile overhead dominates.
 INTERP_CONFIG = (16, 16, 16, 1, 1)
+INTERP_CONFIG_LARGE = (64, 64, 64, 1, 1)
 
 
-def _config(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+def _config(
+    device: torch.device, dtype: torch.dtype, m: int, n: int, k: int
+) -> tuple[int, int, int, int, int]:
     if triton_interpreting() or device.type != "cuda":
-        return INTERP_CONFIG
+        return INTERP_CONFIG if max(m, n, k) <= 256 else INTERP_CONFIG_LARGE
     major = torch.cuda.get_device_capability(device)[0]
     return GEMM_CONFIGS[(9 if major >= 9 else 8, 4 if dtype == torch.float32 else 2)]
 
@@ -257,7 +262,7 @@ def gemm(
     m, k = a.shape
     n, k2 = b.shape
     assert k == k2 and tuple(out.shape) == (m, n) and a.dtype == b.dtype
-    bm, bn, bk, warps, stages = _config(a.device, a.dtype)
+    bm, bn, bk, warps, stages = _config(a.device, a.dtype, m, n, k)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _gemm_kernel[grid](
         a,
@@ -571,3 +576,74 @@ def mlp_backward(
     gemm(dh, fc1_weight.t(), dxn)
     dx, dlnw, dlnb = _ln_input_grads(dxn, x, ln_weight, ln_bias, mean, rstd, dout)
     return dx, dlnw, dlnb, dw1, db1, dw2, db2 if fc2_bias is not None else None, dgamma
+
+
+# ------------------------------------------------------------------------------------------ AOT
+
+_GEMM_ARGS = (
+    "a_ptr b_ptr c_ptr M N K stride_am stride_ak stride_bn stride_bk stride_cm stride_cn mean_ptr rstd_ptr "
+    "lnw_ptr lnb_ptr bias_ptr aux_ptr stride_xm stride_xn gamma_ptr dps_ptr res_ptr stride_rm stride_rn "
+    "tokens_per_sample"
+).split()
+_GEMM_FLAGS = "PROLOGUE HAS_LNW HAS_LNB HAS_BIAS EPILOGUE HAS_GAMMA HAS_DPS HAS_RES UPCAST IEEE".split()
+
+#: Each GEMM variant the launchers issue: (name, prologue, epilogue, flags set, C is fp32, unit
+#: strides). Unit strides are specialised to constexpr 1, as the JIT does for arguments equal to 1.
+_GEMM_VARIANTS = (
+    ("ln_row_bias", PRO_LN_ROW, EPI_NONE, ("HAS_LNW", "HAS_LNB", "HAS_BIAS"), False, ("stride_ak", "stride_bk", "stride_cn")),
+    ("gelu_res", PRO_GELU, EPI_NONE, ("HAS_BIAS", "HAS_GAMMA", "HAS_DPS", "HAS_RES"), False,
+     ("stride_ak", "stride_bk", "stride_cn", "stride_rn")),
+    ("gelutanh_res", PRO_GELU_TANH, EPI_NONE, ("HAS_BIAS", "HAS_GAMMA", "HAS_DPS", "HAS_RES"), False,
+     ("stride_ak", "stride_bk", "stride_cn", "stride_rn")),
+    ("bias_res", PRO_NONE, EPI_NONE, ("HAS_BIAS", "HAS_GAMMA", "HAS_DPS", "HAS_RES"), False,
+     ("stride_ak", "stride_bk", "stride_cn", "stride_rn")),
+    ("dgrad_dgelu", PRO_NONE, EPI_DGELU, (), False, ("stride_ak", "stride_bn", "stride_cn", "stride_xn")),
+    ("dgrad_f32", PRO_NONE, EPI_NONE, (), True, ("stride_ak", "stride_bn", "stride_cn")),
+    ("dgrad", PRO_NONE, EPI_NONE, (), False, ("stride_ak", "stride_bn", "stride_cn")),
+    ("wgrad_ln", PRO_LN_COL, EPI_NONE, ("HAS_LNW", "HAS_LNB"), False, ("stride_am", "stride_bn", "stride_cm")),
+    ("wgrad_gelu_f32", PRO_GELU, EPI_NONE, (), True, ("stride_am", "stride_bn", "stride_cm")),
+    ("wgrad_f32", PRO_NONE, EPI_NONE, (), True, ("stride_am", "stride_bn", "stride_cn")),
+)  # fmt: skip
+
+
+def aot_specs() -> list:
+    """Every GEMM variant the launchers issue, at the shipped fp16/bf16 config of each arch."""
+    from vit_fast.perf.aot import KernelSpec
+
+    specs = []
+    for dt in ("fp16", "bf16"):
+        for arch in (80, 90):
+            bm, bn, bk, warps, stages = GEMM_CONFIGS[(arch // 10, 2)]
+            for name, pro, epi, flags, c_f32, unit in _GEMM_VARIANTS:
+                sig: dict[str, str] = {}
+                for a in _GEMM_ARGS:
+                    if a in unit:
+                        sig[a] = "constexpr"
+                    elif a.endswith("_ptr"):
+                        sig[a] = "*fp32" if a in ("mean_ptr", "rstd_ptr", "dps_ptr") else f"*{dt}"
+                    else:
+                        sig[a] = "i32"
+                if c_f32:
+                    sig["c_ptr"] = "*fp32"
+                consts: dict[str, object] = dict.fromkeys(unit, 1)
+                for flag in _GEMM_FLAGS:
+                    sig[flag] = "constexpr"
+                    consts[flag] = flag in flags
+                consts.update(PROLOGUE=pro, EPILOGUE=epi, UPCAST=False, IEEE=False)
+                for c in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
+                    sig[c] = "constexpr"
+                consts.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+                strides = [a for a in _GEMM_ARGS if a.startswith("stride") and a not in unit]
+                specs.append(
+                    KernelSpec(
+                        name=f"gemm_{name}_{dt}_sm{arch}",
+                        fn=_gemm_kernel,
+                        signature=sig,
+                        constexprs=consts,
+                        num_warps=warps,
+                        num_stages=stages,
+                        divisible_by_16=("a_ptr", "b_ptr", "c_ptr", "res_ptr", "aux_ptr", "K", *strides),
+                        archs=(arch,),
+                    )
+                )
+    return specs
