@@ -44,6 +44,8 @@ FAST_CASES = [
     (1, 33, 1, 128, F32, 0.05),
     (2, 197, 1, 64, F16, None),
     (1, 197, 1, 80, F32, None),
+    (2, 20, 1, 88, F16, None),
+    (1, 21, 2, 112, F32, None),
 ]
 
 
@@ -383,7 +385,7 @@ def test_module_qk_norm_and_dropout(device, triton_backend):
 def test_aot_all_configs_compile():
     from vit_fast.perf.aot import format_table, report
 
-    results = report("attn_")
+    results = report("attention")
     assert results, "no attention specs"
     assert {r.arch for r in results} == {80, 90}
     bad = [r for r in results if not r.ok]

@@ -365,21 +365,24 @@ _Tile = tuple[int, int, int, int]
 _FWD_64 = [(128, 64, 8, 2), (64, 64, 4, 2)]
 _DKDV_64 = {80: [(64, 64, 4, 2), (32, 64, 8, 2)], 90: [(32, 64, 8, 2), (64, 64, 8, 1)]}
 _DQ_64 = {80: [(64, 64, 4, 2), (128, 32, 8, 2)], 90: [(64, 64, 8, 2), (128, 32, 8, 2)]}
+# ptxas caps (128, 32, 8 warps) at 128 registers for BLOCK_D = 32 on sm_80 and spills 8 bytes.
+_DQ_32 = {80: [(64, 64, 4, 2), (64, 32, 4, 2)], 90: _DQ_64[90]}
 
 #: kernel -> BLOCK_D -> arch -> tiles (BLOCK_M, BLOCK_N, num_warps, num_stages)
 GPU_CONFIGS: dict[str, dict[int, dict[int, list[_Tile]]]] = {
     "fwd": {
-        **{bd: {80: _FWD_64, 90: _FWD_64} for bd in (16, 32, 64)},
+        **{bd: {80: _FWD_64, 90: _FWD_64} for bd in (32, 64)},
         128: {80: [(64, 64, 4, 2), (64, 32, 4, 2)], 90: [(128, 64, 8, 2), (64, 64, 4, 2)]},
         256: {80: [(64, 32, 8, 1), (64, 64, 8, 1)], 90: [(32, 32, 4, 1)]},
     },
     "dkdv": {
-        **{bd: _DKDV_64 for bd in (16, 32, 64)},
+        **{bd: _DKDV_64 for bd in (32, 64)},
         128: {80: [(32, 64, 8, 2), (32, 32, 4, 2)], 90: [(32, 64, 8, 2), (32, 32, 4, 2)]},
         256: {80: [(32, 32, 8, 1)], 90: [(32, 32, 8, 1)]},
     },
     "dq": {
-        **{bd: _DQ_64 for bd in (16, 32, 64)},
+        32: _DQ_32,
+        64: _DQ_64,
         128: {80: [(64, 32, 4, 2), (64, 64, 8, 2)], 90: [(64, 32, 4, 2)]},
         256: {80: [(32, 32, 8, 1), (16, 32, 4, 1)], 90: [(32, 32, 8, 1), (32, 64, 8, 1)]},
     },
@@ -391,8 +394,9 @@ _ARCHS = (80, 90)
 
 
 def block_d_for(head_dim: int) -> int:
-    """Head dim padded to the next power of two, at least 16 (tl.dot's minimum K)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    """Head dim padded to the next power of two, at least 32: tl.dot needs K >= 16, and one shipped
+    table for head dims <= 32 keeps the AOT matrix small (head dim 16 is rare in ViTs)."""
+    return max(32, triton.next_power_of_2(head_dim))
 
 
 def _arch_key(capability: tuple[int, int]) -> int:
@@ -511,7 +515,7 @@ def aot_specs() -> list:
                             }
                             specs.append(
                                 KernelSpec(
-                                    name=f"attn_{kernel}_{dt}_d{block_d}_m{bm}n{bn}{'_drop' if dropout else ''}",
+                                    name=f"attention_{kernel}_{dt}_d{block_d}_m{bm}n{bn}{'_drop' if dropout else ''}",
                                     fn=_KERNELS[kernel],
                                     signature=sig,
                                     constexprs=cx,
@@ -524,7 +528,7 @@ def aot_specs() -> list:
         bm, w = 64, 4  # delta_tile(128) on GPU
         specs.append(
             KernelSpec(
-                name=f"attn_delta_{dt}_d128",
+                name=f"attention_delta_{dt}_d128",
                 fn=_attn_bwd_delta_kernel,
                 signature={
                     "Out": f"*{dt}",

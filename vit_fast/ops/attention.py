@@ -435,12 +435,12 @@ def attention(qkv: Tensor, num_heads: int, *, scale: float | None = None, dropou
     packed layout; saved for backward: qkv, out, lse [B, H, T] fp32 and the seed.
     """
     _check_params(num_heads, scale, dropout_p)
-    if isinstance(qkv, Tensor):
-        device_type = qkv.device.type
-        if qkv.is_floating_point() and torch.is_autocast_enabled(device_type):
-            qkv = qkv.to(torch.get_autocast_dtype(device_type))
     head_dim = _check_qkv(qkv, num_heads)
     _check_dropout_size(qkv.shape[1], dropout_p)
+    device_type = qkv.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Autocast would not reach inside the custom op: cast here, like a matmul-class op.
+        qkv = qkv.to(torch.get_autocast_dtype(device_type))
     if qkv.stride(-1) != 1:
         # The kernels need unit stride along the feature dim; other strides are read as they are.
         qkv = qkv.contiguous()
