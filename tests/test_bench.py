@@ -116,3 +116,31 @@ def test_suite_outputs_csv_json_plot(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     table = bench.format_table(results)
     assert "median ms" in table and "attention" in table
+
+
+class _FailingBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("backward exploded")
+
+
+def test_failing_case_is_reported_not_fatal(monkeypatch):
+    monkeypatch.setattr(
+        bench, "_op_fn", lambda op, impl: (lambda qkv, heads: _FailingBackward.apply(qkv), "x")
+    )
+    fwd, bwd, both = bench.bench_op("attention", "fused", TINY, bench.OP_MODES, min_run_time=0.01)
+    assert fwd.error == "" and fwd.median_ms > 0
+    for r in (bwd, both):
+        assert "backward exploded" in r.error and math.isnan(r.median_ms)
+    assert "ERROR" in bench.format_table([fwd, bwd, both])
+    # A case whose setup raises becomes error rows too; the suite goes on.
+    monkeypatch.setattr(bench, "bench_model", lambda *a, **k: 1 / 0)
+    cfg = bench.BenchConfig(
+        ops=(), run_ops=False, sweep=False, min_run_time=0.01, model_kwargs={"img_size": 32}
+    )
+    rows = bench.run_suite(cfg)
+    assert len(rows) == 4 and all("ZeroDivisionError" in r.error for r in rows)

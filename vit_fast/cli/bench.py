@@ -130,4 +130,8 @@ def run(args: argparse.Namespace) -> int:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"process peak RSS {rss:.0f} MiB (all cases together)")
     print(f"measured in {time.perf_counter() - start:.1f} s; wrote " + ", ".join(paths.values()))
+    failed = [r for r in results if r.error]
+    if failed:
+        print(f"FAILED: {len(failed)} case(s) raised; see the error column", file=sys.stderr)
+        return 1
     return 0

@@ -22,6 +22,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -54,7 +55,13 @@ class BenchResult:
     samples_per_s: float | None = None
     saved_bytes: int | None = None
     peak_mem_bytes: int | None = None
+    error: str = ""  # why this case failed (then median_ms is NaN); "" when it ran
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _error_text(err: BaseException) -> str:
+    msg = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {msg[0] if msg else ''}"[:200]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,24 +231,29 @@ def bench_op(
         kept = fn(*args, **kwargs)
     saved = rec.result.activation_bytes
     del kept
-    peak = peak_memory(fwd_bwd, device)
+    try:
+        peak = peak_memory(fwd_bwd, device)
+    except Exception:
+        peak = None  # the fwd+bwd case below reports the error
     results = []
     for mode in modes:
-        if mode == "fwd":
-            call = fwd
-        elif mode == "fwd+bwd":
-            call = fwd_bwd
-        elif mode == "bwd":
-            graph_out = fn(*args, **kwargs)
-            call = lambda g=graph_out: torch.autograd.grad(g, tensors, grad, retain_graph=True)
-        else:
-            raise ValueError(f"mode must be one of {OP_MODES}, got {mode!r}")
-        med, iqr, reps = measure(call, device, min_run_time)
+        error = ""
+        try:
+            if mode == "fwd":
+                call = fwd
+            elif mode == "fwd+bwd":
+                call = fwd_bwd
+            else:
+                graph_out = fn(*args, **kwargs)
+                call = lambda g=graph_out: torch.autograd.grad(g, tensors, grad, retain_graph=True)
+            med, iqr, reps = measure(call, device, min_run_time)
+        except Exception as err:  # report the failing case and go on with the others
+            med, iqr, reps, error = math.nan, math.nan, 0, _error_text(err)
         results.append(
             BenchResult(
                 "op", op, mode, impl, backend, device.type, str(dtype).removeprefix("torch."),
                 shape.batch, shape.tokens, shape.width, med * 1e3, iqr * 1e3, reps,
-                saved_bytes=saved, peak_mem_bytes=peak,
+                saved_bytes=saved, peak_mem_bytes=peak, error=error,
             )
         )  # fmt: skip
     return results
@@ -317,20 +329,29 @@ def bench_model(
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    with SavedTensorRecorder(params) as rec:
-        out = model(images)
-    saved = rec.result.activation_bytes
-    del out
+    saved: int | None = None
+    try:
+        with SavedTensorRecorder(params) as rec:
+            out = model(images)
+        saved = rec.result.activation_bytes
+        del out
+    except Exception:
+        pass  # the timed cases below report the error
     results = []
     for mode in modes:
         call = {"inference": infer, "train": train_step}[mode]
-        peak = peak_memory(call, device)
-        med, iqr, reps = measure(call, device, min_run_time)
+        error, peak = "", None
+        try:
+            peak = peak_memory(call, device)
+            med, iqr, reps = measure(call, device, min_run_time)
+        except Exception as err:  # report the failing case and go on with the others
+            med, iqr, reps, error = math.nan, math.nan, 0, _error_text(err)
         results.append(
             BenchResult(
                 "model", name, mode, impl, backend, device.type, str(dtype).removeprefix("torch."),
                 batch, tokens, base.embed_dim, med * 1e3, iqr * 1e3, reps,
-                samples_per_s=batch / med, saved_bytes=saved if mode == "train" else None, peak_mem_bytes=peak,
+                samples_per_s=batch / med if not error else None,
+                saved_bytes=saved if mode == "train" else None, peak_mem_bytes=peak, error=error,
             )
         )  # fmt: skip
     return results
@@ -385,13 +406,19 @@ def run_suite(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         for op in cfg.ops:
             for impl in cfg.impls:
                 say(f"op {op} {impl}")
-                results += bench_op(op, impl, shape, cfg.op_modes, device, cfg.dtype, cfg.min_run_time)
+                results += _guard(
+                    partial(bench_op, op, impl, shape, cfg.op_modes, device, cfg.dtype, cfg.min_run_time),
+                    "op", op, impl, cfg.op_modes, shape, cfg,
+                )  # fmt: skip
     if cfg.run_model:
         for impl in cfg.impls:
             say(f"model {cfg.model} {impl}")
-            results += bench_model(
-                cfg.model, impl, cfg.batch, cfg.model_modes, device, cfg.dtype, max(cfg.min_run_time, 0.3),
-                **cfg.model_kwargs,
+            results += _guard(
+                partial(
+                    bench_model, cfg.model, impl, cfg.batch, cfg.model_modes, device, cfg.dtype,
+                    max(cfg.min_run_time, 0.3), **cfg.model_kwargs,
+                ),
+                "model", cfg.model, impl, cfg.model_modes, shape, cfg,
             )  # fmt: skip
     if cfg.sweep:
         points = [
@@ -409,15 +436,38 @@ def run_suite(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
             for op in cfg.sweep_ops:
                 for impl in cfg.impls:
                     say(f"sweep {axis} {op} {impl}")
-                    for r in bench_op(op, impl, s, ("fwd+bwd",), device, cfg.dtype, cfg.min_run_time):
+                    case = partial(bench_op, op, impl, s, ("fwd+bwd",), device, cfg.dtype, cfg.min_run_time)
+                    for r in _guard(case, "op", op, impl, ("fwd+bwd",), s, cfg):
                         r.kind, r.extra = "sweep", {"axis": axis}
                         results.append(r)
     return results
 
 
+def _guard(
+    case: Callable[[], list[BenchResult]],
+    kind: str,
+    name: str,
+    impl: str,
+    modes: Iterable[str],
+    shape: OpShape,
+    cfg: BenchConfig,
+) -> list[BenchResult]:
+    """Run one case; if its setup raises, return one error row per mode instead of aborting the suite."""
+    try:
+        return case()
+    except Exception as err:
+        return [
+            BenchResult(
+                kind, name, mode, impl, "?", torch.device(cfg.device).type, str(cfg.dtype).removeprefix("torch."),
+                shape.batch, shape.tokens, shape.width, math.nan, math.nan, 0, error=_error_text(err),
+            )
+            for mode in modes
+        ]  # fmt: skip
+
+
 COLUMNS = [
     "kind", "name", "mode", "impl", "backend", "device", "dtype", "batch", "tokens", "width",
-    "median_ms", "iqr_ms", "reps", "samples_per_s", "saved_bytes", "peak_mem_bytes", "axis",
+    "median_ms", "iqr_ms", "reps", "samples_per_s", "saved_bytes", "peak_mem_bytes", "axis", "error",
 ]  # fmt: skip
 
 
@@ -496,6 +546,7 @@ def format_table(results: list[BenchResult]) -> str:
         lines.append(
             f"{r.kind:6} {r.name[:22]:22} {r.mode:9} {r.impl:9} {r.backend[:10]:10} {r.batch:>3} {r.tokens:>4} "
             f"{r.width:>4} {r.median_ms:10.3f} {r.iqr_ms:8.3f} {sps} {sav} {peak}"
+            + (f"  ERROR {r.error}" if r.error else "")
         )
     return "\n".join(lines)
 
@@ -508,21 +559,11 @@ def print_rich_table(results: list[BenchResult]) -> bool:
     except ImportError:
         return False
     table = Table(title="vit_fast benchmark (measured: median over repetitions, IQR = spread)")
-    for col in (
-        "kind",
-        "name",
-        "mode",
-        "impl",
-        "backend",
-        "B",
-        "T",
-        "D",
-        "median ms",
-        "IQR ms",
-        "samples/s",
-        "saved MiB",
-        "peak MiB",
-    ):
+    cols = ["kind", "name", "mode", "impl", "backend", "B", "T", "D"]
+    cols += ["median ms", "IQR ms", "samples/s", "saved MiB", "peak MiB"]
+    if any(r.error for r in results):
+        cols.append("error")
+    for col in cols:
         table.add_column(col, justify="right" if col[0].isupper() or " " in col or "/" in col else "left")
     for r in results:
         if r.kind == "sweep":
@@ -533,6 +574,7 @@ def print_rich_table(results: list[BenchResult]) -> bool:
             f"{r.samples_per_s:.1f}" if r.samples_per_s else "",
             f"{r.saved_bytes / 2**20:.2f}" if r.saved_bytes is not None else "",
             f"{r.peak_mem_bytes / 2**20:.1f}" if r.peak_mem_bytes is not None else "n/a",
+            *([r.error] if "error" in cols else []),
         )  # fmt: skip
     Console(width=200).print(table)
     return True
