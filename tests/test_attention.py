@@ -268,7 +268,6 @@ def test_compile_fullgraph(device, triton_backend, p):
     assert explanation.graph_break_count == 0
 
 
-@pytest.mark.slow
 def test_compile_inductor(device, triton_backend):
     torch._dynamo.reset()
     model = _Tiny().to(device).eval()

@@ -64,9 +64,12 @@ def _keep_mask(seed, bh, offs_m, offs_n, T, dropout_p):
 
 # --------------------------------------------------------------------------------------------------
 # forward
+#
+# `seed` is excluded from value specialisation: a fresh seed every step must not pick a different
+# compiled variant (seed == 1, seed % 16 == 0) and trigger a recompile.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_fwd_kernel(
     QKV,
     Out,
@@ -175,7 +178,7 @@ def _attn_bwd_delta_kernel(
     tl.store(Delta + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dkdv_kernel(
     QKV,
     dOut,
@@ -256,7 +259,7 @@ def _attn_bwd_dkdv_kernel(
     tl.store(d_base + 2 * D, dv.to(dQKV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dq_kernel(
     QKV,
     dOut,
@@ -336,7 +339,7 @@ def _attn_bwd_dq_kernel(
 # debug: materialise the dropout keep-mask (tests only, small shapes)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _dropout_mask_kernel(Mask, T, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Mask[bh, i, j] = 1 where the attention kernels keep probability (i, j) of head bh."""
     pid_m = tl.program_id(0)
