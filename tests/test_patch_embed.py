@@ -364,3 +364,21 @@ def test_numerics_realistic(case, device, triton_backend):
 def test_numerics_realistic_low_precision(dtype, device, triton_backend):
     args, kwargs = make_args(3, 3, 224, 160, 16, 192, num_reg=1, channels_last=True, device=device)
     run_check(args, kwargs, dtype)
+
+
+# -- ahead-of-time compilation ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name_filter", ["patch_embed_fwd_fp16_16bit_p16", "patch_embed_dweight_bf16", "patch_embed_dimage_fp16"]
+)
+def test_aot_compiles_without_spills(name_filter):
+    """A sample of the shipped configs (the whole family: `python -m vit_fast.perf.aot patch_embed`)
+    compiles for sm_80 and sm_90 with 0 spills and shared memory within the limit."""
+    pytest.importorskip("triton")
+    from vit_fast.perf.aot import format_table, report
+
+    results = report(name_filter)
+    assert {r.arch for r in results} == {80, 90} and len(results) >= 4
+    assert all(r.ok for r in results), format_table(results)
