@@ -389,3 +389,28 @@ def test_aot_all_configs_compile():
     assert {r.arch for r in results} == {80, 90}
     bad = [r for r in results if not r.ok]
     assert not bad, format_table(bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# the C++ backend through the same custom op (present once vit_fast._C exports attention_forward)
+
+
+def test_cpu_backend_through_custom_op():
+    from vit_fast.ops.backend import has_cpu_kernel
+
+    if not has_cpu_kernel("attention"):
+        pytest.skip("vit_fast._C has no attention kernels in this build")
+    qkv = _qkv(2, 50, 2, 40, torch.device("cpu"))
+    with use_backend("cpu"):
+        check_numerics(attention, reference.attention, [qkv, 2], dtype=F32)
+        check_numerics(attention, reference.attention, [qkv, 2], {"scale": 0.2}, dtype=BF16)
+        torch.manual_seed(5)
+        a = attention(qkv, 2, dropout_p=0.3)
+        torch.manual_seed(5)
+        b = attention(qkv, 2, dropout_p=0.3)
+        assert torch.equal(a, b) and not torch.equal(a, attention(qkv, 2))
+        (g,) = torch.autograd.grad(a.sum(), qkv)
+        assert torch.isfinite(g).all()
+    # Automatic choice: fp16 on CPU is not a C++ dtype, so the op falls back to the reference.
+    half = qkv.detach().half()
+    torch.testing.assert_close(attention(half, 2), reference.attention(half, 2), rtol=2e-3, atol=2e-3)
