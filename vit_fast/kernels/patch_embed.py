@@ -15,9 +15,9 @@ Kernels:
   * `_fwd_kernel`: one launch writes all B*T tokens. Row tiles run over the flattened [B*T]
     token rows; prefix rows take the class/register token, patch rows the GEMM + bias; both add
     their position embedding row.
-  * `_dweight_kernel`: dW = A^T dY over all patch rows (and dbias = column sums of dY), split over
-    SPLIT row ranges into an fp32 workspace that the launcher sums in a fixed order (deterministic,
-    no atomics).
+  * `_dweight_kernel`: dW = dY^T A over all patch rows (and dbias = column sums of dY), split over
+    row ranges into an fp32 workspace so that enough programs run; `_split_sum_kernel` then sums the
+    partials in a fixed order and casts (deterministic, no atomics).
   * `_dimage_kernel`: dA = dY W scattered straight back to pixels; stride == kernel size, so each
     pixel belongs to exactly one patch and each output element is written once.
   * `_batch_sum_kernel`: sum over the batch of dY rows in fp32 -> dpos_embed, dcls, dreg.
@@ -305,6 +305,25 @@ def _dimage_kernel(
 
 
 @triton.jit
+def _split_sum_kernel(ws_ptr, out_ptr, wsb_ptr, outb_ptr, S, N, NB, BLOCK: tl.constexpr):
+    """out[i] = sum_s ws[s, i] for i < N and outb[i - N] = sum_s wsb[s, i - N] for the next NB
+    elements: the dweight and dbias split partials reduced in a fixed order (deterministic) and cast
+    to the weight dtype, in one launch."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_w = offs < N
+    in_b = (offs >= N) & (offs < N + NB)
+    ob = tl.maximum(offs - N, 0)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for _ in range(0, S):
+        acc += tl.load(ws_ptr + offs, mask=in_w, other=0.0)
+        acc += tl.load(wsb_ptr + ob, mask=in_b, other=0.0)
+        ws_ptr += N  # 64-bit pointer steps: S*N may exceed 32-bit offsets
+        wsb_ptr += NB
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=in_w)
+    tl.store(outb_ptr + ob, acc.to(outb_ptr.dtype.element_ty), mask=in_b)
+
+
+@triton.jit
 def _batch_sum_kernel(
     g_ptr,
     dpos_ptr,
@@ -380,6 +399,8 @@ DW_CONFIGS = {"16bit": (64, 64, 64, 8, 3), "fp32": (64, 64, 32, 4, 3)}
 DX_CONFIGS = {"16bit": (128, 64, 32, 8, 3), "fp32": (64, 64, 16, 4, 3)}
 #: batch sum (BLOCK_T, BLOCK_D, num_warps).
 BSUM_CONFIG = (16, 128, 4)
+#: split sum (BLOCK, num_warps).
+SPLIT_SUM_CONFIG = (1024, 4)
 
 
 def _interp_block(n: int) -> int:
@@ -567,8 +588,13 @@ def patch_embed_backward(
         num_warps=warps,
         num_stages=stages,
     )
-    dweight = ws.sum(0).to(dtype).view(weight.shape)
-    dbias = wsb.sum(0).to(dtype) if has_bias else None
+    dweight = torch.empty(weight.shape, device=weight.device, dtype=dtype)
+    dbias = torch.empty((D,), device=weight.device, dtype=dtype) if has_bias else None
+    n_b = D if has_bias else 0
+    blk, w3 = SPLIT_SUM_CONFIG
+    _split_sum_kernel[(triton.cdiv(D * K + n_b, blk),)](
+        ws, dweight, wsb, dbias if has_bias else dweight, split, D * K, n_b, BLOCK=blk, num_warps=w3
+    )
 
     dpos = dcls = dreg = None
     if has_pos or prefix:
@@ -747,4 +773,10 @@ def aot_specs() -> list:
         const = dict(NUM_PREFIX=5, NUM_CLS=1, HAS_POS=True, NO_EMBED_CLASS=False, BLOCK_T=bt, BLOCK_D=bdd)
         sig |= {n: "constexpr" for n in const}
         specs.append(KernelSpec(f"patch_embed_batch_sum_{ty}", _batch_sum_kernel, sig, const, warps, 1))
+        blk, warps = SPLIT_SUM_CONFIG
+        sig = {"ws_ptr": "*fp32", "out_ptr": f"*{ty}", "wsb_ptr": "*fp32", "outb_ptr": f"*{ty}"}
+        sig |= {"S": i32, "N": i32, "NB": i32, "BLOCK": "constexpr"}
+        specs.append(
+            KernelSpec(f"patch_embed_split_sum_{ty}", _split_sum_kernel, sig, {"BLOCK": blk}, warps, 1)
+        )
     return specs
