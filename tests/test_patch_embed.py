@@ -116,6 +116,31 @@ def test_non_contiguous_image(device, triton_backend):
     run_check((x, w, b, pe, c, r), kwargs)
 
 
+def test_int64_indexing_path(device, triton_backend, monkeypatch):
+    """The 64-bit offset variant (chosen for tensors past 2**31 elements, too big to test directly) is
+    forced on a small problem and must give the same answers."""
+    import vit_fast.kernels.patch_embed as kern
+
+    monkeypatch.setattr(kern, "_needs_int64", lambda *tensors: True)
+    args, kwargs = make_args(3, 3, 32, 32, 8, 32, num_reg=2, channels_last=True, device=device)
+    run_check(args, kwargs)
+
+
+def test_broadcast_image_batch(device, triton_backend):
+    """An expand()ed batch (stride 0 over B) is only read by the forward; its gradient sums over B."""
+    (x, w, b, pe, c, r), kwargs = make_args(1, 3, 16, 16, 8, 16, device=device)
+    xe = x.expand(3, -1, -1, -1)
+    out = patch_embed(xe, w, b, pe, c, r, **kwargs)
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    xd = x.detach().double().requires_grad_(True)
+    ref = reference.patch_embed(
+        xd.expand(3, -1, -1, -1), *(t.detach().double() for t in (w, b, pe, c)), **kwargs
+    )
+    (gref,) = torch.autograd.grad(ref.sum(), xd)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gx.double(), gref, atol=1e-4, rtol=1e-4)
+
+
 def test_image_grad_layout_and_determinism(device, triton_backend):
     """dimages keeps channels-last; two backward passes give bitwise equal gradients (no atomics).
     B*N = 192 rows with D = K = 32 makes the dweight reduction split over 2 row ranges."""
