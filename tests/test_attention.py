@@ -275,6 +275,21 @@ def test_compile_inductor(device, triton_backend):
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
 
 
+def test_compile_module_dynamic_autocast(device, triton_backend):
+    # The module (qk_norm repack, in-kernel dropout) under autocast, dynamic shapes, no graph break.
+    from vit_fast.nn.attention import Attention
+
+    torch._dynamo.reset()
+    m = Attention(32, num_heads=2, qk_norm=True, attn_drop=0.1).to(device)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager", dynamic=True)
+    with torch.autocast(device.type, dtype=BF16):
+        y = compiled(torch.randn(2, 11, 32, device=device))
+    assert y.dtype == BF16
+    y.float().sum().backward()
+    assert torch.isfinite(m.qkv.weight.grad).all() and m.qkv.weight.grad.abs().sum() > 0
+    assert compiled(torch.randn(3, 17, 32, device=device)).shape == (3, 17, 32)
+
+
 @pytest.mark.parametrize("dtype", [BF16, F16])
 def test_autocast(device, triton_backend, dtype):
     qkv = torch.randn(1, 20, 3 * 2 * 16, device=device, requires_grad=True)
