@@ -144,3 +144,11 @@ def test_failing_case_is_reported_not_fatal(monkeypatch):
     )
     rows = bench.run_suite(cfg)
     assert len(rows) == 4 and all("ZeroDivisionError" in r.error for r in rows)
+
+
+def test_compiled_impl_runs(monkeypatch):
+    # The torch.compile'd reference path, with a backend that skips code generation (fast).
+    monkeypatch.setattr(bench, "COMPILE_BACKEND", "aot_eager")
+    (r,) = bench.bench_op("attention", "compiled", TINY, ("fwd+bwd",), min_run_time=0.01)
+    _check_result(r)
+    assert r.error == "" and r.backend == "aot_eager"

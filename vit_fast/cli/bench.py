@@ -35,6 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--no-compile", action="store_true", help="never time torch.compile'd reference")
     p.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend for the compiled impl"
+    )
+    p.add_argument(
         "--backend",
         choices=("auto", "triton", "cpu", "reference"),
         default="auto",
@@ -102,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         run_model=not args.no_model,
         model_kwargs={k: v for k, v in (("img_size", args.img_size), ("depth", args.depth)) if v is not None},
     )
+    bench.COMPILE_BACKEND = args.compile_backend
     env = environment()
     print(
         f"device {env['device']}, torch {env['torch']}, {torch.get_num_threads()} threads, {cfg.dtype}, "
