@@ -177,6 +177,11 @@ def test_layer_norm_bad_input(device):
         ops.layer_norm([1.0, 2.0], None, None)
 
 
+def test_layer_norm_too_wide_for_kernels(triton_backend, device):
+    with pytest.raises(ValueError, match="D=8200 exceeds"):
+        ops.layer_norm(torch.randn(2, 8200, device=device), None, None)
+
+
 def test_layer_norm_linear_bad_input(device):
     x = torch.randn(2, 3, 8, device=device)
     w = torch.randn(16, 8, device=device)

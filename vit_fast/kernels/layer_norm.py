@@ -148,6 +148,16 @@ def _ln_bwd_kernel(
 # --------------------------------------------------------------------------------------- launchers
 
 
+#: Widest row the kernels hold in registers (ViT-g/G widths are <= 1664; 8192 leaves headroom).
+MAX_D = 8192
+
+
+def _check_width(d: int) -> None:
+    # Raised by the launchers before any launch; wider rows would need a looped kernel.
+    if d > MAX_D:
+        raise ValueError(f"x: LayerNorm width D={d} exceeds the Triton kernels' limit of {MAX_D}")
+
+
 def _rows_per_program(block_d: int) -> int:
     # Keep about 4K elements per program: enough work per program for narrow rows, and for wide
     # rows (BLOCK_D = 4096+) one row per program so the tile stays in registers without spills.
@@ -172,6 +182,7 @@ def _row_stats_launch(
     store_y: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
     m, d = x.shape
+    _check_width(d)
     block_d = triton.next_power_of_2(d)
     rows = _rows_per_program(block_d)
     mean = torch.empty(m, device=x.device, dtype=torch.float32)
@@ -239,6 +250,7 @@ def layer_norm_backward_fused(
     dx_dtype or x.dtype, dweight [D] | None, dbias [D] | None) with weight-shaped grads in the
     weight's dtype (fp32 partials reduced in fp32)."""
     m, d = x.shape
+    _check_width(d)
     block_d = triton.next_power_of_2(d)
     rows = _rows_per_program(block_d)
     need_dw = weight is not None
@@ -293,7 +305,7 @@ def aot_specs() -> list:
 
     specs = []
     for dt in ("fp16", "bf16"):
-        for d in (768, 1280, 4096):
+        for d in (768, 1280, 4096, 8192):
             block_d = triton.next_power_of_2(d)
             rows = _rows_per_program(block_d)
             warps = _num_warps(block_d, rows)

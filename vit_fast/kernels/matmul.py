@@ -215,12 +215,21 @@ def _gemm_kernel(
 
 #: Shipped GEMM configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per compute capability
 #: major version and operand width in bytes. One config per case keeps launches deterministic and
-#: each one is AOT-compiled (see aot_specs); Ampere gets 128x128x32 (4 stages fit 163 KiB) with 8
-#: warps (4 warps spill once the LN prologue's fp32 A tile joins the 128x128 accumulator), Hopper
-#: a deeper K tile. fp32 (IEEE dot, no tensor cores) uses small tiles to stay spill-free.
+#: each one is AOT-compiled (see aot_specs). 128x128x64 with 8 warps and 3 stages fits both A100
+#: (80 KiB smem of 163) and H100; on sm_80, 128x128x32 with 4 warps spills in the LN-prologue
+#: wgrad and with 8 warps/4 stages in the LN-prologue forward. fp32 (IEEE dot, no tensor cores)
+#: uses small tiles.
 GEMM_CONFIGS = {
-    (8, 2): (128, 128, 32, 8, 4),
+    (8, 2): (128, 128, 64, 8, 3),
     (9, 2): (128, 128, 64, 8, 3),
+    (8, 4): (64, 64, 16, 4, 2),
+    (9, 4): (64, 64, 16, 4, 2),
+}
+#: The dGELU epilogue (erf + exp on the accumulator with the h_pre tile live) spills at 128x128
+#: tiles on both archs in every warp/stage combination tried; 128x64 does not.
+GEMM_CONFIGS_DGELU = {
+    (8, 2): (128, 64, 64, 8, 3),
+    (9, 2): (128, 64, 64, 8, 3),
     (8, 4): (64, 64, 16, 4, 2),
     (9, 4): (64, 64, 16, 4, 2),
 }
@@ -262,7 +271,7 @@ def gemm(
     m, k = a.shape
     n, k2 = b.shape
     assert k == k2 and tuple(out.shape) == (m, n) and a.dtype == b.dtype
-    bm, bn, bk, warps, stages = _config(a.device, a.dtype, m, n, k)
+    bm, bn, bk, warps, stages = _config(a.device, a.dtype, m, n, k, epilogue)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _gemm_kernel[grid](
         a,
@@ -598,10 +607,12 @@ _GEMM_VARIANTS = (
     ("bias_res", PRO_NONE, EPI_NONE, ("HAS_BIAS", "HAS_GAMMA", "HAS_DPS", "HAS_RES"), False,
      ("stride_ak", "stride_bk", "stride_cn", "stride_rn")),
     ("dgrad_dgelu", PRO_NONE, EPI_DGELU, (), False, ("stride_ak", "stride_bn", "stride_cn", "stride_xn")),
+    ("dgrad_dgelutanh", PRO_NONE, EPI_DGELU_TANH, (), False, ("stride_ak", "stride_bn", "stride_cn", "stride_xn")),
     ("dgrad_f32", PRO_NONE, EPI_NONE, (), True, ("stride_ak", "stride_bn", "stride_cn")),
     ("dgrad", PRO_NONE, EPI_NONE, (), False, ("stride_ak", "stride_bn", "stride_cn")),
     ("wgrad_ln", PRO_LN_COL, EPI_NONE, ("HAS_LNW", "HAS_LNB"), False, ("stride_am", "stride_bn", "stride_cm")),
     ("wgrad_gelu_f32", PRO_GELU, EPI_NONE, (), True, ("stride_am", "stride_bn", "stride_cm")),
+    ("wgrad_gelutanh_f32", PRO_GELU_TANH, EPI_NONE, (), True, ("stride_am", "stride_bn", "stride_cm")),
     ("wgrad_f32", PRO_NONE, EPI_NONE, (), True, ("stride_am", "stride_bn", "stride_cn")),
 )  # fmt: skip
 
@@ -613,8 +624,9 @@ def aot_specs() -> list:
     specs = []
     for dt in ("fp16", "bf16"):
         for arch in (80, 90):
-            bm, bn, bk, warps, stages = GEMM_CONFIGS[(arch // 10, 2)]
             for name, pro, epi, flags, c_f32, unit in _GEMM_VARIANTS:
+                table = GEMM_CONFIGS if epi == EPI_NONE else GEMM_CONFIGS_DGELU
+                bm, bn, bk, warps, stages = table[(arch // 10, 2)]
                 sig: dict[str, str] = {}
                 for a in _GEMM_ARGS:
                     if a in unit:
