@@ -393,10 +393,10 @@ def _batch_sum_kernel(
 FWD_CONFIGS = {"16bit": (128, 64, 32, 8, 3), "16bit_small": (64, 64, 32, 4, 3), "fp32": (64, 64, 16, 4, 3)}
 #: dweight (BLOCK_D, BLOCK_K, BLOCK_R, num_warps, num_stages). Both backward GEMMs gather one
 #: operand element by element; 8 warps for 16-bit keep them well under 255 registers (4 warps sat at
-#: 254-255 and the dimage kernel spilled on sm_80).
+#: 254-255 and the dimage kernel spilled on sm_80; fp32 dimage sat at 255 on sm_90).
 DW_CONFIGS = {"16bit": (64, 64, 64, 8, 3), "fp32": (64, 64, 32, 4, 3)}
 #: dimage (BLOCK_M, BLOCK_K, BLOCK_D, num_warps, num_stages).
-DX_CONFIGS = {"16bit": (128, 64, 32, 8, 3), "fp32": (64, 64, 16, 4, 3)}
+DX_CONFIGS = {"16bit": (128, 64, 32, 8, 3), "fp32": (64, 64, 16, 8, 3)}
 #: batch sum (BLOCK_T, BLOCK_D, num_warps).
 BSUM_CONFIG = (16, 128, 4)
 #: split sum (BLOCK, num_warps).
