@@ -162,3 +162,57 @@ def test_trace_step_rejects_bad_arguments():
         cost.trace_step("vit_tiny_patch16_224", "fused", 1, torch.int8)
     with pytest.raises(ValueError, match="impl"):
         cost.trace_step("vit_tiny_patch16_224", "tensorrt", 1)
+
+
+# A self-contained custom op with a Triton body, to test kernel-level tracing without depending on
+# the shipped kernels: two launches of a scaling kernel plus one aten reduction.
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _scale_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) * 2.0, mask=mask)
+
+
+@torch.library.custom_op("vit_fast_costtest::scale_twice", mutates_args=())
+def _scale_twice(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    tmp, out = torch.empty_like(x), torch.empty_like(x)
+    n = x.numel()
+    _scale_kernel[(triton.cdiv(n, 64),)](x, tmp, n, BLOCK=64)
+    _scale_kernel[(triton.cdiv(n, 64),)](tmp, out, n, BLOCK=64)
+    return out, out.sum()
+
+
+@_scale_twice.register_fake
+def _(x):
+    return torch.empty_like(x), x.new_empty(())
+
+
+@torch.library.custom_op("vit_fast_costtest::data_dependent", mutates_args=())
+def _data_dependent(x: torch.Tensor) -> torch.Tensor:
+    return x * float(x.sum())  # reads a value: cannot run on fake tensors
+
+
+@_data_dependent.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_kernel_level_counts_triton_launches_and_inner_ops(monkeypatch):
+    monkeypatch.setattr(cost, "KERNEL_LEVEL_NAMESPACES", {"vit_fast_costtest"})
+    mode = cost.CostMode(kernel_level=True)
+    with cost.fake_mode():
+        x = torch.empty(1000)
+        with mode:
+            torch.ops.vit_fast_costtest.scale_twice(x)
+            torch.ops.vit_fast_costtest.data_dependent(x)
+    (traced, fallback) = mode.records
+    assert traced.op == "vit_fast_costtest::scale_twice"
+    assert traced.launches == 3  # two Triton launches + the sum; the allocations are free
+    assert traced.bytes == 2 * (2 * 4000) + (4000 + 4)
+    assert fallback.launches == 1 and fallback.bytes == 2 * 4000  # one launch at the op boundary
+    assert "vit_fast_costtest::data_dependent" in mode.kernel_level_failed
+    assert "vit_fast_costtest::scale_twice" not in mode.kernel_level_failed

@@ -31,6 +31,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--optimizer", choices=("adamw", "none"), default="adamw")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--launch-overhead-us", type=float, default=3.0)
+    p.add_argument(
+        "--kernel-level",
+        action="store_true",
+        help="also trace the fused model through its Triton launchers (real kernel count and operand "
+        "bytes per fused op) as an extra variant 'fused-kernels'",
+    )
     p.add_argument("--json", dest="json_path", default=None, help="also write the numbers to this file")
     p.set_defaults(func=run)
     return p
@@ -62,6 +68,21 @@ def run(args: argparse.Namespace) -> int:
                 img_size=args.img_size,
                 label=v,
                 launch_overhead_s=args.launch_overhead_us * 1e-6,
+            )
+        )
+    if args.kernel_level and "fused" in variants:
+        reports.append(
+            cost.trace_step(
+                args.model,
+                "fused",
+                args.batch,
+                cost.DTYPES[args.dtype],
+                train=args.mode == "train",
+                optimizer=None if args.optimizer == "none" else args.optimizer,
+                img_size=args.img_size,
+                label="fused-kernels",
+                launch_overhead_s=args.launch_overhead_us * 1e-6,
+                kernel_level=True,
             )
         )
     what = "training step (fwd+bwd" + ("+AdamW" if args.optimizer != "none" else "") + ")"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ from torch.utils._pytree import tree_flatten
 
 #: Assumed fixed cost of one kernel launch, seconds.
 LAUNCH_OVERHEAD_S = 3e-6
+
+#: Custom-op namespaces whose ops `CostMode(kernel_level=True)` traces through their Triton launcher.
+KERNEL_LEVEL_NAMESPACES = {"vit_fast"}
 
 
 @dataclass(frozen=True)
@@ -338,17 +342,26 @@ class CostMode(TorchDispatchMode):
     Set `.phase` to label records ("forward", "backward", "optimizer").
     """
 
-    def __init__(self) -> None:
+    def __init__(self, kernel_level: bool = False) -> None:
         super().__init__()
         self.records: list[OpRecord] = []
         self.phase = "forward"
         self.unknown_ops: set[str] = set()
+        #: kernel_level: run each vit_fast:: op's Triton body on the fake tensors with every Triton
+        #: launch intercepted (see `_kernel_level`), instead of counting the op as one launch.
+        self.kernel_level = kernel_level
+        #: ops whose Triton body could not be traced (counted as one launch instead), with why.
+        self.kernel_level_failed: dict[str, str] = {}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         ns, name = op_name(func)
         key = f"{ns}::{name}"
+        if self.kernel_level and ns in KERNEL_LEVEL_NAMESPACES:
+            traced = self._kernel_level(func, key, args, kwargs)
+            if traced is not None:
+                return traced
+        out = func(*args, **kwargs)
         if ns in ("prim", "profiler") or name in _FREE_OPS or getattr(func, "is_view", False):
             return out
         flops = count_flops(func, args, kwargs, out)
@@ -373,6 +386,85 @@ class CostMode(TorchDispatchMode):
             )
         )
         return out
+
+    def _kernel_level(self, func: Any, key: str, args: tuple, kwargs: dict) -> Any:
+        """Run the Python body of custom op `func` on the Triton backend over the fake tensors,
+        intercepting each Triton launch (nothing runs: a launch is recorded with the bytes of its
+        tensor arguments, each operand read or written once) and recording the aten ops the
+        launcher calls in between (allocations are free; casts, sums, zero-fills are launches).
+        The op's FLOPs stay the op-level formula. Returns the op's outputs, or None (and notes why
+        in `kernel_level_failed`) when the body cannot run on fake tensors."""
+        from torch._library.custom_ops import _maybe_get_opdef
+
+        from vit_fast.ops.backend import use_backend
+
+        opdef = _maybe_get_opdef(key)
+        if opdef is None:
+            self.kernel_level_failed[key] = "not a torch.library.custom_op"
+            return None
+        kernels: list[int] = []
+        inner = CostMode()
+        inner.phase = self.phase
+        # select_backend allows Triton on CPU tensors only under TRITON_INTERPRET=1; no kernel is
+        # interpreted here (every launch is intercepted), the flag only lets the launcher run.
+        previous = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            with use_backend("triton"), _intercept_triton_launches(kernels), inner:
+                out = opdef._init_fn(*args, **kwargs)
+        except Exception as err:
+            self.kernel_level_failed[key] = (
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:160]
+            )
+            return None
+        finally:
+            if previous is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = previous
+        flops = count_flops(func, args, kwargs, out)
+        floats = [t.dtype for t in _tensors((args, kwargs)) if t.is_floating_point()]
+        self.records.append(
+            OpRecord(
+                op=key,
+                kind=op_kind(*op_name(func)),
+                phase=self.phase,
+                launches=len(kernels) + sum(r.launches for r in inner.records),
+                bytes=sum(kernels) + sum(r.bytes for r in inner.records),
+                flops=flops or 0,
+                dtype=min(floats, key=lambda d: torch.finfo(d).bits) if floats else torch.float32,
+                flops_known=flops is not None,
+            )
+        )
+        return out
+
+
+@contextlib.contextmanager
+def _intercept_triton_launches(record: list[int]) -> Iterator[None]:
+    """Replace the launch entry points of Triton (JIT, autotuner, heuristics, interpreter) by a
+    recorder appending the tensor-argument bytes of each launch to `record`."""
+    import triton.runtime.autotuner as autotuner
+    import triton.runtime.jit as jit
+
+    targets: list[Any] = [jit.JITFunction, autotuner.Autotuner, autotuner.Heuristics]
+    try:
+        import triton.runtime.interpreter as interpreter
+
+        targets.append(interpreter.InterpretedFunction)
+    except ImportError:
+        pass
+
+    def launch(self: Any, *args: Any, **kwargs: Any) -> None:
+        record.append(sum(tensor_bytes(a) for a in (*args, *kwargs.values()) if isinstance(a, Tensor)))
+
+    saved = [(cls, cls.__dict__["run"]) for cls in targets if "run" in cls.__dict__]
+    try:
+        for cls, _ in saved:
+            cls.run = launch
+        yield
+    finally:
+        for cls, fn in saved:
+            cls.run = fn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,6 +491,7 @@ class CostReport:
     batch: int = 1
     launch_overhead_s: float = LAUNCH_OVERHEAD_S
     unknown_ops: set[str] = field(default_factory=set)
+    kernel_level_failed: dict[str, str] = field(default_factory=dict)
 
     def select(self, phases: Iterable[str] | None = None) -> list[OpRecord]:
         phases = None if phases is None else set(phases)
@@ -427,6 +520,7 @@ class CostReport:
             "saved_bytes": self.saved_bytes,
             "launch_overhead_s": self.launch_overhead_s,
             "unknown_ops": sorted(self.unknown_ops),
+            "kernel_level_failed": dict(self.kernel_level_failed),
             "phases": {p: _kc_dict(self.total([p])) for p in phases},
             "total": _kc_dict(self.total()),
             "by_kind": {k: _kc_dict(v) for k, v in self.by_kind().items()},
@@ -522,6 +616,7 @@ def trace_step(
     img_size: int | None = None,
     label: str | None = None,
     launch_overhead_s: float = LAUNCH_OVERHEAD_S,
+    kernel_level: bool = False,
     **model_kwargs: Any,
 ) -> CostReport:
     """Model one step of `name` built with `impl` at `batch` in `dtype` (parameters in `dtype`).
@@ -529,6 +624,8 @@ def trace_step(
     train=False: one inference forward. train=True: forward, cross-entropy loss, backward, and the
     optimizer step ("adamw": fused AdamW, one launch per step; None: no optimizer). Also records the
     saved-for-backward bytes of the forward (parameters excluded, deduplicated by storage).
+    kernel_level=True: each vit_fast:: op is traced through its Triton launcher (its real number of
+    kernels and their operand bytes, see `CostMode._kernel_level`) instead of counting one launch.
     """
     from vit_fast.perf.memory import SavedTensorRecorder
 
@@ -538,7 +635,7 @@ def trace_step(
         raise ValueError(f"dtype must be one of {list(DTYPES.values())}, got {dtype!r}")
     if impl not in VARIANTS:
         raise ValueError(f"impl must be one of {VARIANTS}, got {impl!r}")
-    mode = CostMode()
+    mode = CostMode(kernel_level=kernel_level)
     if img_size is not None:
         model_kwargs["img_size"] = img_size
     model = meta_model(name, impl, **model_kwargs)
@@ -582,6 +679,7 @@ def trace_step(
         batch=batch,
         launch_overhead_s=launch_overhead_s,
         unknown_ops=mode.unknown_ops,
+        kernel_level_failed=mode.kernel_level_failed,
     )
 
 
@@ -653,6 +751,9 @@ def format_comparison(reports: list[CostReport], gpus: Iterable[str] = ("h100", 
                     f"{ratio(rep.saved_bytes, other.saved_bytes):>9}"
                     + "".join(f" {ratio(t.time_s[g], b.time_s[g]):>10}" for g in gpus)
                 )
+    for rep in reports:
+        for op, why in sorted(rep.kernel_level_failed.items()):
+            lines.append(f"{rep.label}: {op} not traced at kernel level (counted as 1 launch): {why}")
     unknown = sorted(set().union(*(r.unknown_ops for r in reports)))
     if unknown:
         lines.append(f"ops without a FLOP formula (counted as 0 FLOPs): {', '.join(unknown)}")
