@@ -12,7 +12,11 @@ without allocating memory. Every op that reaches the Python dispatcher is taken 
 * views, reshapes, detach, allocation without initialisation and other metadata ops: 0 launches, 0 bytes.
 
 A `vit_fast::` custom op with a registered fake kernel is seen as ONE op here (the mode never
-descends into its body), which is exactly one fused launch.
+descends into its body) and counted as one launch whose traffic is its inputs plus outputs. With
+`kernel_level=True` the mode instead runs the op's Triton launcher on the fake tensors with every
+Triton launch intercepted, which counts the kernels the op really launches and the operand bytes of
+each (intermediates between its kernels included); ops whose launcher cannot run on fake tensors
+fall back to one launch and are listed.
 
 Roofline per launch: ``time = max(flops / peak, bytes / bandwidth) + launch_overhead`` with spec
 sheet peaks (H100 SXM: 989 TFLOP/s dense bf16/fp16, 67 TFLOP/s fp32, 3.35 TB/s; A100 SXM:
