@@ -148,3 +148,11 @@ def test_profile_command(tmp_path, capsys):
     # one range per fused op call, and the custom ops themselves
     assert {"train_step", "vit_fast.attention", "vit_fast.layer_norm_mlp", "vit_fast.patch_embed"} <= names
     assert any(n and n.startswith("vit_fast::attention") for n in names)
+
+
+def test_a_broken_command_module_does_not_break_the_others(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_command_modules", lambda: ["cost", "no_such_command_module"])
+    assert cli.main(["no_such_command_module", "--anything"]) == 2
+    assert "failed to import" in capsys.readouterr().err
+    args = cli.build_parser().parse_args(["cost", "--batch", "3"])
+    assert args.batch == 3

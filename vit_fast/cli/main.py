@@ -28,14 +28,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit-fast", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _command_modules():
-        module = importlib.import_module(f"vit_fast.cli.{name}")
+        try:
+            module = importlib.import_module(f"vit_fast.cli.{name}")
+        except Exception as err:  # one broken command must not take the others down
+            _add_broken(subparsers, name, err)
+            continue
         if hasattr(module, "add_parser"):
             module.add_parser(subparsers)
     return parser
 
 
+def _add_broken(subparsers: argparse._SubParsersAction, name: str, err: BaseException) -> None:
+    """A placeholder for a command whose module failed to import: running it reports why (exit 2)."""
+    why = f"{type(err).__name__}: {err}"
+    p = subparsers.add_parser(name, help=f"(unavailable: {why[:80]})", add_help=False)
+
+    def fail(args: argparse.Namespace) -> int:
+        print(f"vit-fast {name}: the command module failed to import: {why}", file=sys.stderr)
+        return 2
+
+    p.set_defaults(func=fail, broken_command=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "broken_command", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.func(args) or 0)
 
 
