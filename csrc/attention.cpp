@@ -62,6 +62,42 @@ const float* as_f32(const T* src, int64_t ld, int64_t rows, int64_t cols, std::v
   }
 }
 
+// Row kernels of the score tiles (fp32, multi-target). Forward: running max of a row, then the
+// exponentials exp(s - m_new) in place, returning their sum. Backward (no dropout):
+// P = exp(s - lse) in place and dS = P * (dP - delta) into dp.
+VF_CLONES float row_max_f32(const float* row, int64_t n) {
+  float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) mx = row[j] > mx ? row[j] : mx;
+  return mx;
+}
+
+VF_CLONES float exp_row_f32(float* row, int64_t n, float m) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = fast_exp(row[j] - m);
+    row[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+VF_CLONES void probs_and_dscores_f32(float* p, float* dp, int64_t n, float lse, float delta) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float pv = fast_exp(p[j] - lse);
+    p[j] = pv;
+    dp[j] = pv * (dp[j] - delta);
+  }
+}
+
+VF_CLONES float dot_f32(const float* a, const float* b, int64_t n) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) acc += a[j] * b[j];
+  return acc;
+}
+
 template <typename T>
 void attention_forward_impl(const Tensor& qkv, const AttnShape& s, float scale, float dropout_p, int64_t seed,
                             Tensor& out, Tensor& lse) {
@@ -102,18 +138,12 @@ void attention_forward_impl(const Tensor& qkv, const AttnShape& s, float scale, 
         gemm_rm(false, true, bq, bk, hd, scale, qf, ldq, kf + j0 * ldk, ldk, 0.0f, tile.data(), kFwdBlockK);
         for (int64_t i = 0; i < bq; ++i) {
           float* row = tile.data() + i * kFwdBlockK;
-          float mx = row[0];
-          for (int64_t j = 1; j < bk; ++j) mx = row[j] > mx ? row[j] : mx;
+          const float mx = row_max_f32(row, bk);
           const float m_new = std::max(row_max[i], mx);
           // Rescale what was accumulated under the old running max (first block: nothing yet).
           const float alpha = row_max[i] == -std::numeric_limits<float>::infinity() ? 0.0f
                                                                                     : std::exp(row_max[i] - m_new);
-          float sum = 0.0f;
-          for (int64_t j = 0; j < bk; ++j) {
-            const float e = fast_exp(row[j] - m_new);
-            row[j] = e;
-            sum += e;
-          }
+          const float sum = exp_row_f32(row, bk, m_new);
           row_sum[i] = row_sum[i] * alpha + sum;  // normaliser counts every key: dropout comes after softmax
           row_max[i] = m_new;
           if (dropout_p > 0.0f) {
@@ -171,9 +201,13 @@ void attention_backward_impl(const Tensor& grad_out, const Tensor& qkv, const Te
       const float* gof = as_f32(go, D, T_, hd, gobuf, ldgo);
       // delta_i = sum_j P_ij dP_ij = dO_i . O_i (holds with dropout too, since O = (P * Z) V).
       for (int64_t i = 0; i < T_; ++i) {
-        float acc = 0.0f;
-        for (int64_t d = 0; d < hd; ++d) acc += to_f(go[i * D + d]) * to_f(o[i * D + d]);
-        delta[i] = acc;
+        if constexpr (std::is_same_v<T, float>) {
+          delta[i] = dot_f32(go + i * D, o + i * D, hd);
+        } else {
+          float acc = 0.0f;
+          for (int64_t d = 0; d < hd; ++d) acc += to_f(go[i * D + d]) * to_f(o[i * D + d]);
+          delta[i] = acc;
+        }
       }
       std::fill(dq.begin(), dq.end(), 0.0f);
       for (int64_t j0 = 0; j0 < T_; j0 += BK) {
@@ -192,8 +226,12 @@ void attention_backward_impl(const Tensor& grad_out, const Tensor& qkv, const Te
             float* pr = p_tile.data() + i * BK;
             float* dpr = dp_tile.data() + i * BK;
             const float l = lse_row[i0 + i], dl = delta[i0 + i];
+            if (dropout_p == 0.0f) {
+              probs_and_dscores_f32(pr, dpr, bk, l, dl);
+              continue;
+            }
             for (int64_t j = 0; j < bk; ++j) pr[j] = fast_exp(pr[j] - l);
-            if (dropout_p > 0.0f) {
+            {
               float* pdr = pd_tile.data() + i * BK;
               const uint64_t base_ctr = static_cast<uint64_t>((bh * T_ + i0 + i) * T_ + j0);
               for (int64_t j = 0; j < bk; ++j) {

@@ -75,6 +75,15 @@ inline T from_f(float v) {
   return static_cast<T>(v);
 }
 
+// Float leaf loops marked VF_CLONES are compiled for AVX-512 / AVX2 / baseline and the best one is
+// picked at load time (GCC target_clones): setup.py builds for baseline x86-64, which would leave the
+// exp/erf polynomials and the row reductions at 4 SSE lanes.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define VF_CLONES
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Tile GEMM, row-major: C[M,N] = alpha * op(A) op(B) + beta * C, all fp32.
 // The attention tiles are small (64 x 64 x head_dim), so going through the ATen dispatcher per tile
@@ -197,10 +206,13 @@ inline bool parse_approximate(const std::string& approximate) {
 template <typename T>
 inline void ln_row_forward(const T* x, const float* w, const float* b, T* y, int64_t d, float eps,
                            float* mean_out, float* rstd_out) {
+  // omp simd: lets the compiler reorder these fp32 sums into vector lanes (not allowed by default).
   float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < d; ++i) sum += to_f(x[i]);
   const float mean = sum / static_cast<float>(d);
   float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
   for (int64_t i = 0; i < d; ++i) {
     const float c = to_f(x[i]) - mean;
     sq += c * c;
@@ -256,6 +268,7 @@ inline void ln_backward_rows(const TD* dy, const T* x, const float* w, const flo
       const T* xr = x + r * d;
       const float mu = mean[r], rs = rstd[r];
       float s_g = 0.0f, s_gx = 0.0f;
+#pragma omp simd reduction(+ : s_g, s_gx)
       for (int64_t i = 0; i < d; ++i) {
         const float xh = (to_f(xr[i]) - mu) * rs;
         const float dyv = to_f(dyr[i]);
@@ -264,9 +277,11 @@ inline void ln_backward_rows(const TD* dy, const T* x, const float* w, const flo
         g[i] = gv;
         s_g += gv;
         s_gx += gv * xh;
-        if (pw) pw[i] += dyv * xh;
-        if (pb) pb[i] += dyv;
       }
+      if (pw)
+        for (int64_t i = 0; i < d; ++i) pw[i] += to_f(dyr[i]) * xhat[i];
+      if (pb)
+        for (int64_t i = 0; i < d; ++i) pb[i] += to_f(dyr[i]);
       const float c_g = s_g / static_cast<float>(d), c_gx = s_gx / static_cast<float>(d);
       T* dxr = dx + r * d;
       const T* er = extra ? extra + r * d : nullptr;

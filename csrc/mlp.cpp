@@ -6,19 +6,11 @@
 //            fc2 epilogue: out = x + (acc + b2) * gamma * dps[row / T], in place on the GEMM output
 //   backward GELU pass:    a = GELU(h_pre) and dh = da * GELU'(h_pre) in one sweep (shared erf/exp)
 //            LN pass:      dx = LN-backward(dxn) + dout (the residual path), with dln_w/dln_b partials
-// The float32 element passes are compiled for AVX-512 / AVX2 / baseline and picked at load time
-// (GCC target_clones): the setup.py flags target baseline x86-64, which would leave the exp/erf
-// polynomial at 4 lanes.
+// The float32 element passes are VF_CLONES (multi-target, see common.h).
 #include "common.h"
 
 namespace vit_fast {
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define VF_CLONES
-#endif
 
 // ----- element passes (templated bodies; float versions get the multi-target clones) -----------
 

@@ -1,12 +1,12 @@
 // Patch-embed family: image -> tokens [cls, reg..., patches...] with bias and position embedding.
 //
-// On a CPU the patch matrix [B * N, C*p*p] is built by a parallel gather that reads the image
-// through its strides (NCHW or channels-last alike) and costs one pass over the image; one ATen GEMM
-// then does the projection, and a single epilogue pass adds bias + pos_embed while writing each
-// token at its final offset, prefix tokens (+ their pos embed) included.
-// Backward: one pass gathers the patch-token gradients (and the bias / pos / prefix reductions),
-// dW = g^T patches (patches regathered, not saved), and dimages = scatter(g W) since the stride-p
-// patches do not overlap.
+// The projection is ATen's stride-p convolution without bias (oneDNN's implicit GEMM: on a CPU it beat
+// an explicit patch gather + at::mm, measured in benchmarks/cpu_ops.py); a single parallel epilogue
+// pass then reads its output by strides, adds bias + pos_embed and writes every token at its final
+// offset, prefix tokens (+ their pos embed) included.
+// Backward: one pass gathers the patch-token gradients into [B, gh, gw, D] (also the bias / pos /
+// prefix reductions over the batch, in fp32); viewed as a channels-last [B, D, gh, gw] tensor it
+// feeds ATen's convolution backward for dW and (when asked) dimages.
 #include "common.h"
 
 namespace vit_fast {
@@ -48,28 +48,6 @@ PatchShape make_shape(const Tensor& images, const Tensor& weight, int64_t patch_
   return s;
 }
 
-// patches[b * N + n, (c * p + ky) * p + kx] = images[b, c, gy * p + ky, gx * p + kx], n = gy * gw + gx.
-template <typename T>
-Tensor gather_patches(const Tensor& images, const PatchShape& s) {
-  Tensor cols = at::empty({s.batch * s.n, s.k}, images.options());
-  const T* src = images.data_ptr<T>();
-  T* dst = cols.data_ptr<T>();
-  const int64_t sb = images.stride(0), sc = images.stride(1), sy = images.stride(2), sx = images.stride(3);
-  at::parallel_for(0, s.batch * s.n, 8, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / s.n, n = r % s.n, gy = n / s.gw, gx = n % s.gw;
-      T* row = dst + r * s.k;
-      for (int64_t c = 0; c < s.channels; ++c)
-        for (int64_t ky = 0; ky < s.p; ++ky) {
-          const T* line = src + b * sb + c * sc + (gy * s.p + ky) * sy + gx * s.p * sx;
-          T* out = row + (c * s.p + ky) * s.p;
-          for (int64_t kx = 0; kx < s.p; ++kx) out[kx] = line[kx * sx];
-        }
-    }
-  });
-  return cols;
-}
-
 }  // namespace
 
 Tensor patch_embed_forward(const Tensor& images, const Tensor& weight, const OptTensor& bias,
@@ -95,9 +73,9 @@ Tensor patch_embed_forward(const Tensor& images, const Tensor& weight, const Opt
                reg32 = f32_or_empty(reg_tokens);
   Tensor tokens = at::empty({s.batch, s.tokens, s.d}, images.options());
   VF_DISPATCH(images.scalar_type(), "patch_embed_forward", [&] {
-    const Tensor cols = gather_patches<scalar_t>(images, s);
-    const Tensor proj = at::mm(cols, weight.reshape({s.d, s.k}).t());  // [B * N, D]
+    const Tensor proj = at::conv2d(images, weight, {}, {s.p, s.p});  // [B, D, gh, gw], any layout
     const scalar_t* pp = proj.data_ptr<scalar_t>();
+    const int64_t ps0 = proj.stride(0), ps1 = proj.stride(1), ps2 = proj.stride(2), ps3 = proj.stride(3);
     scalar_t* out = tokens.data_ptr<scalar_t>();
     const float* bp = ptr_or_null(b32);
     const float* pos = ptr_or_null(pos32);
@@ -120,9 +98,10 @@ Tensor patch_embed_forward(const Tensor& images, const Tensor& weight, const Opt
         if (src32) {
           for (int64_t i = 0; i < s.d; ++i) o[i] = from_f<scalar_t>(src32[i] + (prow ? prow[i] : 0.0f));
         } else {
-          const scalar_t* g = pp + (b * s.n + t - s.prefix) * s.d;
+          const int64_t n = t - s.prefix;
+          const scalar_t* g = pp + b * ps0 + (n / s.gw) * ps2 + (n % s.gw) * ps3;
           for (int64_t i = 0; i < s.d; ++i) {
-            float v = to_f(g[i]);
+            float v = to_f(g[i * ps1]);
             if (bp) v += bp[i];
             if (prow) v += prow[i];
             o[i] = from_f<scalar_t>(v);
@@ -171,35 +150,17 @@ std::tuple<OptTensor, Tensor, OptTensor, OptTensor, OptTensor, OptTensor> patch_
     if (has_bias) dbias = tok_sum.narrow(0, s.prefix, s.n).sum(0).to(weight.scalar_type());
     if (has_pos) {
       Tensor p = no_embed_class ? tok_sum.narrow(0, s.prefix, s.n) : tok_sum;
-      dpos = p.unsqueeze(0).to(dt).contiguous();
+      dpos = p.unsqueeze(0).to(dt, /*non_blocking=*/false, /*copy=*/true);  // own storage: never alias
     }
-    if (has_cls) dcls = tok_sum.narrow(0, 0, 1).reshape({1, 1, s.d}).to(dt);
-    if (num_reg > 0) dreg = tok_sum.narrow(0, has_cls ? 1 : 0, num_reg).unsqueeze(0).to(dt).contiguous();
+    if (has_cls) dcls = tok_sum.narrow(0, 0, 1).reshape({1, 1, s.d}).to(dt, false, true);
+    if (num_reg > 0) dreg = tok_sum.narrow(0, has_cls ? 1 : 0, num_reg).unsqueeze(0).to(dt, false, true);
 
-    const Tensor cols = gather_patches<scalar_t>(images, s);
-    dweight = at::mm(gp.t(), cols).reshape({s.d, s.channels, s.p, s.p});
-    if (needs_image_grad) {
-      const Tensor dcols = at::mm(gp, weight.reshape({s.d, s.k}));  // [B * N, K]
-      // Same memory format as the input (channels-last stays channels-last); pixels beyond the last
-      // full patch get no gradient.
-      Tensor di = at::zeros_like(images, images.options(), images.suggest_memory_format());
-      const int64_t sb = di.stride(0), sc = di.stride(1), sy = di.stride(2), sx = di.stride(3);
-      scalar_t* dst = di.data_ptr<scalar_t>();
-      const scalar_t* dc = dcols.data_ptr<scalar_t>();
-      at::parallel_for(0, s.batch * s.n, 8, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t b = r / s.n, n = r % s.n, gy = n / s.gw, gx = n % s.gw;
-          const scalar_t* row = dc + r * s.k;
-          for (int64_t c = 0; c < s.channels; ++c)
-            for (int64_t ky = 0; ky < s.p; ++ky) {
-              scalar_t* line = dst + b * sb + c * sc + (gy * s.p + ky) * sy + gx * s.p * sx;
-              const scalar_t* in = row + (c * s.p + ky) * s.p;
-              for (int64_t kx = 0; kx < s.p; ++kx) line[kx * sx] = in[kx];
-            }
-        }
-      });
-      dimages = di;
-    }
+    // [B, gh, gw, D] seen as channels-last [B, D, gh, gw]: the conv's output gradient, no copy.
+    const Tensor go = gp.view({s.batch, s.gh, s.gw, s.d}).permute({0, 3, 1, 2});
+    auto [di, dw, unused] = at::convolution_backward(go, images, weight, std::nullopt, {s.p, s.p}, {0, 0}, {1, 1},
+                                                     false, {0, 0}, 1, {needs_image_grad, true, false});
+    dweight = dw;
+    if (needs_image_grad) dimages = di;
   });
   return {dimages, dweight, dbias, dpos, dcls, dreg};
 }
