@@ -32,26 +32,19 @@ def test_subcommands_register_from_their_modules():
 
 def test_cost_command(tmp_path, capsys):
     path = tmp_path / "cost.json"
-    rc = cli.main(
-        [
-            "cost",
-            "--model",
-            "vit_tiny_patch16_224",
-            "--batch",
-            "2",
-            "--variants",
-            "reference,fused",
-            "--json",
-            str(path),
-        ]
-    )
+    argv = ["cost", "--model", "vit_tiny_patch16_224", "--batch", "2", "--variants", "reference,fused"]
+    rc = cli.main([*argv, "--kernel-level", "--img-size", "64", "--json", str(path)])
     assert rc == 0
     out = capsys.readouterr().out
     assert "MODELED" in out and "ratio vs reference" in out and "TOTAL" in out
     data = json.loads(path.read_text())
     assert data["modeled"] is True
-    ref, fused = data["variants"]
-    assert (ref["label"], fused["label"]) == ("reference", "fused")
+    ref, fused, kernels = data["variants"]
+    assert (ref["label"], fused["label"], kernels["label"]) == ("reference", "fused", "fused-kernels")
+    # Tracing fused ops through their launchers can only add kernels and intermediate traffic.
+    assert kernels["total"]["launches"] >= fused["total"]["launches"]
+    assert kernels["total"]["bytes"] >= fused["total"]["bytes"]
+    assert kernels["total"]["flops"] == fused["total"]["flops"]
     for v in (ref, fused):
         assert set(v["phases"]) == {"forward", "backward", "optimizer"}
         assert v["total"]["launches"] > 0 and v["total"]["bytes"] > 0 and v["saved_bytes"] > 0
