@@ -8,9 +8,9 @@ dq kernel own disjoint columns, so nothing is zeroed first and no atomics are ne
 gradients run to run).
 
 Every kernel runs on a 2-D grid: axis 0 is `b * H + h` (axis 0 has no 65535 limit, so large
-batches are fine), axis 1 tiles the tokens. Head dims that are
-not powers of two (72, 80, 96, ...) are padded to `BLOCK_D` with masked loads (zeros add nothing to
-the dot products); token tails are masked to `-inf` scores (forward) or zero probabilities (backward).
+batches are fine), axis 1 tiles the tokens. Head dims that are not powers of two (72, 80, 96, ...)
+are padded to `BLOCK_D` with masked loads (zeros add nothing to the dot products); token tails are
+masked to `-inf` scores (forward) or zero probabilities (backward).
 
 Dropout. The keep-mask element for (b, h, query i, key j) is `rand(seed + (b*H + h) * 2**32,
 i*T + j) >= p`: the Philox key carries the head and the counter the position, so masks are
@@ -42,7 +42,8 @@ MAX_HEAD_DIM = 256
 @triton.jit
 def _mm(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """a @ b with fp32 accumulation. UPCAST (interpreter only): the interpreter's dot mishandles
-    bf16 operands, so they are widened first. IEEE: fp32 inputs must not silently drop to tf32."""
+    bf16 operands, so low-precision operands are widened first (exact: the values are already
+    rounded to the input dtype). IEEE: fp32 inputs must not silently drop to tf32 on the GPU."""
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -437,11 +438,17 @@ def tuned_kernel(kernel: str, block_d: int, capability: tuple[int, int] | None):
     return _tuned[key]
 
 
+def _gpu_delta_tile(block_d: int) -> tuple[int, int]:
+    # Small row tiles: an AOT sweep found ptxas capping this kernel at 80 registers and spilling
+    # for 64 x 64 and larger tiles; 16 (32 for BLOCK_D = 32) rows x 4 warps compile clean everywhere.
+    return (32 if block_d <= 32 else 16), 4
+
+
 def delta_tile(block_d: int) -> tuple[int, int]:
-    """(BLOCK_M, num_warps) of the tiny delta pre-pass."""
+    """(BLOCK_M, num_warps) of the tiny delta pre-pass (no autotune: it is a row reduction)."""
     if triton_interpreting():
         return 32, 1
-    return (64 if block_d <= 128 else 32), 4
+    return _gpu_delta_tile(block_d)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -495,6 +502,11 @@ def aot_specs() -> list:
                 for kernel in ("fwd", "dkdv", "dq"):
                     for bm, bn, w, s in GPU_CONFIGS[kernel][block_d][arch]:
                         for dropout in (False, True):
+                            strides = [
+                                a
+                                for a in (scalars_fwd if kernel == "fwd" else scalars_bwd)
+                                if a.startswith("stride")
+                            ]
                             if kernel == "fwd":
                                 ptrs = {"QKV": f"*{dt}", "Out": f"*{dt}", "Lse": "*fp32"}
                                 sig = {**ptrs, **scalars_fwd}
@@ -524,32 +536,43 @@ def aot_specs() -> list:
                                     constexprs=cx,
                                     num_warps=w,
                                     num_stages=s,
-                                    divisible_by_16=tuple(ptrs),
+                                    # What the JIT sees for ViT widths (D % 16 == 0): aligned
+                                    # pointers and token/batch strides; T and head_dim stay free.
+                                    divisible_by_16=(*ptrs, *strides, "D"),
                                     archs=(arch,),
                                 )
                             )
-        bm, w = 64, 4  # delta_tile(128) on GPU
-        specs.append(
-            KernelSpec(
-                name=f"attention_delta_{dt}_d128",
-                fn=_attn_bwd_delta_kernel,
-                signature={
-                    "Out": f"*{dt}",
-                    "dOut": f"*{dt}",
-                    "Delta": "*fp32",
-                    "stride_ob": "i32",
-                    "stride_ot": "i32",
-                    "stride_gb": "i32",
-                    "stride_gt": "i32",
-                    "T": "i32",
-                    "H": "i32",
-                    "head_dim": "i32",
-                    "BLOCK_M": "constexpr",
-                    "BLOCK_D": "constexpr",
-                },
-                constexprs={"BLOCK_M": bm, "BLOCK_D": 128},
-                num_warps=w,
-                divisible_by_16=("Out", "dOut", "Delta"),
+        for block_d in [bd for d, bd in shipped if d == dt]:
+            bm, w = _gpu_delta_tile(block_d)
+            specs.append(
+                KernelSpec(
+                    name=f"attention_delta_{dt}_d{block_d}",
+                    fn=_attn_bwd_delta_kernel,
+                    signature={
+                        "Out": f"*{dt}",
+                        "dOut": f"*{dt}",
+                        "Delta": "*fp32",
+                        "stride_ob": "i32",
+                        "stride_ot": "i32",
+                        "stride_gb": "i32",
+                        "stride_gt": "i32",
+                        "T": "i32",
+                        "H": "i32",
+                        "head_dim": "i32",
+                        "BLOCK_M": "constexpr",
+                        "BLOCK_D": "constexpr",
+                    },
+                    constexprs={"BLOCK_M": bm, "BLOCK_D": block_d},
+                    num_warps=w,
+                    divisible_by_16=(
+                        "Out",
+                        "dOut",
+                        "Delta",
+                        "stride_ob",
+                        "stride_ot",
+                        "stride_gb",
+                        "stride_gt",
+                    ),
+                )
             )
-        )
     return specs
