@@ -174,19 +174,71 @@ def cases(dtype: torch.dtype):
     yield "patch_embed", pe_ref, pe_fwd, pe_fb, g_pe, [pew, peb, pos, cls]
 
 
+def model_bench(args) -> None:
+    """Whole ViT-S/16 at 224, batch 8: inference (no_grad forward) and training step (forward +
+    backward of sum(logits), grads set to None between steps) for fused / eager (/ compiled).
+    The impls are measured interleaved, run by run, so drifting machine load hits all alike."""
+    from vit_fast.models import create_model
+
+    torch.manual_seed(0)
+    fused = create_model("vit_small_patch16_224", impl="fused")
+    eager = create_model("vit_small_patch16_224", impl="reference")
+    eager.load_state_dict(fused.state_dict())
+    impls = {"fused": fused, "eager": eager}
+    if args.compile:
+        impls["compiled"] = torch.compile(eager)
+    images = torch.randn(B, 3, 224, 224)
+    clock = time.process_time if args.cpu_time else time.perf_counter
+
+    def infer(m):
+        m.eval()
+        with torch.no_grad():
+            m(images)
+
+    def train(m):
+        m.train()
+        m.zero_grad(set_to_none=True)
+        m(images).sum().backward()
+
+    results = {}
+    for mode, step in (("inference", infer), ("train step", train)):
+        for m in impls.values():
+            step(m)  # warm-up (and compilation)
+        times = {k: [] for k in impls}
+        for _ in range(args.runs):
+            for k, m in impls.items():
+                t0 = clock()
+                step(m)
+                times[k].append((clock() - t0) * 1e3)
+        results[mode] = {k: statistics.median(v) for k, v in times.items()}
+    kind = "cpu" if args.cpu_time else "wall"
+    print(
+        f"ViT-S/16 224 batch {B} fp32, {kind} time, threads={torch.get_num_threads()}, median of {args.runs}"
+    )
+    for mode, r in results.items():
+        parts = ", ".join(f"{k} {v:.0f} ms" for k, v in r.items())
+        ratios = ", ".join(f"{k}/fused {v / r['fused']:.2f}x" for k, v in r.items() if k != "fused")
+        print(f"  {mode:<11} {parts}  ({ratios})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--cpu-time", action="store_true", help="measure process CPU time, not wall time")
+    ap.add_argument("--model", action="store_true", help="whole ViT-S model instead of per-op numbers")
+    ap.add_argument("--compile", action="store_true", help="with --model: add torch.compile'd eager")
     ap.add_argument("--only", default="", help="substring filter on op names")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
+    if args.model:
+        model_bench(args)
+        return
     print(
-        f"threads={torch.get_num_threads()} dtype={args.dtype} B={B} T={T} D={D} H={H} F={F}; median of {args.runs}"
+        f"{'cpu' if args.cpu_time else 'wall'} time, threads={torch.get_num_threads()} dtype={args.dtype} B={B} T={T} D={D} H={H} F={F}; median of {args.runs}"
     )
     print(
         f"{'op':<20}{'eager fwd':>11}{'fused fwd':>11}{'ratio':>7}{'eager f+b':>11}{'fused f+b':>11}{'ratio':>7}"
