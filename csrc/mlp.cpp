@@ -174,15 +174,33 @@ std::tuple<Tensor, Tensor, OptTensor, Tensor, OptTensor> linear_residual_backwar
   check_epilogue_args(gamma, dps, tokens_per_sample, m, n);
   const Tensor g32 = f32_or_empty(gamma), s32 = f32_or_empty(dps), b32 = f32_or_empty(bias);
   const Tensor dc = dout.contiguous();
+  Tensor dresidual = dc.clone();  // a custom op may not return an alias of its input
+  OptTensor dbias, dgamma;
+  if (x.scalar_type() == at::kFloat && gamma.has_value()) {
+    // fp32 with layer-scale: with ds = dout * dps and G = ds^T x, dW = gamma * G, dx = ds (gamma * W),
+    // dbias = gamma * colsum(ds) and dgamma_c = sum_k W_ck G_ck + b_c colsum(ds)_c, so the
+    // pre-scale output y = x W^T + b never has to be recomputed (one GEMM saved). bf16 keeps the
+    // path below, which rounds exactly where the reference does.
+    const Tensor ds = scale_grad<float>(dc, nullptr, ptr_or_null(s32), tokens_per_sample);
+    const Tensor gcol = g32.unsqueeze(1);
+    const Tensor G = at::mm(ds.t(), x);
+    Tensor dx = at::mm(ds, weight * gcol);
+    Tensor dweight = G * gcol;
+    const Tensor cs = at::sum(ds, {0});
+    if (bias.has_value()) dbias = grad_as(cs * g32, bias);
+    if (needs_gamma_grad) {
+      Tensor g = (weight * G).sum(1);
+      if (bias.has_value()) g += b32 * cs;
+      dgamma = grad_as(g, gamma);
+    }
+    return {dx, dweight, dbias, dresidual, dgamma};
+  }
   Tensor dy = VF_DISPATCH(x.scalar_type(), "linear_residual_backward", [&] {
     return scale_grad<scalar_t>(dc, ptr_or_null(g32), ptr_or_null(s32), tokens_per_sample);
   });
   Tensor dx = at::mm(dy, weight);
   Tensor dweight = at::mm(dy.t(), x);
-  OptTensor dbias;
   if (bias.has_value()) dbias = grad_as(at::sum(dy, {0}, false, at::kFloat), bias);
-  Tensor dresidual = dc.clone();  // a custom op may not return an alias of its input
-  OptTensor dgamma;
   if (needs_gamma_grad && gamma.has_value()) {
     // d gamma_c = sum_r dout_rc * dps_r * y_rc needs the pre-scale GEMM output y: recompute it.
     Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
@@ -299,12 +317,17 @@ std::tuple<Tensor, OptTensor, OptTensor, Tensor, OptTensor, Tensor, OptTensor, O
   const Tensor lw = f32_or_empty(ln_weight), lb = f32_or_empty(ln_bias);
   const Tensor g32 = f32_or_empty(gamma), s32 = f32_or_empty(dps);
 
-  // Through the fc2 epilogue: dy2 = dout * gamma * dps.
+  // fp32 with layer-scale: differentiate through gamma analytically (as in linear_residual_backward)
+  // instead of recomputing fc2's output: ds = dout * dps, da = ds (gamma * W2), G2 = ds^T a,
+  // dW2 = gamma * G2, dgamma = rowsum(W2 * G2) + b2 * colsum(ds).
+  const bool analytic_gamma = x.scalar_type() == at::kFloat && gamma.has_value();
   Tensor dy2 = VF_DISPATCH(x.scalar_type(), "mlp_backward", [&] {
-    return scale_grad<scalar_t>(dc, ptr_or_null(g32), ptr_or_null(s32), tokens_per_sample);
+    return scale_grad<scalar_t>(dc, analytic_gamma ? nullptr : ptr_or_null(g32), ptr_or_null(s32),
+                                tokens_per_sample);
   });
+  const Tensor gcol = analytic_gamma ? g32.unsqueeze(1) : Tensor();
   // da = dy2 W2, then one pass turns it into dh = da * GELU'(h_pre) and recomputes a = GELU(h_pre).
-  Tensor dh = at::mm(dy2, fc2_weight);
+  Tensor dh = at::mm(dy2, analytic_gamma ? fc2_weight * gcol : fc2_weight);
   Tensor act = at::empty_like(hc);
   VF_DISPATCH(x.scalar_type(), "mlp_backward", [&] {
     const scalar_t* hp = hc.data_ptr<scalar_t>();
@@ -315,16 +338,26 @@ std::tuple<Tensor, OptTensor, OptTensor, Tensor, OptTensor, Tensor, OptTensor, O
     });
   });
   Tensor dfc2_w = at::mm(dy2.t(), act);
-  OptTensor dfc2_b;
-  if (fc2_bias.has_value()) dfc2_b = grad_as(at::sum(dy2, {0}, false, at::kFloat), fc2_bias);
-  OptTensor dgamma;
-  if (needs_gamma_grad && gamma.has_value()) {
-    Tensor y2 = fc2_bias.has_value() ? at::addmm(*fc2_bias, act, fc2_weight.t()) : at::mm(act, fc2_weight.t());
-    Tensor g = VF_DISPATCH(x.scalar_type(), "mlp_backward", [&] {
-      return column_sum<scalar_t>(dc.data_ptr<scalar_t>(), y2.data_ptr<scalar_t>(), ptr_or_null(s32),
-                                  tokens_per_sample, s.m, s.d);
-    });
-    dgamma = grad_as(g, gamma);
+  OptTensor dfc2_b, dgamma;
+  if (analytic_gamma) {
+    const Tensor cs = at::sum(dy2, {0});
+    if (fc2_bias.has_value()) dfc2_b = grad_as(cs * g32, fc2_bias);
+    if (needs_gamma_grad) {
+      Tensor g = (fc2_weight * dfc2_w).sum(1);
+      if (fc2_bias.has_value()) g += f32_or_empty(fc2_bias) * cs;
+      dgamma = grad_as(g, gamma);
+    }
+    dfc2_w = dfc2_w * gcol;
+  } else {
+    if (fc2_bias.has_value()) dfc2_b = grad_as(at::sum(dy2, {0}, false, at::kFloat), fc2_bias);
+    if (needs_gamma_grad && gamma.has_value()) {
+      Tensor y2 = fc2_bias.has_value() ? at::addmm(*fc2_bias, act, fc2_weight.t()) : at::mm(act, fc2_weight.t());
+      Tensor g = VF_DISPATCH(x.scalar_type(), "mlp_backward", [&] {
+        return column_sum<scalar_t>(dc.data_ptr<scalar_t>(), y2.data_ptr<scalar_t>(), ptr_or_null(s32),
+                                    tokens_per_sample, s.m, s.d);
+      });
+      dgamma = grad_as(g, gamma);
+    }
   }
   act = Tensor();  // free [M, F] before the next allocations
   OptTensor dfc1_b;

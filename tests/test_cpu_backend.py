@@ -387,6 +387,30 @@ def test_linear_residual(dtype, use_gamma, use_dps, has_bias):
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
+def test_gamma_grad_only_when_asked(dtype):
+    # needs_gamma_grad=False must drop only dgamma; the other gradients stay the same.
+    m, k, n, tps = 12, 16, 8, 4
+    x, w, b, g = (torch.randn(*s).to(dtype) for s in ((m, k), (n, k), (n,), (n,)))
+    dout, dps = torch.randn(m, n).to(dtype), torch.tensor([1.0, 0.0, 2.0]).to(dtype)
+    with_g = _C.linear_residual_backward(dout, x, w, b, g, dps, tps, True)
+    without = _C.linear_residual_backward(dout, x, w, b, g, dps, tps, False)
+    assert with_g[4] is not None and with_g[4].shape == (n,) and without[4] is None
+    for a, c in zip(with_g[:4], without[:4]):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    w1, w2 = torch.randn(24, k).to(dtype), torch.randn(k, 24).to(dtype)
+    xm, dm = torch.randn(m, k).to(dtype), torch.randn(m, k).to(dtype)
+    gm = torch.randn(k).to(dtype)
+    _, mean, rstd, h = _C.mlp_forward(xm, None, None, w1, None, w2, None, 1e-6, gm, dps, tps, "none")
+    args = (dm, xm, None, None, w1, w2, None, gm, dps, tps, mean, rstd, h, "none", False)
+    full, part = _C.mlp_backward(*args, True), _C.mlp_backward(*args, False)
+    assert full[7] is not None and part[7] is None
+    for a, c in zip(full[:7], part[:7]):
+        assert (a is None) == (c is None)
+        if a is not None:
+            torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("extras", [False, True])
 def test_layer_norm_mlp(dtype, approximate, extras):
