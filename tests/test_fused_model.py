@@ -38,7 +38,10 @@ def _check_model(name, backend, **kw):
     with use_backend(backend):
         ours, g_ours = _forward_backward(fused, x)
     results = [compare("logits", ours, out64, out32)]
-    results += [compare(k, g_ours[k], g64[k].float(), g32[k]) for k in g64]
+    # Some gradients are zero in exact arithmetic (k_norm.bias: softmax ignores a shift shared by
+    # all keys); they get an absolute floor 1e-6 x the largest gradient of the model.
+    floor = 1e-6 * max(g.abs().max().item() for g in g64.values())
+    results += [compare(k, g_ours[k], g64[k].float(), g32[k], atol_abs=floor) for k in g64]
     failed = [str(r) for r in results if not r.ok]
     assert not failed, "\n".join(failed)
 

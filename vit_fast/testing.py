@@ -37,9 +37,19 @@ class Comparison:
 
 
 def compare(
-    name: str, ours: Tensor, ref64: Tensor, ref_lp: Tensor, *, k: float = 2.0, atol_rel: float = 1e-5
+    name: str,
+    ours: Tensor,
+    ref64: Tensor,
+    ref_lp: Tensor,
+    *,
+    k: float = 2.0,
+    atol_rel: float = 1e-5,
+    atol_abs: float = 0.0,
 ) -> Comparison:
-    """Apply the rule to one tensor; non-finite values in ours where ref64 is finite always fail."""
+    """Apply the rule to one tensor; non-finite values in ours where ref64 is finite always fail.
+
+    `atol_abs` is an absolute floor for tensors that are zero in exact arithmetic (their own scale
+    is rounding noise, so a scale-relative atol would demand bit-equality with PyTorch's noise)."""
     if ours.shape != ref64.shape:
         raise AssertionError(f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref64.shape)}")
     ref64 = ref64.double()
@@ -48,7 +58,7 @@ def compare(
     err_ours = (ours.double() - ref64).abs().max().item() if ours.numel() else 0.0
     err_torch = (ref_lp.double() - ref64).abs().max().item() if ours.numel() else 0.0
     scale = ref64.abs().max().item() if ours.numel() else 0.0
-    return Comparison(name, err_ours, err_torch, k * err_torch + atol_rel * scale)
+    return Comparison(name, err_ours, err_torch, k * err_torch + atol_rel * scale + atol_abs)
 
 
 def _cast(obj: Any, dtype: torch.dtype, grad_mask: dict[int, bool]) -> Any:

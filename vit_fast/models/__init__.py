@@ -1,9 +1,8 @@
 """ViT models: the paper's configurations under timm's names, a hybrid ResNet stem, pos-embed resampling."""
 
-from vit_fast.models.hybrid import ResNetStem, StdConv2d
+from vit_fast.models.hybrid import HybridEmbed, ResNetStem, StdConv2d
 from vit_fast.models.pos_embed import resample_pos_embed
 from vit_fast.models.vision_transformer import (
-    PatchEmbed,
     VisionTransformer,
     create_model,
     list_models,
@@ -12,7 +11,7 @@ from vit_fast.models.vision_transformer import (
 )
 
 __all__ = [
-    "PatchEmbed",
+    "HybridEmbed",
     "ResNetStem",
     "StdConv2d",
     "VisionTransformer",

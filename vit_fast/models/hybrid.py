@@ -95,3 +95,21 @@ def feature_shape(backbone: nn.Module, in_chans: int, img_size: tuple[int, int])
     feat = backbone(torch.zeros(1, in_chans, *img_size, device=device))
     backbone.train(was_training)
     return int(feat.shape[1]), int(feat.shape[2]), int(feat.shape[3])
+
+
+class HybridEmbed(nn.Module):
+    """Parameter holder for the hybrid embedding, in timm's layout: `backbone` (the CNN) and `proj`,
+    a 1x1 Conv2d [D, C', 1, 1] over the backbone's feature map (patch size 1 on the feature grid)."""
+
+    def __init__(
+        self, backbone: nn.Module, img_size: int | tuple[int, int], in_chans: int, embed_dim: int
+    ) -> None:
+        super().__init__()
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.backbone = backbone
+        feat_chans, fh, fw = feature_shape(backbone, in_chans, self.img_size)
+        self.patch_size = (1, 1)
+        self.feat_ratio = self.img_size[0] // fh
+        self.grid_size = (fh, fw)
+        self.num_patches = fh * fw
+        self.proj = nn.Conv2d(feat_chans, embed_dim, 1)

@@ -14,48 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vit_fast.models.hybrid import ResNetStem, feature_shape
+from vit_fast.models.hybrid import HybridEmbed, ResNetStem
 from vit_fast.models.pos_embed import resample_pos_embed
 from vit_fast.nn.block import Block, op_namespace
+from vit_fast.nn.patch_embed import PatchEmbed
 
 POOLS = ("token", "avg", "")
-
-
-def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-class PatchEmbed(nn.Module):
-    """Parameter holder in timm's layout: `proj` is the Conv2d [D, C, p, p] patch projection; with a
-    `backbone` (hybrid model) the projection is 1x1 over the backbone's feature map."""
-
-    def __init__(
-        self,
-        img_size: int | tuple[int, int],
-        patch_size: int,
-        in_chans: int,
-        embed_dim: int,
-        bias: bool = True,
-        backbone: nn.Module | None = None,
-    ) -> None:
-        super().__init__()
-        self.img_size = _pair(img_size)
-        self.backbone = backbone
-        if backbone is not None:
-            feat_chans, fh, fw = feature_shape(backbone, in_chans, self.img_size)
-            self.patch_size = (1, 1)
-            self.feat_ratio = self.img_size[0] // fh
-            self.grid_size = (fh, fw)
-            proj_in = feat_chans
-        else:
-            self.patch_size = _pair(patch_size)
-            if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
-                raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {patch_size}")
-            self.feat_ratio = patch_size
-            self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
-            proj_in = in_chans
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(proj_in, embed_dim, self.patch_size, stride=self.patch_size, bias=bias)
 
 
 class VisionTransformer(nn.Module):
@@ -115,7 +79,12 @@ class VisionTransformer(nn.Module):
         self.no_embed_class = no_embed_class
         self.dynamic_img_size = dynamic_img_size
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, backbone=backbone)
+        if backbone is not None:
+            self.patch_embed = HybridEmbed(backbone, img_size, in_chans, embed_dim)
+        else:
+            self.patch_embed = PatchEmbed(
+                img_size, patch_size, in_chans, embed_dim, strict_img_size=not dynamic_img_size
+            )
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
@@ -208,7 +177,7 @@ class VisionTransformer(nn.Module):
         if x.shape[0] == 0:
             raise ValueError("images is an empty batch")
         h, w = x.shape[-2:]
-        if self.patch_embed.backbone is None:
+        if getattr(self.patch_embed, "backbone", None) is None:
             p = self.patch_embed.patch_size[0]
             if h % p or w % p:
                 raise ValueError(f"image size ({h}, {w}) is not divisible by the patch size {p}")
@@ -229,7 +198,7 @@ class VisionTransformer(nn.Module):
         self._check_input(x)
         f = op_namespace(self._impl)
         pe = self.patch_embed
-        if pe.backbone is not None:
+        if isinstance(pe, HybridEmbed):
             x = pe.backbone(x)
         p = pe.patch_size[0]
         grid = (x.shape[-2] // p, x.shape[-1] // p)

@@ -12,6 +12,7 @@ Per block the fused path is four launches of our ops:
 
 from __future__ import annotations
 
+from functools import partial
 from types import ModuleType
 
 import torch
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vit_fast import ops, reference
+from vit_fast.nn.attention import Attention
+from vit_fast.nn.mlp import LayerScale, Mlp
 
 IMPLS = ("fused", "reference")
 
@@ -32,63 +35,9 @@ def op_namespace(impl: str) -> ModuleType:
     raise ValueError(f"impl must be 'auto', 'fused' or 'reference', got {impl!r}")
 
 
-class LayerScale(nn.Module):
-    """Per-channel scale `gamma` [D] (CaiT layer-scale); timm's name for the parameter."""
-
-    def __init__(self, dim: int, init_values: float = 1e-5) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(init_values * torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.gamma
-
-
-class Mlp(nn.Module):
-    """fc1 -> GELU -> dropout -> fc2 -> dropout, timm's `Mlp` parameter layout."""
-
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0, bias: bool = True) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.act = nn.GELU()
-        self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden, dim, bias=bias)
-        self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
-
-
-class AttentionParams(nn.Module):
-    """The attention sub-block's parameters in timm's layout; the Block runs the math."""
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        qkv_bias: bool = True,
-        qk_norm: bool = False,
-        proj_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        norm_eps: float = 1e-6,
-    ) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-
 def normalize_qk(attn: nn.Module, qkv: Tensor) -> Tensor:
     """Apply `attn.q_norm` / `attn.k_norm` per head to the packed qkv [B, T, 3D] (a no-op without
-    qk-norm). Works on our AttentionParams and on timm's Attention, which share these names."""
+    qk-norm). Works on our Attention and on timm's, which share these names."""
     if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity):
         return qkv
     batch, tokens, _ = qkv.shape
@@ -131,8 +80,15 @@ class Block(nn.Module):
         op_namespace(impl)  # validate early
         self.drop_path = drop_path
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = AttentionParams(
-            dim, num_heads, qkv_bias, qk_norm, proj_bias, attn_drop, proj_drop, norm_eps
+        self.attn = Attention(
+            dim,
+            num_heads,
+            qkv_bias,
+            qk_norm,
+            proj_bias,
+            attn_drop,
+            proj_drop,
+            norm_layer=partial(nn.LayerNorm, eps=norm_eps),
         )
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
