@@ -92,7 +92,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth decay rule
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth decay rule
         self.blocks = nn.Sequential(
             *[
                 Block(
