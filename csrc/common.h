@@ -204,8 +204,9 @@ inline bool parse_approximate(const std::string& approximate) {
 // is more accurate than E[x^2] - E[x]^2 and costs nothing measurable at ViT widths.
 
 template <typename T>
-inline void ln_row_forward(const T* x, const float* w, const float* b, T* y, int64_t d, float eps,
-                           float* mean_out, float* rstd_out) {
+inline __attribute__((always_inline)) void ln_row_forward_body(const T* x, const float* w, const float* b, T* y,
+                                                               int64_t d, float eps, float* mean_out,
+                                                               float* rstd_out) {
   // omp simd: lets the compiler reorder these fp32 sums into vector lanes (not allowed by default).
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -226,6 +227,49 @@ inline void ln_row_forward(const T* x, const float* w, const float* b, T* y, int
   }
   if (mean_out) *mean_out = mean;
   if (rstd_out) *rstd_out = rstd;
+}
+
+// fp32 rows get multi-target clones (defined in layer_norm.cpp).
+void ln_row_forward_f32(const float* x, const float* w, const float* b, float* y, int64_t d, float eps,
+                        float* mean_out, float* rstd_out);
+void ln_row_backward_f32(const float* dy, const float* x, const float* w, float mu, float rs, const float* extra,
+                         float* dx, float* pw, float* pb, float* xhat, float* g, int64_t d);
+
+template <typename T>
+inline void ln_row_forward(const T* x, const float* w, const float* b, T* y, int64_t d, float eps,
+                           float* mean_out, float* rstd_out) {
+  if constexpr (std::is_same_v<T, float>)
+    ln_row_forward_f32(x, w, b, y, d, eps, mean_out, rstd_out);
+  else
+    ln_row_forward_body(x, w, b, y, d, eps, mean_out, rstd_out);
+}
+
+// One row of the LN backward (see ln_backward_rows); xhat and g are d-float scratch.
+template <typename T, typename TD>
+inline __attribute__((always_inline)) void ln_row_backward_body(const TD* dyr, const T* xr, const float* w, float mu,
+                                                                float rs, const T* er, T* dxr, float* pw, float* pb,
+                                                                float* xhat, float* g, int64_t d) {
+  float s_g = 0.0f, s_gx = 0.0f;
+#pragma omp simd reduction(+ : s_g, s_gx)
+  for (int64_t i = 0; i < d; ++i) {
+    const float xh = (to_f(xr[i]) - mu) * rs;
+    const float dyv = to_f(dyr[i]);
+    const float gv = w ? dyv * w[i] : dyv;
+    xhat[i] = xh;
+    g[i] = gv;
+    s_g += gv;
+    s_gx += gv * xh;
+  }
+  if (pw)
+    for (int64_t i = 0; i < d; ++i) pw[i] += to_f(dyr[i]) * xhat[i];
+  if (pb)
+    for (int64_t i = 0; i < d; ++i) pb[i] += to_f(dyr[i]);
+  const float c_g = s_g / static_cast<float>(d), c_gx = s_gx / static_cast<float>(d);
+  for (int64_t i = 0; i < d; ++i) {
+    float v = rs * (g[i] - c_g - xhat[i] * c_gx);
+    if (er) v += to_f(er[i]);
+    dxr[i] = from_f<T>(v);
+  }
 }
 
 // Recompute LN(x) row by row (used by backward passes that need the normalised input for a GEMM).
@@ -264,32 +308,13 @@ inline void ln_backward_rows(const TD* dy, const T* x, const float* w, const flo
     float* pb = need_b ? part_b.data() + static_cast<size_t>(tid) * d : nullptr;
     std::vector<float> xhat(d), g(d);
     for (int64_t r = r0; r < r1; ++r) {
-      const TD* dyr = dy + r * d;
-      const T* xr = x + r * d;
-      const float mu = mean[r], rs = rstd[r];
-      float s_g = 0.0f, s_gx = 0.0f;
-#pragma omp simd reduction(+ : s_g, s_gx)
-      for (int64_t i = 0; i < d; ++i) {
-        const float xh = (to_f(xr[i]) - mu) * rs;
-        const float dyv = to_f(dyr[i]);
-        const float gv = w ? dyv * w[i] : dyv;
-        xhat[i] = xh;
-        g[i] = gv;
-        s_g += gv;
-        s_gx += gv * xh;
-      }
-      if (pw)
-        for (int64_t i = 0; i < d; ++i) pw[i] += to_f(dyr[i]) * xhat[i];
-      if (pb)
-        for (int64_t i = 0; i < d; ++i) pb[i] += to_f(dyr[i]);
-      const float c_g = s_g / static_cast<float>(d), c_gx = s_gx / static_cast<float>(d);
-      T* dxr = dx + r * d;
       const T* er = extra ? extra + r * d : nullptr;
-      for (int64_t i = 0; i < d; ++i) {
-        float v = rs * (g[i] - c_g - xhat[i] * c_gx);
-        if (er) v += to_f(er[i]);
-        dxr[i] = from_f<T>(v);
-      }
+      if constexpr (std::is_same_v<T, float> && std::is_same_v<TD, float>)
+        ln_row_backward_f32(dy + r * d, x + r * d, w, mean[r], rstd[r], er, dx + r * d, pw, pb, xhat.data(),
+                            g.data(), d);
+      else
+        ln_row_backward_body(dy + r * d, x + r * d, w, mean[r], rstd[r], er, dx + r * d, pw, pb, xhat.data(),
+                             g.data(), d);
     }
   });
   for (int t = 0; t < nthreads; ++t) {

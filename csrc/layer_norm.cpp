@@ -6,6 +6,18 @@
 #include "common.h"
 
 namespace vit_fast {
+
+VF_CLONES void ln_row_forward_f32(const float* x, const float* w, const float* b, float* y, int64_t d, float eps,
+                                  float* mean_out, float* rstd_out) {
+  ln_row_forward_body(x, w, b, y, d, eps, mean_out, rstd_out);
+}
+
+VF_CLONES void ln_row_backward_f32(const float* dy, const float* x, const float* w, float mu, float rs,
+                                   const float* extra, float* dx, float* pw, float* pb, float* xhat, float* g,
+                                   int64_t d) {
+  ln_row_backward_body(dy, x, w, mu, rs, extra, dx, pw, pb, xhat, g, d);
+}
+
 namespace {
 
 void check_ln_input(const Tensor& x, const OptTensor& weight, const OptTensor& bias) {
