@@ -421,10 +421,14 @@ def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
     ctx.num_heads, ctx.scale, ctx.dropout_p = num_heads, scale, dropout_p
     ctx.backend = _pick_backend(qkv)
     ctx.mark_non_differentiable(lse)
+    # lse never receives a gradient: do not let autograd allocate (and launch) a zero tensor for it.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):  # type: ignore[no-untyped-def]
     qkv, out, lse, seed = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None
     dqkv = _attention_bwd_op(
         grad_out, qkv, out, lse, ctx.num_heads, ctx.scale, ctx.dropout_p, seed, ctx.backend
     )
