@@ -235,17 +235,18 @@ GEMM_CONFIGS_DGELU = {
 }
 #: Interpreter tiles: small for small problems, so masks and several K iterations are exercised on
 #: tiny shapes; larger for realistic widths, where the interpreter's per-tile overhead dominates.
-INTERP_CONFIG = (16, 16, 16, 1, 1)
+INTERP_CONFIG = (32, 32, 32, 1, 1)
 INTERP_CONFIG_LARGE = (64, 64, 64, 1, 1)
 
 
 def _config(
-    device: torch.device, dtype: torch.dtype, m: int, n: int, k: int
+    device: torch.device, dtype: torch.dtype, m: int, n: int, k: int, epilogue: int
 ) -> tuple[int, int, int, int, int]:
     if triton_interpreting() or device.type != "cuda":
         return INTERP_CONFIG if max(m, n, k) <= 256 else INTERP_CONFIG_LARGE
     major = torch.cuda.get_device_capability(device)[0]
-    return GEMM_CONFIGS[(9 if major >= 9 else 8, 4 if dtype == torch.float32 else 2)]
+    table = GEMM_CONFIGS if epilogue == EPI_NONE else GEMM_CONFIGS_DGELU
+    return table[(9 if major >= 9 else 8, 4 if dtype == torch.float32 else 2)]
 
 
 def gemm(
