@@ -319,11 +319,11 @@ def test_saved_bytes_vit_b_bf16():
     [
         (192, 3 * 197, torch.float16, True, True),
         (384, 197, torch.float32, False, False),
+        (768, 197, torch.bfloat16, True, False),
         (1000, 1, torch.float16, False, True),
+        (1280, 1, torch.float32, True, True),
     ],
 )
-# D=768 and 1280 through the whole MLP take 2-3 interpreter minutes each (4 GEMMs of F=4D): they
-# are covered at the GEMM level by test_layer_norm_linear_realistic (768) and by the LN tests.
 def test_layer_norm_mlp_realistic(triton_backend, device, d, tokens, dtype, gamma, drop_path):
     b = 2 if drop_path else 1
     args = _mlp_args(b, tokens, d, 4 * d, device=device)
