@@ -101,7 +101,10 @@ def layer_norm(
     """
     if residual is not None:
         x = x + residual
-    y = F.layer_norm(x.float(), x.shape[-1:], _f32(weight), _f32(bias), eps).to(x.dtype)
+    # Statistics in at least fp32; float64 stays float64 so the fp64 oracle really is fp64.
+    stat_dtype = torch.promote_types(x.dtype, torch.float32)
+    y = F.layer_norm(x.to(stat_dtype), x.shape[-1:], _cast(weight, stat_dtype), _cast(bias, stat_dtype), eps)
+    y = y.to(x.dtype)
     return (y, x) if residual is not None else y
 
 
@@ -173,5 +176,5 @@ def layer_norm_mlp(
     return scale_residual(F.linear(h, fc2_weight, fc2_bias), x, gamma, drop_path_scale)
 
 
-def _f32(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.float()
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)

@@ -3,8 +3,8 @@
 
 from vit_fast.ops.attention import attention
 from vit_fast.ops.backend import active_backends, select_backend, use_backend
-from vit_fast.ops.layer_norm import layer_norm, layer_norm_linear, linear_residual
-from vit_fast.ops.mlp import layer_norm_mlp
+from vit_fast.ops.layer_norm import layer_norm, layer_norm_linear
+from vit_fast.ops.mlp import layer_norm_mlp, linear_residual
 from vit_fast.ops.patch_embed import patch_embed
 
 __all__ = [
