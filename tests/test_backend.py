@@ -47,5 +47,24 @@ def test_forced_backends(monkeypatch):
 
 def test_auto_prefers_cpu_extension_when_built():
     fam = "attention"
-    want = "cpu" if backend.has_cpu_kernel(fam) else ("triton" if backend.triton_interpreting() else "reference")
+    want = (
+        "cpu" if backend.has_cpu_kernel(fam) else ("triton" if backend.triton_interpreting() else "reference")
+    )
     assert backend.select_backend(torch.device("cpu"), fam) == want
+
+
+def test_package_works_without_the_extension(monkeypatch):
+    """As after `VIT_FAST_BUILD_EXT=0` or a failed build: no `cpu` backend, the fused model still runs."""
+    import vit_fast
+
+    monkeypatch.setattr(backend, "cpu_extension", lambda: None)
+    assert backend.select_backend(torch.device("cpu"), "mlp") != "cpu"
+    with pytest.raises(RuntimeError, match="no 'mlp' kernels"), backend.use_backend("cpu"):
+        backend.select_backend(torch.device("cpu"), "mlp")
+    torch.manual_seed(0)
+    fused = vit_fast.create_model("vit_tiny_patch16_224", impl="fused", img_size=16, patch_size=8, depth=1)
+    ref = vit_fast.create_model("vit_tiny_patch16_224", impl="reference", img_size=16, patch_size=8, depth=1)
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    with backend.use_backend("reference"), torch.no_grad():
+        assert torch.allclose(fused(x), ref(x), atol=1e-5)
