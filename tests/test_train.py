@@ -126,11 +126,13 @@ def test_config_rejects_bad_fields(field, value) -> None:
         train(dataclasses.replace(tiny(), **{field: value}))
 
 
-def test_fp16_on_cpu_and_bad_batch_are_rejected(tmp_path: Path) -> None:
+def test_unsupported_run_settings_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="fp16"):
         train(tiny(precision="fp16", out=None, steps=1))
     with pytest.raises(ValueError, match="batch_size"):
         train(tiny(batch_size=4096, out=None, steps=1))
+    with pytest.raises(ValueError, match="fsdp"):
+        train(tiny(fsdp=True, out=None, steps=1))
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         train(tiny(resume=str(tmp_path / "missing.pt"), out=None, steps=1))
 

@@ -213,6 +213,9 @@ def build_optimizer(
 # -- distributed ------------------------------------------------------------------------------------
 @dataclass
 class DistEnv:
+    """This process's place in the job (rank 0 of 1 when not launched by torchrun) and its device;
+    `created_group` says whether the trainer initialised the process group (and so destroys it)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -520,7 +523,7 @@ def plot_loss_curve(out_dir: str | os.PathLike) -> Path:
     if eval_path.is_file():
         ev = read_csv(eval_path)
         if ev.get("step"):
-            ax.plot(ev["step"], ev["val_loss"], "o-", ms=3, label="val loss")
+            ax.plot(ev["step"], ev["val_loss"], "o-", ms=3, color="tab:red", label="val loss")
             ax2 = ax.twinx()
             ax2.plot(ev["step"], [100 * a for a in ev["val_acc"]], "s--", ms=3, color="tab:green")
             ax2.set_ylabel("val accuracy (%)")
@@ -581,6 +584,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
+    if cfg.fsdp and not env.distributed:
+        raise ValueError("fsdp=True shards over processes: launch with torchrun --nproc_per_node >= 2")
     amp_dtype = resolve_precision(cfg.precision, env.device)
     out_dir = Path(cfg.out) if cfg.out else None
     write = env.is_main and out_dir is not None

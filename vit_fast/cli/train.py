@@ -1,7 +1,7 @@
 """`vit-fast train`: train a small ViT on scikit-learn's digits (upsampled) or a synthetic set.
 
-    vit-fast train --dataset digits --img-size 32 --patch-size 4 --depth 2 --embed-dim 64 --heads 2 \\
-        --steps 200 --batch-size 64 --lr 1e-3 --impl auto --out runs/digits [--resume auto]
+    vit-fast train --dataset digits --img-size 32 --patch-size 8 --depth 2 --embed-dim 64 --heads 2 \\
+        --steps 200 --batch-size 64 --lr 3e-3 --impl auto --out runs/digits [--resume auto]
 
 Multi-process: `torchrun --standalone --nproc_per_node=2 -m vit_fast.cli.train ...` (DDP; add
 `--fsdp` for FSDP2). Writes <out>/loss.csv, eval.csv, loss.png and checkpoint.pt (rank 0 only).
@@ -63,7 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--seed", type=int, default=d.seed)
     r.add_argument("--device", default=d.device, help="auto | cpu | cuda[:i]")
     r.add_argument("--out", default=d.out, help="output directory (logs, plot, checkpoint)")
-    r.add_argument("--resume", default=d.resume, help="checkpoint path, or 'auto' for <out>/checkpoint.pt")
+    r.add_argument(
+        "--resume",
+        default=d.resume,
+        help="checkpoint path, or 'auto': <out>/checkpoint.pt if it exists (else start fresh)",
+    )
     r.add_argument("--eval-every", type=int, default=d.eval_every, help="0: only at the end")
     r.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="0: only at the end")
     r.add_argument("--log-every", type=int, default=d.log_every, help="print a line every N steps")
