@@ -181,10 +181,14 @@ def _lnl_setup(ctx, inputs, output):
     # Saved: x, mean/rstd (fp32) and the parameters; the LN output is recomputed in the backward.
     ctx.save_for_backward(x, ln_weight, ln_bias, weight, mean, rstd)
     ctx.has_bias = bias is not None
+    # mean/rstd never get gradients: no materialised zero tensors (one launch each) for them.
+    ctx.set_materialize_grads(False)
 
 
 def _lnl_backward(ctx, dout, _dmean, _drstd):
     x, ln_weight, ln_bias, weight, mean, rstd = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None, None, None
     dx, dlw, dlb, dw, db = _layer_norm_linear_bwd(
         dout.contiguous(), x, ln_weight, ln_bias, weight, mean, rstd, ctx.has_bias
     )

@@ -251,10 +251,14 @@ def _mlp_setup(ctx, inputs, output):
     ctx.tokens = tokens
     ctx.approximate = approximate
     ctx.has_fc1_bias = fc1_bias is not None
+    # mean/rstd/h_pre never get gradients: no materialised zero tensors (one launch each) for them.
+    ctx.set_materialize_grads(False)
 
 
 def _mlp_backward(ctx, dout, _dmean, _drstd, _dh_pre):
     x, ln_weight, ln_bias, fc1_weight, fc2_weight, fc2_bias, gamma, dps, mean, rstd, h_pre = ctx.saved_tensors
+    if dout is None:
+        return (None,) * 12
     needs_dgamma = gamma is not None and ctx.needs_input_grad[8]
     grads = _mlp_bwd(
         dout.contiguous(),
