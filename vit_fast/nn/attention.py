@@ -7,7 +7,17 @@ from torch import Tensor, nn
 
 from vit_fast import ops
 
-__all__ = ["Attention"]
+__all__ = ["Attention", "normalize_qk"]
+
+
+def normalize_qk(attn: nn.Module, qkv: Tensor) -> Tensor:
+    """Apply `attn.q_norm` / `attn.k_norm` per head to the packed qkv [B, T, 3D] (a no-op without
+    qk-norm). Works on our Attention and on timm's, which share these names."""
+    if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity):
+        return qkv
+    batch, tokens, _ = qkv.shape
+    q, k, v = qkv.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).unbind(2)
+    return torch.stack([attn.q_norm(q), attn.k_norm(k), v], dim=2).reshape(batch, tokens, -1)
 
 
 class Attention(nn.Module):
@@ -49,10 +59,7 @@ class Attention(nn.Module):
         if attn_mask is not None:
             raise NotImplementedError("vit_fast Attention does not support attn_mask")
         qkv = self.qkv(x)
-        if self.qk_norm:
-            batch, tokens, _ = qkv.shape
-            q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).unbind(2)
-            qkv = torch.stack((self.q_norm(q), self.k_norm(k), v), dim=2).reshape(batch, tokens, -1)
+        qkv = normalize_qk(self, qkv)
         p = self.attn_drop.p if self.training else 0.0
         out = ops.attention(qkv, self.num_heads, scale=self.scale, dropout_p=p)
         return self.proj_drop(self.proj(out))

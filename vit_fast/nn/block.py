@@ -15,13 +15,12 @@ from __future__ import annotations
 from functools import partial
 from types import ModuleType
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vit_fast import ops, reference
-from vit_fast.nn.attention import Attention
-from vit_fast.nn.mlp import LayerScale, Mlp
+from vit_fast.nn.attention import Attention, normalize_qk
+from vit_fast.nn.mlp import LayerScale, Mlp, drop_path_scale
 
 IMPLS = ("fused", "reference")
 
@@ -33,24 +32,6 @@ def op_namespace(impl: str) -> ModuleType:
     if impl == "reference":
         return reference
     raise ValueError(f"impl must be 'auto', 'fused' or 'reference', got {impl!r}")
-
-
-def normalize_qk(attn: nn.Module, qkv: Tensor) -> Tensor:
-    """Apply `attn.q_norm` / `attn.k_norm` per head to the packed qkv [B, T, 3D] (a no-op without
-    qk-norm). Works on our Attention and on timm's, which share these names."""
-    if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity):
-        return qkv
-    batch, tokens, _ = qkv.shape
-    q, k, v = qkv.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).unbind(2)
-    return torch.stack([attn.q_norm(q), attn.k_norm(k), v], dim=2).reshape(batch, tokens, -1)
-
-
-def drop_path_scale(batch: int, drop_prob: float, training: bool, device: torch.device) -> Tensor | None:
-    """Stochastic depth as a per-sample scale [B]: 0 for a dropped sample, 1/keep for a kept one."""
-    if drop_prob == 0.0 or not training:
-        return None
-    keep = 1.0 - drop_prob
-    return torch.empty(batch, device=device).bernoulli_(keep).div_(keep)
 
 
 class Block(nn.Module):

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from vit_fast import ops, reference
 
-__all__ = ["LayerNormMLP", "LayerScale", "Mlp", "layer_norm_mlp_functional"]
+__all__ = ["LayerNormMLP", "LayerScale", "Mlp", "drop_path_scale", "layer_norm_mlp_functional"]
 
 
 def layer_norm_mlp_functional(
@@ -51,6 +51,14 @@ def layer_norm_mlp_functional(
         drop_path_scale=drop_path_scale,
         approximate=approximate,
     )
+
+
+def drop_path_scale(batch: int, drop_prob: float, training: bool, device: torch.device) -> Tensor | None:
+    """Stochastic depth as a per-sample scale [B]: 0 for a dropped sample, 1/keep for a kept one."""
+    if drop_prob == 0.0 or not training:
+        return None
+    keep = 1.0 - drop_prob
+    return torch.empty(batch, device=device).bernoulli_(keep).div_(keep)
 
 
 class Mlp(nn.Module):
@@ -118,16 +126,9 @@ class LayerNormMLP(nn.Module):
         self.approximate = approximate
         self.impl = impl
 
-    def drop_path_scale(self, batch: int, device: torch.device) -> Tensor | None:
-        """Per-sample scale [B]: 0 for a dropped sample, 1/keep_prob for a kept one (None when off)."""
-        if not self.training or self.drop_path == 0.0:
-            return None
-        keep = 1.0 - self.drop_path
-        return torch.empty(batch, device=device).bernoulli_(keep).div_(keep)
-
     def forward(self, x: Tensor) -> Tensor:
         gamma = self.ls.gamma if self.ls is not None else None
-        dps = self.drop_path_scale(x.shape[0], x.device)
+        dps = drop_path_scale(x.shape[0], self.drop_path, self.training, x.device)
         if self.training and self.mlp.drop1.p > 0.0:
             y = self.mlp(self.norm(x))
             return reference.scale_residual(y, x, gamma, None if dps is None else dps.to(y.dtype))
