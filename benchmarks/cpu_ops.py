@@ -2,6 +2,8 @@
 shapes (B=8, T=197, D=384, H=6, F=1536), float32, forward and forward+backward.
 
     OMP_NUM_THREADS=2 python benchmarks/cpu_ops.py [--runs 7] [--threads N] [--dtype float32|bfloat16]
+    OMP_NUM_THREADS=2 python benchmarks/cpu_ops.py --model [--compile] [--gemm-ablation]
+    OMP_NUM_THREADS=2 python benchmarks/cpu_ops.py --gemm     # the GEMM libraries alone
 
 Times are medians of `--runs` torch.utils.benchmark measurements taken in the same process; the
 ratio column is eager / fused (> 1 means the fused op is faster). The fused side calls the contract
@@ -185,10 +187,22 @@ def model_bench(args) -> None:
     eager = create_model("vit_small_patch16_224", impl="reference")
     eager.load_state_dict(fused.state_dict())
     impls = {"fused": fused, "eager": eager}
+    if args.gemm_ablation:
+        impls["fused-aten-gemm"] = fused  # the same model, its GEMMs through at::mm (see run_impl)
     if args.compile:
         impls["compiled"] = torch.compile(eager)
     images = torch.randn(B, 3, 224, 224)
     clock = time.process_time if args.cpu_time else time.perf_counter
+    import vit_fast._C as C
+
+    gemm_default = C.gemm_backend()
+
+    def run_impl(name, step, m):
+        C.set_gemm_backend("aten" if name == "fused-aten-gemm" else gemm_default)
+        try:
+            step(m)
+        finally:
+            C.set_gemm_backend(gemm_default)
 
     def infer(m):
         m.eval()
@@ -202,23 +216,59 @@ def model_bench(args) -> None:
 
     results = {}
     for mode, step in (("inference", infer), ("train step", train)):
-        for m in impls.values():
-            step(m)  # warm-up (and compilation)
+        for k, m in impls.items():
+            run_impl(k, step, m)  # warm-up (and compilation)
         times = {k: [] for k in impls}
         for _ in range(args.runs):
             for k, m in impls.items():
                 t0 = clock()
-                step(m)
+                run_impl(k, step, m)
                 times[k].append((clock() - t0) * 1e3)
         results[mode] = {k: statistics.median(v) for k, v in times.items()}
     kind = "cpu" if args.cpu_time else "wall"
     print(
-        f"ViT-S/16 224 batch {B} fp32, {kind} time, threads={torch.get_num_threads()}, median of {args.runs}"
+        f"ViT-S/16 224 batch {B} fp32, {kind} time, threads={torch.get_num_threads()}, median of {args.runs}, "
+        f"fused GEMMs {gemm_default}"
     )
     for mode, r in results.items():
         parts = ", ".join(f"{k} {v:.0f} ms" for k, v in r.items())
         ratios = ", ".join(f"{k}/fused {v / r['fused']:.2f}x" for k, v in r.items() if k != "fused")
         print(f"  {mode:<11} {parts}  ({ratios})")
+
+
+def gemm_bench(args) -> None:
+    """The float32 GEMM shapes of a ViT-S/16 block at batch 8 (M = 1576 token rows): at::mm (the
+    BLAS ATen was built with) vs oneDNN's inner product (mkldnn::_linear_pointwise), in GFLOP/s."""
+    lp = torch.ops.mkldnn._linear_pointwise
+    M = B * T
+    print(f"float32 GEMM GFLOP/s, threads={torch.get_num_threads()}, median of {args.runs}")
+    print(f"{'GEMM':<34}{'at::mm':>9}{'oneDNN':>9}{'ratio':>7}")
+    for label, m, k, n in (
+        ("qkv   fwd [M,D]x[D,3D]", M, D, 3 * D),
+        ("fc1   fwd [M,D]x[D,F]", M, D, F),
+        ("fc2   fwd [M,F]x[F,D]", M, F, D),
+        ("proj  fwd [M,D]x[D,D]", M, D, D),
+    ):
+        a, w, dy = torch.randn(m, k), torch.randn(n, k), torch.randn(m, n)
+        flops = 2 * m * n * k
+        cases = (
+            ("fwd", lambda a=a, w=w: torch.mm(a, w.t()), lambda a=a, w=w: lp(a, w, None, "none", [], "")),
+            (
+                "dgrad",
+                lambda dy=dy, w=w: torch.mm(dy, w),
+                lambda dy=dy, w=w: lp(dy, w.t(), None, "none", [], ""),
+            ),
+            (
+                "wgrad",
+                lambda dy=dy, a=a: torch.mm(dy.t(), a),
+                lambda dy=dy, a=a: lp(dy.t(), a.t(), None, "none", [], ""),
+            ),
+        )
+        for kind, aten_fn, dnnl_fn in cases:
+            t_aten = median_ms(aten_fn, args.runs, args.cpu_time)
+            t_dnnl = median_ms(dnnl_fn, args.runs, args.cpu_time)
+            g_aten, g_dnnl = flops / t_aten / 1e6, flops / t_dnnl / 1e6
+            print(f"{label.replace('fwd', kind):<34}{g_aten:>9.0f}{g_dnnl:>9.0f}{g_dnnl / g_aten:>6.2f}x")
 
 
 def main() -> None:
@@ -229,6 +279,10 @@ def main() -> None:
     ap.add_argument("--cpu-time", action="store_true", help="measure process CPU time, not wall time")
     ap.add_argument("--model", action="store_true", help="whole ViT-S model instead of per-op numbers")
     ap.add_argument("--compile", action="store_true", help="with --model: add torch.compile'd eager")
+    ap.add_argument(
+        "--gemm-ablation", action="store_true", help="with --model: add the fused model with at::mm GEMMs"
+    )
+    ap.add_argument("--gemm", action="store_true", help="GEMM libraries alone at ViT-S shapes")
     ap.add_argument("--only", default="", help="substring filter on op names")
     args = ap.parse_args()
     if args.threads:
@@ -236,6 +290,9 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     if args.model:
         model_bench(args)
+        return
+    if args.gemm:
+        gemm_bench(args)
         return
     print(
         f"{'cpu' if args.cpu_time else 'wall'} time, threads={torch.get_num_threads()} dtype={args.dtype} B={B} T={T} D={D} H={H} F={F}; median of {args.runs}"

@@ -4,6 +4,7 @@
 // are written straight into the GEMM input buffer, then one ATen GEMM (MKL / oneDNN) produces the
 // output with its bias. Backward recomputes the LN output from (x, mean, rstd) instead of saving it.
 #include "common.h"
+#include "gemm.h"
 
 namespace vit_fast {
 
@@ -133,7 +134,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_linear_forward(const Tensor& x, co
   Tensor mean = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   Tensor rstd = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   ln_forward_into(xc, w32, b32, eps, xn, mean, rstd);
-  Tensor out = bias.has_value() ? at::addmm(*bias, xn, weight.t()) : at::mm(xn, weight.t());
+  Tensor out = gemm::linear(xn, weight, bias);
   return {out, mean, rstd};
 }
 
@@ -153,10 +154,10 @@ std::tuple<Tensor, OptTensor, OptTensor, Tensor, OptTensor> layer_norm_linear_ba
   const Tensor xc = x.contiguous(), dc = dout.contiguous(), mc = mean.contiguous(), rc = rstd.contiguous();
   const Tensor w32 = f32_or_empty(ln_weight), b32 = f32_or_empty(ln_bias);
   const Tensor xn = recompute_ln(xc, w32, b32, mc, rc);
-  Tensor dweight = at::mm(dc.t(), xn);
+  Tensor dweight = gemm::mm_tn(dc, xn);
   OptTensor dbias;
   if (has_bias) dbias = at::sum(dc, {0}, false, at::kFloat).to(weight.scalar_type());
-  const Tensor dxn = at::mm(dc, weight);
+  const Tensor dxn = gemm::mm(dc, weight);
   auto [dx, dw, db] = ln_backward_core(dxn, xc, w32, ln_weight.has_value(), ln_bias.has_value(), mc, rc);
   return {dx, cast_like(dw, ln_weight), cast_like(db, ln_bias), dweight, dbias};
 }

@@ -1,13 +1,14 @@
 // MLP family: the attention output projection with its residual epilogue (linear_residual) and the
 // whole pre-LN MLP sub-block (LN + fc1 + bias + GELU, fc2 + bias + layer-scale + drop-path + residual).
 //
-// GEMMs go through ATen (MKL / oneDNN). Everything between them is one parallel, vectorisable pass:
-//   forward  fc1 epilogue: h_pre = acc + b1 (saved), a = GELU(h_pre) (GEMM input of fc2)
+// GEMMs go through gemm.h (oneDNN for float32). Everything between them is one parallel, vectorisable pass:
+//   forward  fc1: h_pre = xn W1^T + b1 (bias in the GEMM; saved), then a = GELU(h_pre) (GEMM input of fc2)
 //            fc2 epilogue: out = x + (acc + b2) * gamma * dps[row / T], in place on the GEMM output
 //   backward GELU pass:    a = GELU(h_pre) and dh = da * GELU'(h_pre) in one sweep (shared erf/exp)
 //            LN pass:      dx = LN-backward(dxn) + dout (the residual path), with dln_w/dln_b partials
 // The float32 element passes are VF_CLONES (multi-target, see common.h).
 #include "common.h"
+#include "gemm.h"
 
 namespace vit_fast {
 namespace {
@@ -15,13 +16,8 @@ namespace {
 // ----- element passes (templated bodies; float versions get the multi-target clones) -----------
 
 template <typename T, bool kTanh>
-inline __attribute__((always_inline)) void bias_gelu_body(T* h, T* a, const float* bias, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float hv = to_f(h[i]) + bias[i];
-    const T hs = from_f<T>(hv);
-    h[i] = hs;
-    a[i] = from_f<T>(gelu_value<kTanh>(to_f(hs)));
-  }
+inline __attribute__((always_inline)) void gelu_body(const T* h, T* a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) a[i] = from_f<T>(gelu_value<kTanh>(to_f(h[i])));
 }
 
 template <typename T, bool kTanh>
@@ -34,11 +30,11 @@ inline __attribute__((always_inline)) void gelu_backward_body(const T* h, T* a, 
   }
 }
 
-VF_CLONES void bias_gelu_f32(float* h, float* a, const float* bias, int64_t n, bool tanh) {
+VF_CLONES void gelu_f32(const float* h, float* a, int64_t n, bool tanh) {
   if (tanh)
-    bias_gelu_body<float, true>(h, a, bias, n);
+    gelu_body<float, true>(h, a, n);
   else
-    bias_gelu_body<float, false>(h, a, bias, n);
+    gelu_body<float, false>(h, a, n);
 }
 
 VF_CLONES void gelu_backward_f32(const float* h, float* a, float* da, int64_t n, bool tanh) {
@@ -49,13 +45,13 @@ VF_CLONES void gelu_backward_f32(const float* h, float* a, float* da, int64_t n,
 }
 
 template <typename T>
-void bias_gelu_row(T* h, T* a, const float* bias, int64_t n, bool tanh) {
+void gelu_row(const T* h, T* a, int64_t n, bool tanh) {
   if constexpr (std::is_same_v<T, float>) {
-    bias_gelu_f32(h, a, bias, n, tanh);
+    gelu_f32(h, a, n, tanh);
   } else if (tanh) {
-    bias_gelu_body<T, true>(h, a, bias, n);
+    gelu_body<T, true>(h, a, n);
   } else {
-    bias_gelu_body<T, false>(h, a, bias, n);
+    gelu_body<T, false>(h, a, n);
   }
 }
 
@@ -151,7 +147,7 @@ Tensor linear_residual_forward(const Tensor& x, const Tensor& weight, const OptT
   check_epilogue_args(gamma, dps, tokens_per_sample, m, n);
   const Tensor b32 = f32_or_empty(bias), g32 = f32_or_empty(gamma), s32 = f32_or_empty(dps);
   const Tensor res = residual.contiguous();
-  Tensor out = at::mm(x, weight.t());
+  Tensor out = gemm::linear(x, weight);
   VF_DISPATCH(x.scalar_type(), "linear_residual_forward", [&] {
     residual_epilogue(out.data_ptr<scalar_t>(), res.data_ptr<scalar_t>(), ptr_or_null(b32), ptr_or_null(g32),
                       ptr_or_null(s32), tokens_per_sample, m, n);
@@ -183,8 +179,8 @@ std::tuple<Tensor, Tensor, OptTensor, Tensor, OptTensor> linear_residual_backwar
     // path below, which rounds exactly where the reference does.
     const Tensor ds = scale_grad<float>(dc, nullptr, ptr_or_null(s32), tokens_per_sample);
     const Tensor gcol = g32.unsqueeze(1);
-    const Tensor G = at::mm(ds.t(), x);
-    Tensor dx = at::mm(ds, weight * gcol);
+    const Tensor G = gemm::mm_tn(ds, x);
+    Tensor dx = gemm::mm(ds, weight * gcol);
     Tensor dweight = G * gcol;
     const Tensor cs = at::sum(ds, {0});
     if (bias.has_value()) dbias = grad_as(cs * g32, bias);
@@ -198,12 +194,12 @@ std::tuple<Tensor, Tensor, OptTensor, Tensor, OptTensor> linear_residual_backwar
   Tensor dy = VF_DISPATCH(x.scalar_type(), "linear_residual_backward", [&] {
     return scale_grad<scalar_t>(dc, ptr_or_null(g32), ptr_or_null(s32), tokens_per_sample);
   });
-  Tensor dx = at::mm(dy, weight);
-  Tensor dweight = at::mm(dy.t(), x);
+  Tensor dx = gemm::mm(dy, weight);
+  Tensor dweight = gemm::mm_tn(dy, x);
   if (bias.has_value()) dbias = grad_as(at::sum(dy, {0}, false, at::kFloat), bias);
   if (needs_gamma_grad && gamma.has_value()) {
     // d gamma_c = sum_r dout_rc * dps_r * y_rc needs the pre-scale GEMM output y: recompute it.
-    Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+    Tensor y = gemm::linear(x, weight, bias);
     Tensor g = VF_DISPATCH(x.scalar_type(), "linear_residual_backward", [&] {
       return column_sum<scalar_t>(dc.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), ptr_or_null(s32),
                                   tokens_per_sample, m, n);
@@ -271,24 +267,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mlp_forward(const Tensor& x, const Op
   const bool tanh = parse_approximate(approximate);
   const Tensor xc = x.contiguous();
   const Tensor lw = f32_or_empty(ln_weight), lb = f32_or_empty(ln_bias);
-  const Tensor b1 = fc1_bias.has_value() ? f32_or_empty(fc1_bias) : at::zeros({s.f}, at::kFloat);
+  const OptTensor b1 = fc1_bias.has_value() ? OptTensor(fc1_bias->to(x.scalar_type()).reshape({-1})) : std::nullopt;
   const Tensor b2 = f32_or_empty(fc2_bias), g32 = f32_or_empty(gamma), s32 = f32_or_empty(dps);
 
   Tensor xn = at::empty_like(xc);
   Tensor mean = at::empty({s.m}, x.options().dtype(at::kFloat));
   Tensor rstd = at::empty({s.m}, x.options().dtype(at::kFloat));
   ln_rows_into(xc, lw, lb, eps, xn, mean, rstd);
-  Tensor h_pre = at::mm(xn, fc1_weight.t());
+  Tensor h_pre = gemm::linear(xn, fc1_weight, b1);  // bias added by the GEMM
   Tensor act = at::empty_like(h_pre);
   VF_DISPATCH(x.scalar_type(), "mlp_forward", [&] {
-    scalar_t* hp = h_pre.data_ptr<scalar_t>();
+    const scalar_t* hp = h_pre.data_ptr<scalar_t>();
     scalar_t* ap = act.data_ptr<scalar_t>();
-    const float* bp = b1.data_ptr<float>();
     at::parallel_for(0, s.m, 8, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) bias_gelu_row(hp + r * s.f, ap + r * s.f, bp, s.f, tanh);
+      for (int64_t r = r0; r < r1; ++r) gelu_row(hp + r * s.f, ap + r * s.f, s.f, tanh);
     });
   });
-  Tensor out = at::mm(act, fc2_weight.t());
+  Tensor out = gemm::linear(act, fc2_weight);
   VF_DISPATCH(x.scalar_type(), "mlp_forward", [&] {
     residual_epilogue(out.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), ptr_or_null(b2), ptr_or_null(g32),
                       ptr_or_null(s32), tokens_per_sample, s.m, s.d);
@@ -327,7 +322,7 @@ std::tuple<Tensor, OptTensor, OptTensor, Tensor, OptTensor, Tensor, OptTensor, O
   });
   const Tensor gcol = analytic_gamma ? g32.unsqueeze(1) : Tensor();
   // da = dy2 W2, then one pass turns it into dh = da * GELU'(h_pre) and recomputes a = GELU(h_pre).
-  Tensor dh = at::mm(dy2, analytic_gamma ? fc2_weight * gcol : fc2_weight);
+  Tensor dh = gemm::mm(dy2, analytic_gamma ? fc2_weight * gcol : fc2_weight);
   Tensor act = at::empty_like(hc);
   VF_DISPATCH(x.scalar_type(), "mlp_backward", [&] {
     const scalar_t* hp = hc.data_ptr<scalar_t>();
@@ -337,7 +332,7 @@ std::tuple<Tensor, OptTensor, OptTensor, Tensor, OptTensor, Tensor, OptTensor, O
       for (int64_t r = r0; r < r1; ++r) gelu_backward_row(hp + r * s.f, ap + r * s.f, dp + r * s.f, s.f, tanh);
     });
   });
-  Tensor dfc2_w = at::mm(dy2.t(), act);
+  Tensor dfc2_w = gemm::mm_tn(dy2, act);
   OptTensor dfc2_b, dgamma;
   if (analytic_gamma) {
     const Tensor cs = at::sum(dy2, {0});
@@ -351,7 +346,7 @@ std::tuple<Tensor, OptTensor, OptTensor, Tensor, OptTensor, Tensor, OptTensor, O
   } else {
     if (fc2_bias.has_value()) dfc2_b = grad_as(at::sum(dy2, {0}, false, at::kFloat), fc2_bias);
     if (needs_gamma_grad && gamma.has_value()) {
-      Tensor y2 = fc2_bias.has_value() ? at::addmm(*fc2_bias, act, fc2_weight.t()) : at::mm(act, fc2_weight.t());
+      Tensor y2 = gemm::linear(act, fc2_weight, fc2_bias);
       Tensor g = VF_DISPATCH(x.scalar_type(), "mlp_backward", [&] {
         return column_sum<scalar_t>(dc.data_ptr<scalar_t>(), y2.data_ptr<scalar_t>(), ptr_or_null(s32),
                                     tokens_per_sample, s.m, s.d);
@@ -367,8 +362,8 @@ std::tuple<Tensor, OptTensor, OptTensor, Tensor, OptTensor, Tensor, OptTensor, O
     ln_apply_rows(xc.data_ptr<scalar_t>(), ptr_or_null(lw), ptr_or_null(lb), mc.data_ptr<float>(),
                   rc.data_ptr<float>(), xn.data_ptr<scalar_t>(), s.m, s.d);
   });
-  Tensor dfc1_w = at::mm(dh.t(), xn);
-  Tensor dxn = at::mm(dh, fc1_weight);
+  Tensor dfc1_w = gemm::mm_tn(dh, xn);
+  Tensor dxn = gemm::mm(dh, fc1_weight);
   Tensor dx = at::empty_like(xc);
   Tensor dlw = ln_weight.has_value() ? at::zeros({s.d}, at::kFloat) : Tensor();
   Tensor dlb = ln_bias.has_value() ? at::zeros({s.d}, at::kFloat) : Tensor();

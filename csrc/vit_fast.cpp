@@ -4,6 +4,7 @@
 // torch.library custom ops in vit_fast/ops can call `vit_fast._C.<name>` for CPU tensors.
 #include <torch/extension.h>
 
+#include "gemm.h"
 #include "ops.h"
 
 #ifdef _OPENMP
@@ -27,6 +28,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_openmp", &has_openmp, "Whether the extension was compiled with OpenMP");
   m.def("has_blas_tiles", &vit_fast::have_blas_sgemm,
         "Whether attention tiles call BLAS sgemm directly (else through at::mm, slower)");
+  m.def("gemm_backend", &vit_fast::gemm::backend, "The library the float32 GEMMs use now: 'onednn' or 'aten'");
+  m.def("set_gemm_backend", &vit_fast::gemm::set_backend,
+        "Choose the float32 GEMM library: 'auto' (oneDNN when torch has it), 'onednn' or 'aten' (at::mm)",
+        pybind11::arg("name"));
   namespace py = pybind11;
   using namespace vit_fast;
   // Long GEMM-free loops release the GIL so other Python threads can run meanwhile.

@@ -39,6 +39,39 @@ def test_measure_returns_positive_median():
     assert med > 0 and iqr >= 0 and reps >= 1
 
 
+def test_measure_takes_at_least_min_reps_runs():
+    calls = []
+
+    def slow():
+        calls.append(1)
+        sum(range(20000))
+
+    _, _, reps = bench.measure(slow, torch.device("cpu"), min_run_time=0.0, min_reps=7)
+    assert reps >= 7 and len(calls) >= 7 + 1  # + the warm-up call
+
+
+def _result(impl, ms, mode="train", kind="model"):
+    return bench.BenchResult(kind, "m", mode, impl, "x", "cpu", "float32", 8, 197, 384, ms, 0.0, 5)
+
+
+def test_speedups_divide_by_the_fused_time_of_the_same_case():
+    results = [
+        _result("fused", 100.0),
+        _result("reference", 150.0),
+        _result("compiled", 120.0),
+        _result("reference", 80.0, mode="inference"),  # no fused inference row: no speedup
+        _result("fused", 10.0, kind="sweep"),
+        _result("reference", 30.0, kind="sweep"),  # sweeps are left to the CSV and the plot
+    ]
+    rows = bench.speedups(results)
+    assert [(r["impl"], r["mode"], round(r["speedup"], 6)) for r in rows] == [
+        ("reference", "train", 1.5),
+        ("compiled", "train", 1.2),
+    ]
+    text = bench.format_speedups(rows)
+    assert "1.50x" in text and "1.20x" in text
+
+
 @pytest.mark.parametrize("op", ["attention", "layer_norm_mlp"])
 def test_bench_op_fused_saves_less_than_reference(op):
     fused = bench.bench_op(op, "fused", TINY, bench.OP_MODES, min_run_time=0.01)
@@ -110,6 +143,7 @@ def test_suite_outputs_csv_json_plot(tmp_path):
     with open(paths["json"]) as f:
         data = json.load(f)
     assert data["environment"]["torch"] == torch.__version__ and len(data["results"]) == len(results)
+    assert [r["impl"] for r in data["speedups"]] == ["reference"] and data["speedups"][0]["speedup"] > 0
     png = bench.plot(results, str(tmp_path))
     assert png is not None
     with open(png, "rb") as f:

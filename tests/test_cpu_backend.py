@@ -21,6 +21,18 @@ BF16 = torch.bfloat16
 F32 = torch.float32
 
 
+@pytest.fixture(params=["onednn", "aten"])
+def gemm_backend(request):
+    """Run a test once per GEMM library of the C++ backend (csrc/gemm.h), restoring the choice after."""
+    before = _C.gemm_backend()
+    try:
+        _C.set_gemm_backend(request.param)
+    except RuntimeError as err:  # torch built without oneDNN: nothing to compare
+        pytest.skip(str(err))
+    yield request.param
+    _C.set_gemm_backend(before)
+
+
 def _p(*shape, requires_grad=True, scale=1.0):
     return (torch.randn(*shape) * scale).requires_grad_(requires_grad)
 
@@ -343,7 +355,7 @@ def test_layer_norm(affine, dtype):
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("affine,has_bias", [(True, True), (False, False), (True, False)])
-def test_layer_norm_linear(dtype, affine, has_bias):
+def test_layer_norm_linear(dtype, affine, has_bias, gemm_backend):
     d, n = 72, 3 * 72
     x = _p(2, 11, d)
     lw, lb = (_p(d), _p(d)) if affine else (None, None)
@@ -373,7 +385,7 @@ def test_layer_norm_rejects_bad_input():
 @pytest.mark.parametrize(
     "use_gamma,use_dps,has_bias", [(False, False, True), (True, True, True), (True, False, False)]
 )
-def test_linear_residual(dtype, use_gamma, use_dps, has_bias):
+def test_linear_residual(dtype, use_gamma, use_dps, has_bias, gemm_backend):
     batch, tokens, k, n = 3, 13, 48, 40
     x, res = _p(batch, tokens, k), _p(batch, tokens, n)
     w = _p(n, k, scale=k**-0.5)
@@ -413,7 +425,7 @@ def test_gamma_grad_only_when_asked(dtype):
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("extras", [False, True])
-def test_layer_norm_mlp(dtype, approximate, extras):
+def test_layer_norm_mlp(dtype, approximate, extras, gemm_backend):
     batch, tokens, d, f = 2, 10, 40, 4 * 40
     x = _p(batch, tokens, d)
     lw, lb = _p(d), _p(d)
@@ -425,6 +437,63 @@ def test_layer_norm_mlp(dtype, approximate, extras):
     check_numerics(
         fused_layer_norm_mlp, reference.layer_norm_mlp, [x, lw, lb, w1, b1, w2, b2, 1e-6], kwargs, dtype=dtype
     )
+
+
+@pytest.mark.parametrize("tokens,d,f", [(100, 16, 64), (3, 40, 24)])
+def test_mlp_tall_and_wide_weight_gradients(tokens, d, f, gemm_backend):
+    # Weight gradients reduce over the token rows; csrc/gemm.cpp copies whichever operand is cheaper
+    # to transpose. 200 rows x (16 -> 64) takes the transposed-product branch for fc1 and the direct
+    # one for fc2; 6 rows x (40 -> 24) the direct one for both.
+    x = _p(2, tokens, d)
+    args = [x, _p(d), _p(d), _p(f, d, scale=d**-0.5), _p(f), _p(d, f, scale=f**-0.5), _p(d), 1e-6]
+    check_numerics(fused_layer_norm_mlp, reference.layer_norm_mlp, args)
+
+
+def test_gemm_backend_choice():
+    before = _C.gemm_backend()
+    assert before in ("onednn", "aten")
+    try:
+        with pytest.raises(RuntimeError, match="GEMM backend must be"):
+            _C.set_gemm_backend("mkl")
+        assert _C.gemm_backend() == before  # a refused name changes nothing
+        _C.set_gemm_backend("aten")
+        assert _C.gemm_backend() == "aten"
+        _C.set_gemm_backend("auto")
+        has_onednn = hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        assert _C.gemm_backend() == ("onednn" if has_onednn else "aten")
+        # The choice is real: the profiler sees oneDNN's op, or only ATen's mm, inside one forward.
+        x, w = torch.randn(8, 16), torch.randn(24, 16)
+        for name, op in (("onednn", "mkldnn::_linear_pointwise"), ("aten", "aten::mm")):
+            if name == "onednn" and not has_onednn:
+                continue
+            _C.set_gemm_backend(name)
+            with torch.profiler.profile() as prof:
+                _C.layer_norm_linear_forward(x, None, None, w, None, 1e-6)
+            called = {e.name for e in prof.events()}
+            assert op in called, (name, called)
+            assert ("mkldnn::_linear_pointwise" in called) == (name == "onednn")
+    finally:
+        _C.set_gemm_backend(before)
+
+
+def test_gemm_backends_agree_at_vit_s_shapes():
+    # The same LN + Linear forward and backward through oneDNN and through at::mm: both are float32
+    # GEMMs, so they agree to float32 rounding of a 384-long dot product.
+    m, d, n = 2 * 197, 384, 1152
+    x, lw, lb = torch.randn(m, d), torch.randn(d), torch.randn(d)
+    w, b, dout = torch.randn(n, d) * d**-0.5, torch.randn(n), torch.randn(m, n)
+    before = _C.gemm_backend()
+    results = {}
+    try:
+        for name in ("onednn", "aten"):
+            _C.set_gemm_backend(name)
+            out, mean, rstd = _C.layer_norm_linear_forward(x, lw, lb, w, b, 1e-6)
+            grads = _C.layer_norm_linear_backward(dout, x, lw, lb, w, mean, rstd, True)
+            results[name] = (out, *grads)
+    finally:
+        _C.set_gemm_backend(before)
+    for a, c in zip(results["onednn"], results["aten"]):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
 
 
 def test_layer_norm_mlp_without_biases_or_affine():
@@ -526,7 +595,7 @@ def test_vit_s_attention_fp32():
     check_numerics(fused_attention, reference.attention, [_qkv(2, 197, 6, 64), 6])
 
 
-def test_vit_s_mlp_fp32():
+def test_vit_s_mlp_fp32(gemm_backend):
     batch, tokens, d, f = 2, 197, 384, 1536
     x = _p(batch, tokens, d)
     args = [x, _p(d), _p(d), _p(f, d, scale=d**-0.5), _p(f), _p(d, f, scale=f**-0.5), _p(d), 1e-6]

@@ -46,6 +46,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--min-run-time", type=float, default=None, help="seconds per case (0.1 on CPU, 0.5 on CUDA)"
     )
+    p.add_argument(
+        "--model-runs",
+        type=int,
+        default=5,
+        help="whole-model cases: at least this many timed runs each (their median is reported)",
+    )
+    p.add_argument(
+        "--cpu-gemm",
+        choices=("auto", "onednn", "aten"),
+        default=None,
+        help="float32 GEMM library of the C++ backend (default: VIT_FAST_CPU_GEMM, else auto = oneDNN)",
+    )
     p.add_argument("--sweep-tokens", default="50,197,257")
     p.add_argument("--sweep-batch", default="1,2,4")
     p.add_argument("--sweep-width", default="96,192,384")
@@ -82,6 +94,18 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
     if args.batch < 1:
         raise SystemExit(f"--batch must be >= 1, got {args.batch}")
+    if args.model_runs < 1:
+        raise SystemExit(f"--model-runs must be >= 1, got {args.model_runs}")
+    if args.cpu_gemm is not None:
+        from vit_fast.ops.backend import cpu_extension
+
+        ext = cpu_extension()
+        if ext is None or not hasattr(ext, "set_gemm_backend"):
+            raise SystemExit("--cpu-gemm needs the C++ extension (vit_fast._C), which is not built")
+        try:
+            ext.set_gemm_backend(args.cpu_gemm)
+        except RuntimeError as err:
+            raise SystemExit(f"--cpu-gemm: {err}") from None
     ops = () if args.ops == "none" else tuple(o.strip() for o in args.ops.split(",") if o.strip())
     for op in ops:
         if op not in bench.OPS:
@@ -103,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         sweep_width=_ints(args.sweep_width),
         run_ops=bool(ops),
         run_model=not args.no_model,
+        model_min_reps=args.model_runs,
         model_kwargs={k: v for k, v in (("img_size", args.img_size), ("depth", args.depth)) if v is not None},
     )
     bench.COMPILE_BACKEND = args.compile_backend
@@ -110,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"device {env['device']}, torch {env['torch']}, {torch.get_num_threads()} threads, {cfg.dtype}, "
         f"impls {', '.join(impls)}, fused backends {env.get('backends_cuda' if on_cuda else 'backends_cpu')}"
+        + ("" if on_cuda else f", cpu GEMMs {env.get('cpu_gemm')}")
     )
     if not on_cuda and "compiled" not in impls:
         print(
@@ -121,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
         results = bench.run_suite(cfg, progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
     if args.plain or not bench.print_rich_table(results):
         print(bench.format_table(results))
+    print()
+    print(bench.format_speedups(bench.speedups(results)))
     paths = bench.write_outputs(results, args.out, env | {"backend_forced": args.backend, "impls": impls})
     if not args.no_plot:
         png = bench.plot(results, args.out)

@@ -51,6 +51,8 @@ def environment() -> dict[str, Any]:
         "extension_built": ext is not None,
         "extension_families": [f for f in families if ext is not None and hasattr(ext, f"{f}_forward")],
         "backends_cpu": active_backends("cpu"),
+        # The library the C++ backend's float32 GEMMs call (csrc/gemm.h): "onednn" or "aten".
+        "cpu_gemm": ext.gemm_backend() if ext is not None and hasattr(ext, "gemm_backend") else "n/a",
     }
     if torch.cuda.is_available():
         info["backends_cuda"] = active_backends("cuda")

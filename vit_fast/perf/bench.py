@@ -79,9 +79,12 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(
-    fn: Callable[[], Any], device: torch.device, min_run_time: float = 0.2
+    fn: Callable[[], Any], device: torch.device, min_run_time: float = 0.2, min_reps: int = 1
 ) -> tuple[float, float, int]:
-    """(median seconds, IQR seconds, repetitions) of `fn()` on `device` after one warm-up call."""
+    """(median seconds, IQR seconds, repetitions) of `fn()` on `device` after one warm-up call.
+
+    On CPU the median is over at least `min_reps` timed blocks: a whole training step can take longer
+    than `min_run_time` by itself, and a median of one run is no median."""
     fn()
     _sync(device)
     if device.type == "cuda":
@@ -92,10 +95,12 @@ def measure(
         return q50 / 1e3, (q75 - q25) / 1e3, -1
     from torch.utils.benchmark import Timer
 
-    m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=min_run_time
-    )
-    times = sorted(m.times)
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    times = list(m.times)
+    while len(times) < min_reps:
+        times.append(timer.timeit(m.number_per_run).median)
+    times.sort()
     if len(times) >= 2:
         q = statistics.quantiles(times, n=4, method="inclusive")
         iqr = q[2] - q[0]
@@ -289,11 +294,12 @@ def bench_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     min_run_time: float = 0.5,
+    min_reps: int = 5,
     **model_kwargs: Any,
 ) -> list[BenchResult]:
     """Inference (no-grad forward) and training step (forward, cross-entropy, backward, SGD step)
-    of model `name` in `impl` at `batch`: step time, samples/s, saved bytes, CUDA peak memory.
-    `model_kwargs` override the model configuration (e.g. depth, img_size)."""
+    of model `name` in `impl` at `batch`: step time (median of at least `min_reps` runs), samples/s,
+    saved bytes, CUDA peak memory. `model_kwargs` override the model configuration (e.g. depth, img_size)."""
     modes = tuple(modes)
     bad = [m for m in modes if m not in ("inference", "train")]
     if bad or batch < 1:
@@ -347,7 +353,7 @@ def bench_model(
         error, peak = "", None
         try:
             peak = peak_memory(call, device)
-            med, iqr, reps = measure(call, device, min_run_time)
+            med, iqr, reps = measure(call, device, min_run_time, min_reps)
         except Exception as err:  # report the failing case and go on with the others
             med, iqr, reps, error = math.nan, math.nan, 0, _error_text(err)
         results.append(
@@ -384,6 +390,7 @@ class BenchConfig:
     sweep_width: tuple[int, ...] = (96, 192, 384)
     run_ops: bool = True
     run_model: bool = True
+    model_min_reps: int = 5
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -420,7 +427,7 @@ def run_suite(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
             results += _guard(
                 partial(
                     bench_model, cfg.model, impl, cfg.batch, cfg.model_modes, device, cfg.dtype,
-                    max(cfg.min_run_time, 0.3), **cfg.model_kwargs,
+                    max(cfg.min_run_time, 0.3), cfg.model_min_reps, **cfg.model_kwargs,
                 ),
                 "model", cfg.model, impl, cfg.model_modes, shape, cfg,
             )  # fmt: skip
@@ -493,7 +500,8 @@ def write_outputs(
         for r in results:
             w.writerow(_row(r))
     with open(paths["json"], "w") as f:
-        json.dump({"environment": env or {}, "results": [_row(r) for r in results]}, f, indent=1, default=str)
+        doc = {"environment": env or {}, "results": [_row(r) for r in results], "speedups": speedups(results)}
+        json.dump(doc, f, indent=1, default=str)
     return paths
 
 
@@ -532,6 +540,41 @@ def plot(results: list[BenchResult], out_dir: str) -> str | None:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def speedups(results: list[BenchResult]) -> list[dict[str, Any]]:
+    """For every op/model case that has a fused result: each other impl's median time divided by the
+    fused one, measured in the same run (> 1 means fused is faster)."""
+
+    def key(r: BenchResult) -> tuple:
+        return (r.kind, r.name, r.mode, r.device, r.dtype, r.batch, r.tokens, r.width)
+
+    fused = {key(r): r for r in results if r.impl == "fused" and not r.error}
+    rows = []
+    for r in results:
+        f = fused.get(key(r))
+        if r.impl == "fused" or r.error or f is None or r.kind == "sweep" or not f.median_ms > 0:
+            continue
+        rows.append(
+            {
+                "kind": r.kind, "name": r.name, "mode": r.mode, "batch": r.batch, "tokens": r.tokens,
+                "impl": r.impl, "impl_ms": r.median_ms, "fused_ms": f.median_ms,
+                "speedup": r.median_ms / f.median_ms,
+            }
+        )  # fmt: skip
+    return rows
+
+
+def format_speedups(rows: list[dict[str, Any]]) -> str:
+    """Plain-text speedup table (impl time / fused time)."""
+    head = f"{'kind':6} {'name':22} {'mode':9} {'vs impl':9} {'impl ms':>10} {'fused ms':>10} {'speedup':>8}"
+    lines = ["speedup of fused (impl time / fused time, same run; > 1 = fused faster)", head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['kind']:6} {r['name'][:22]:22} {r['mode']:9} {r['impl']:9} {r['impl_ms']:10.2f} "
+            f"{r['fused_ms']:10.2f} {r['speedup']:7.2f}x"
+        )
+    return "\n".join(lines)
 
 
 def format_table(results: list[BenchResult]) -> str:
