@@ -2,14 +2,18 @@
 //
 // Forward: one task per (batch, head, query block) in a parallel loop. Each task walks the keys in
 // blocks with an online softmax (running max m and sum l per query row), so the only score storage
-// is one BLOCK_Q x BLOCK_K fp32 tile per thread; q/k/v are read from qkv by strides (no permute
-// copy), the output is written with heads merged, and lse = m + log(l) is saved for backward.
+// is one BLOCK_Q x BLOCK_K fp32 tile per thread; q and v are read from qkv by strides (no permute
+// copy), k is packed transposed per (batch, head) into a [head_dim, T] buffer so the score GEMM's
+// B operand has contiguous rows, the output is written with heads merged, and lse = m + log(l) is
+// saved for backward. Tile GEMMs: tile_gemm.h (AVX-512 micro-kernel, BLAS fallback).
 // Backward (FlashAttention-2 style): one task per (batch, head); for each key block, loop over query
 // blocks, recompute P = exp(scale * q k^T - lse) per tile, and accumulate dV, dK for that key block
-// and dQ for all rows in fp32 scratch of size [T, head_dim] (never T x T).
+// and dQ for all rows in fp32 scratch of size [T, head_dim] (never T x T); K^T and V^T are packed per
+// (batch, head) for the two score GEMMs, the other operands are read in place.
 // Dropout on the probabilities uses a counter-based hash of (seed, b, h, i, j), regenerated in the
 // backward. bf16 inputs are widened to fp32 per (b, h) slice so every tile GEMM runs in fp32.
 #include "common.h"
+#include "tile_gemm.h"
 
 #include <cstdio>
 #include <cstdlib>
@@ -18,11 +22,13 @@ namespace vit_fast {
 namespace {
 
 // Tile sizes (query rows x key rows). Defaults: forward 128 x 256, so ViT sequence lengths (<= 257)
-// need one key block; backward 32 x 256 (measured best of a small grid for ViT-S, T=197, head dim
-// 64, on an AVX-512 EPYC: fwd 8.3 ms / bwd 17.3 ms vs 9.5-12.5 / 19.6-25.9 ms with 64 x 256, 64 x 128). VIT_FAST_ATTN_TILES="fq,fk,bq,bk" overrides them (read
-// once; for tuning on other CPUs).
+// need one key block; backward 64 x 256. Measured for ViT-S (B=8, T=197, head dim 64) with the
+// AVX-512 tile kernel on the CI machine (AMD EPYC Zen 5, 2 threads), fwd / fwd+bwd ms:
+// 128x256,32x256: 1.58 / 5.02; 128x256,64x256: 1.58 / 4.74; 128x256,96x256: 1.58 / 4.76;
+// 64x256,32x256: 1.62 / 5.09; 128x128,32x128: 1.67 / 5.03. VIT_FAST_ATTN_TILES="fq,fk,bq,bk"
+// overrides them (read once; for tuning on other CPUs).
 struct Tiles {
-  int64_t fwd_q = 128, fwd_k = 256, bwd_q = 32, bwd_k = 256;
+  int64_t fwd_q = 128, fwd_k = 256, bwd_q = 64, bwd_k = 256;
 };
 
 const Tiles& tiles() {
@@ -81,6 +87,17 @@ const float* as_f32(const T* src, int64_t ld, int64_t rows, int64_t cols, std::v
   }
 }
 
+// K^T (or V^T) of one head as a dense fp32 [cols, rows] buffer: the B operand of the score GEMMs
+// S = Q K^T and dP = dO V^T must have contiguous rows (tile_gemm.h).
+template <typename T>
+void pack_transposed(const T* src, int64_t ld, int64_t rows, int64_t cols, std::vector<float>& dst) {
+  dst.resize(static_cast<size_t>(rows * cols));
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * ld;
+    for (int64_t c = 0; c < cols; ++c) dst[static_cast<size_t>(c * rows + r)] = to_f(s[c]);
+  }
+}
+
 // Row kernels of the score tiles (fp32, multi-target). Forward: running max of a row, then the
 // exponentials exp(s - m_new) in place, returning their sum. Backward (no dropout):
 // P = exp(s - lse) in place and dS = P * (dP - delta) into dp.
@@ -133,11 +150,10 @@ void attention_forward_impl(const Tensor& qkv, const AttnShape& s, float scale, 
     std::vector<float> tile(static_cast<size_t>(kFwdBlockQ * kFwdBlockK));
     std::vector<float> acc(static_cast<size_t>(kFwdBlockQ * hd));
     std::vector<float> row_max(kFwdBlockQ), row_sum(kFwdBlockQ);
-    std::vector<float> qbuf, kbuf, vbuf;
-    int64_t widened_bh = -1;
-    const float* kf = nullptr;
+    std::vector<float> qbuf, ktbuf, vbuf;
+    int64_t packed_bh = -1;
     const float* vf = nullptr;
-    int64_t ldk = 0, ldv = 0;
+    int64_t ldv = 0;
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t qb = task % nqb, bh = task / nqb;
       const int64_t b = bh / s.heads, h = bh % s.heads;
@@ -145,17 +161,17 @@ void attention_forward_impl(const Tensor& qkv, const AttnShape& s, float scale, 
       const int64_t i0 = qb * kFwdBlockQ, bq = std::min(kFwdBlockQ, T_ - i0);
       int64_t ldq = 0;
       const float* qf = as_f32(q + i0 * s.stride_t, s.stride_t, bq, hd, qbuf, ldq);
-      if (bh != widened_bh) {  // consecutive tasks share (b, h): widen K and V once
-        kf = as_f32(q + D, s.stride_t, T_, hd, kbuf, ldk);
+      if (bh != packed_bh) {  // consecutive tasks share (b, h): pack K^T and widen V once
+        pack_transposed(q + D, s.stride_t, T_, hd, ktbuf);
         vf = as_f32(q + 2 * D, s.stride_t, T_, hd, vbuf, ldv);
-        widened_bh = bh;
+        packed_bh = bh;
       }
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<float>::infinity());
       std::fill(row_sum.begin(), row_sum.end(), 0.0f);
       for (int64_t j0 = 0; j0 < T_; j0 += kFwdBlockK) {
         const int64_t bk = std::min(kFwdBlockK, T_ - j0);
-        gemm_rm(false, true, bq, bk, hd, scale, qf, ldq, kf + j0 * ldk, ldk, 0.0f, tile.data(), kFwdBlockK);
+        tile::gemm(bq, bk, hd, scale, qf, ldq, 1, ktbuf.data() + j0, T_, false, tile.data(), kFwdBlockK);
         for (int64_t i = 0; i < bq; ++i) {
           float* row = tile.data() + i * kFwdBlockK;
           const float mx = row_max_f32(row, bk);
@@ -176,7 +192,7 @@ void attention_forward_impl(const Tensor& qkv, const AttnShape& s, float scale, 
             for (int64_t d = 0; d < hd; ++d) a[d] *= alpha;
           }
         }
-        gemm_rm(false, false, bq, hd, bk, 1.0f, tile.data(), kFwdBlockK, vf + j0 * ldv, ldv, 1.0f, acc.data(), hd);
+        tile::gemm(bq, hd, bk, 1.0f, tile.data(), kFwdBlockK, 1, vf + j0 * ldv, ldv, true, acc.data(), hd);
       }
       for (int64_t i = 0; i < bq; ++i) {
         const float inv = 1.0f / row_sum[i];
@@ -207,18 +223,19 @@ void attention_backward_impl(const Tensor& grad_out, const Tensor& qkv, const Te
     std::vector<float> pd_tile(dropout_p > 0.0f ? static_cast<size_t>(BQ * BK) : 0);
     std::vector<float> dq(static_cast<size_t>(T_ * hd)), dk(static_cast<size_t>(BK * hd)),
         dv(static_cast<size_t>(BK * hd)), delta(T_);
-    std::vector<float> qbuf, kbuf, vbuf, gobuf;
+    std::vector<float> qbuf, kbuf, gobuf, ktbuf, vtbuf;
     for (int64_t bh = t0; bh < t1; ++bh) {
       const int64_t b = bh / s.heads, h = bh % s.heads;
       const T* q = base + b * s.stride_b + h * hd;
       const T* go = go_p + b * T_ * D + h * hd;
       const T* o = out_p + b * T_ * D + h * hd;
       const float* lse_row = lse_p + bh * T_;
-      int64_t ldq, ldk, ldv, ldgo;
+      int64_t ldq, ldk, ldgo;
       const float* qf = as_f32(q, s.stride_t, T_, hd, qbuf, ldq);
       const float* kf = as_f32(q + D, s.stride_t, T_, hd, kbuf, ldk);
-      const float* vf = as_f32(q + 2 * D, s.stride_t, T_, hd, vbuf, ldv);
       const float* gof = as_f32(go, D, T_, hd, gobuf, ldgo);
+      pack_transposed(q + D, s.stride_t, T_, hd, ktbuf);      // K^T [hd, T]
+      pack_transposed(q + 2 * D, s.stride_t, T_, hd, vtbuf);  // V^T [hd, T]
       // delta_i = sum_j P_ij dP_ij = dO_i . O_i (holds with dropout too, since O = (P * Z) V).
       for (int64_t i = 0; i < T_; ++i) {
         if constexpr (std::is_same_v<T, float>) {
@@ -235,13 +252,12 @@ void attention_backward_impl(const Tensor& grad_out, const Tensor& qkv, const Te
         std::fill(dk.begin(), dk.end(), 0.0f);
         std::fill(dv.begin(), dv.end(), 0.0f);
         const float* kj = kf + j0 * ldk;
-        const float* vj = vf + j0 * ldv;
         for (int64_t i0 = 0; i0 < T_; i0 += BQ) {
           const int64_t bq = std::min(BQ, T_ - i0);
           const float* qi = qf + i0 * ldq;
           const float* goi = gof + i0 * ldgo;
-          gemm_rm(false, true, bq, bk, hd, scale, qi, ldq, kj, ldk, 0.0f, p_tile.data(), BK);
-          gemm_rm(false, true, bq, bk, hd, 1.0f, goi, ldgo, vj, ldv, 0.0f, dp_tile.data(), BK);
+          tile::gemm(bq, bk, hd, scale, qi, ldq, 1, ktbuf.data() + j0, T_, false, p_tile.data(), BK);  // S
+          tile::gemm(bq, bk, hd, 1.0f, goi, ldgo, 1, vtbuf.data() + j0, T_, false, dp_tile.data(), BK);  // dP
           for (int64_t i = 0; i < bq; ++i) {
             float* pr = p_tile.data() + i * BK;
             float* dpr = dp_tile.data() + i * BK;
@@ -263,9 +279,10 @@ void attention_backward_impl(const Tensor& grad_out, const Tensor& qkv, const Te
             for (int64_t j = 0; j < bk; ++j) dpr[j] = pr[j] * (dpr[j] - dl);  // dS
           }
           const float* pd = dropout_p > 0.0f ? pd_tile.data() : p_tile.data();
-          gemm_rm(true, false, bk, hd, bq, 1.0f, pd, BK, goi, ldgo, 1.0f, dv.data(), hd);
-          gemm_rm(false, false, bq, hd, bk, scale, dp_tile.data(), BK, kj, ldk, 1.0f, dq.data() + i0 * hd, hd);
-          gemm_rm(true, false, bk, hd, bq, scale, dp_tile.data(), BK, qi, ldq, 1.0f, dk.data(), hd);
+          // dV += P^T dO, dQ += scale dS K, dK += scale dS^T Q (the transposes are strides, not copies).
+          tile::gemm(bk, hd, bq, 1.0f, pd, 1, BK, goi, ldgo, true, dv.data(), hd);
+          tile::gemm(bq, hd, bk, scale, dp_tile.data(), BK, 1, kj, ldk, true, dq.data() + i0 * hd, hd);
+          tile::gemm(bk, hd, bq, scale, dp_tile.data(), 1, BK, qi, ldq, true, dk.data(), hd);
         }
         for (int64_t j = 0; j < bk; ++j) {
           T* row = dqkv_p + (b * T_ + j0 + j) * 3 * D + h * hd;

@@ -1,5 +1,5 @@
-// Shared helpers of the vit_fast CPU kernels: argument checks, dtype dispatch, a small row-major
-// GEMM entry point for tiles, vectorisable exp/erf/GELU, LayerNorm row kernels and the dropout hash.
+// Shared helpers of the vit_fast CPU kernels: argument checks, dtype dispatch, vectorisable
+// exp/erf/GELU, LayerNorm row kernels and the dropout hash.
 #pragma once
 
 #include <torch/extension.h>
@@ -83,42 +83,6 @@ inline T from_f(float v) {
 #else
 #define VF_CLONES
 #endif
-
-// ---------------------------------------------------------------------------------------------
-// Tile GEMM, row-major: C[M,N] = alpha * op(A) op(B) + beta * C, all fp32.
-// The attention tiles are small (64 x 64 x head_dim), so going through the ATen dispatcher per tile
-// would cost several microseconds each; instead call the BLAS that libtorch_cpu already carries
-// (MKL's Fortran sgemm_, LP64 interface). The symbol is declared weak: on a torch build without it
-// the pointer is null and we fall back to at::mm on views, which is slower but always works.
-extern "C" __attribute__((weak)) void sgemm_(const char* transa, const char* transb, const int* m,
-                                             const int* n, const int* k, const float* alpha,
-                                             const float* a, const int* lda, const float* b,
-                                             const int* ldb, const float* beta, float* c,
-                                             const int* ldc);
-
-inline bool have_blas_sgemm() { return &sgemm_ != nullptr; }
-
-inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-                    const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
-                    int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (have_blas_sgemm()) {
-    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap operands, keep flags.
-    const char ta = trans_b ? 'T' : 'N';
-    const char tb = trans_a ? 'T' : 'N';
-    const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
-    const int ilda = static_cast<int>(ldb), ildb = static_cast<int>(lda), ildc = static_cast<int>(ldc);
-    sgemm_(&ta, &tb, &im, &in, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc);
-    return;
-  }
-  auto opts = at::TensorOptions().dtype(at::kFloat);
-  Tensor ta = trans_a ? at::from_blob(const_cast<float*>(a), {k, m}, {lda, 1}, opts).t()
-                      : at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, opts);
-  Tensor tb = trans_b ? at::from_blob(const_cast<float*>(b), {n, k}, {ldb, 1}, opts).t()
-                      : at::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, opts);
-  Tensor tc = at::from_blob(c, {m, n}, {ldc, 1}, opts);
-  at::addmm_out(tc, tc, ta, tb, beta, alpha);
-}
 
 // ---------------------------------------------------------------------------------------------
 // Vectorisable math. std::exp / std::erf are libm calls that stop GCC from vectorising a loop, so

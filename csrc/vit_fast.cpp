@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "gemm.h"
+#include "tile_gemm.h"
 #include "ops.h"
 
 #ifdef _OPENMP
@@ -26,8 +27,11 @@ bool has_openmp() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vit_fast fused CPU kernels";
   m.def("has_openmp", &has_openmp, "Whether the extension was compiled with OpenMP");
-  m.def("has_blas_tiles", &vit_fast::have_blas_sgemm,
-        "Whether attention tiles call BLAS sgemm directly (else through at::mm, slower)");
+  m.def("tile_gemm_backend", &vit_fast::tile::backend,
+        "What the attention-tile GEMMs run now: 'avx512' (the native micro-kernel) or 'blas'");
+  m.def("set_tile_gemm_backend", &vit_fast::tile::set_backend,
+        "Choose the attention-tile GEMMs: 'auto' (avx512 where the CPU has it), 'avx512' or 'blas'",
+        pybind11::arg("name"));
   m.def("gemm_backend", &vit_fast::gemm::backend, "The library the float32 GEMMs use now: 'onednn' or 'aten'");
   m.def("set_gemm_backend", &vit_fast::gemm::set_backend,
         "Choose the float32 GEMM library: 'auto' (oneDNN when torch has it), 'onednn' or 'aten' (at::mm)",

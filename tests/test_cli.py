@@ -75,8 +75,14 @@ def test_cost_command_rejects_unknown_gpu():
 def test_check_environment(capsys):
     assert cli.main(["check", "--no-aot"]) == 0
     out = capsys.readouterr().out
-    for key in ("torch", "triton", "device", "extension_built", "backends_cpu"):
+    for key in ("torch", "triton", "device", "extension_built", "backends_cpu", "cpu_gemm"):
         assert key in out
+    from vit_fast.ops.backend import cpu_extension
+
+    ext = cpu_extension()
+    if ext is not None:  # the libraries the C++ backend uses now, as the extension reports them
+        assert f"cpu_gemm             {ext.gemm_backend()}" in out
+        assert f"cpu_attention_tiles  {ext.tile_gemm_backend()}" in out
 
 
 def test_check_aot_one_kernel(capsys):

@@ -33,6 +33,18 @@ def gemm_backend(request):
     _C.set_gemm_backend(before)
 
 
+@pytest.fixture(params=["avx512", "blas"])
+def tile_backend(request):
+    """Run a test once per attention-tile GEMM (csrc/tile_gemm.h): the AVX-512 kernel and the BLAS."""
+    before = _C.tile_gemm_backend()
+    try:
+        _C.set_tile_gemm_backend(request.param)
+    except RuntimeError as err:  # a CPU without AVX-512: only the BLAS path exists
+        pytest.skip(str(err))
+    yield request.param
+    _C.set_tile_gemm_backend(before)
+
+
 def _p(*shape, requires_grad=True, scale=1.0):
     return (torch.randn(*shape) * scale).requires_grad_(requires_grad)
 
@@ -220,14 +232,26 @@ def _qkv(batch, tokens, heads, head_dim, *, scale=1.0):
 
 @pytest.mark.parametrize(
     "batch,tokens,heads,head_dim",
-    [(1, 1, 1, 16), (2, 2, 2, 32), (2, 50, 3, 72), (1, 197, 2, 64), (1, 257, 1, 80), (2, 65, 2, 96)],
+    [
+        (1, 1, 1, 16),
+        (2, 2, 2, 32),
+        (2, 50, 3, 72),
+        (1, 197, 2, 64),
+        (1, 257, 1, 80),
+        (2, 65, 2, 96),
+        (1, 30, 1, 88),
+        (1, 20, 2, 128),
+        (1, 7, 1, 8),
+    ],
 )
-def test_attention_fp32(batch, tokens, heads, head_dim):
+def test_attention_fp32(batch, tokens, heads, head_dim, tile_backend):
+    # Head dims: 16-multiples, 72/88 (a masked column tail in the tile kernel), 128 (two column
+    # panels), 8 (tail only); 1 and 7 tokens: fewer rows than one 6-row kernel block, and one more.
     qkv = _qkv(batch, tokens, heads, head_dim, scale=2.0)  # scale 2: peaky softmax, exercises the max shift
     check_numerics(fused_attention, reference.attention, [qkv, heads])
 
 
-def test_attention_long_sequence_uses_several_key_blocks():
+def test_attention_long_sequence_uses_several_key_blocks(tile_backend):
     # T = 577 (ViT at 384): more than one forward key block (256) and backward block (128), so the
     # online-softmax rescaling and the dK/dV block accumulation are exercised.
     qkv = _qkv(1, 577, 1, 64, scale=2.0)
@@ -240,7 +264,7 @@ def test_attention_custom_scale():
 
 
 @pytest.mark.parametrize("tokens,head_dim", [(50, 64), (197, 64)])
-def test_attention_bf16(tokens, head_dim):
+def test_attention_bf16(tokens, head_dim, tile_backend):
     qkv = _qkv(2, tokens, 2, head_dim)
     check_numerics(fused_attention, reference.attention, [qkv, 2], dtype=BF16)
 
@@ -262,6 +286,30 @@ def test_attention_strided_qkv():
         rtol=0,
         atol=0,
     )
+
+
+def test_tile_gemm_backend_choice():
+    before = _C.tile_gemm_backend()
+    assert before in ("avx512", "blas")
+    qkv = torch.randn(2, 45, 3 * 2 * 40)
+    try:
+        with pytest.raises(RuntimeError, match="tile GEMM backend must be"):
+            _C.set_tile_gemm_backend("cuda")
+        assert _C.tile_gemm_backend() == before
+        outs = {}
+        for name in ("blas", "avx512"):
+            try:
+                _C.set_tile_gemm_backend(name)
+            except RuntimeError:
+                assert name == "avx512"  # only where the CPU lacks AVX-512
+                continue
+            assert _C.tile_gemm_backend() == name
+            outs[name] = _C.attention_forward(qkv, 2, 40**-0.5, 0.0, 0)
+    finally:
+        _C.set_tile_gemm_backend(before)
+    if len(outs) == 2:  # both fp32 tile GEMMs: equal up to summation order
+        for a, b in zip(outs["blas"], outs["avx512"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_attention_lse_matches_logsumexp():
@@ -590,7 +638,7 @@ def test_results_do_not_depend_on_thread_count():
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-6)
 
 
-def test_vit_s_attention_fp32():
+def test_vit_s_attention_fp32(tile_backend):
     # ViT-S/16 at 224: T = 197, D = 384, H = 6 (batch 2 to keep the float64 reference quick).
     check_numerics(fused_attention, reference.attention, [_qkv(2, 197, 6, 64), 6])
 

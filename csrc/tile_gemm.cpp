@@ -1,0 +1,166 @@
+// Attention-tile GEMMs: AVX-512 micro-kernel with a BLAS fallback (see tile_gemm.h).
+#include "tile_gemm.h"
+
+#include <array>
+#include <atomic>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define VF_TILE_AVX512 1
+// Only these functions are compiled for AVX-512; they run only after a cpuid check (set_backend).
+#define VF_AVX512 __attribute__((target("avx512f")))
+#endif
+
+// The BLAS that libtorch_cpu carries (MKL's Fortran sgemm_, LP64). Declared weak: on a torch build
+// without it the pointer is null and the fallback uses at::mm on views.
+extern "C" __attribute__((weak)) void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                                             const int* k, const float* alpha, const float* a, const int* lda,
+                                             const float* b, const int* ldb, const float* beta, float* c,
+                                             const int* ldc);
+
+namespace vit_fast::tile {
+namespace {
+
+// ------------------------------------------------------------------------------------------------
+// BLAS fallback. A must be row-major (a_cs == 1) or transposed (a_rs == 1), as every caller's is.
+
+void gemm_blas(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_cs,
+               const float* b, int64_t ldb, bool accumulate, float* c, int64_t ldc) {
+  TORCH_CHECK(a_cs == 1 || a_rs == 1, "tile gemm: operand A needs a unit row or column stride");
+  const bool trans_a = a_cs != 1;
+  const int64_t lda = trans_a ? a_cs : a_rs;
+  const float beta = accumulate ? 1.0f : 0.0f;
+  if (&sgemm_ != nullptr) {
+    // Row-major C = op(A) B is column-major C^T = B^T op(A)^T: swap the operands, keep the flags.
+    const char ta = 'N', tb = trans_a ? 'T' : 'N';
+    const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
+    const int ilda = static_cast<int>(ldb), ildb = static_cast<int>(std::max<int64_t>(lda, 1)),
+              ildc = static_cast<int>(ldc);
+    sgemm_(&ta, &tb, &im, &in, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc);
+    return;
+  }
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  Tensor ta = trans_a ? at::from_blob(const_cast<float*>(a), {k, m}, {lda, 1}, opts).t()
+                      : at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, opts);
+  Tensor tb = at::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, opts);
+  Tensor tc = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  at::addmm_out(tc, tc, ta, tb, beta, alpha);
+}
+
+// ------------------------------------------------------------------------------------------------
+// AVX-512 micro-kernel: an MR x (16 NV) block of C in registers (MR * NV <= 24 of the 32 zmm), one
+// row of B (NV vectors, the last one masked to the column tail) and MR broadcasts of A per step p.
+
+#ifdef VF_TILE_AVX512
+constexpr int kMR = 6;
+constexpr int kNV = 4;
+
+template <int MR, int NV>
+VF_AVX512 void micro(int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
+                     bool accumulate, float* c, int64_t ldc, __mmask16 tail) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < k; ++p) {
+    const float* brow = b + p * ldb;
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? tail : 0xFFFF, brow + 16 * v);
+    const float* acol = a + p * a_cs;
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(acol[i * a_rs]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      float* cp = c + i * ldc + 16 * v;
+      const __mmask16 mask = v == NV - 1 ? tail : 0xFFFF;
+      __m512 r = _mm512_mul_ps(acc[i][v], va);
+      if (accumulate) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(mask, cp));
+      _mm512_mask_storeu_ps(cp, mask, r);
+    }
+  }
+}
+
+using MicroFn = void (*)(int64_t, float, const float*, int64_t, int64_t, const float*, int64_t, bool, float*, int64_t,
+                         __mmask16);
+
+template <int MR>
+constexpr std::array<MicroFn, kNV> row_of_kernels() {
+  return {&micro<MR, 1>, &micro<MR, 2>, &micro<MR, 3>, &micro<MR, 4>};
+}
+
+// kernels[rows - 1][vectors - 1]
+constexpr std::array<std::array<MicroFn, kNV>, kMR> kKernels = {row_of_kernels<1>(), row_of_kernels<2>(),
+                                                               row_of_kernels<3>(), row_of_kernels<4>(),
+                                                               row_of_kernels<5>(), row_of_kernels<6>()};
+
+VF_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_cs,
+                           const float* b, int64_t ldb, bool accumulate, float* c, int64_t ldc) {
+  // Column panels outermost: a panel of B (k x 64 floats) stays in L1 while every row block uses it.
+  for (int64_t j0 = 0; j0 < n; j0 += 16 * kNV) {
+    const int64_t cols = std::min<int64_t>(16 * kNV, n - j0);
+    const int nv = static_cast<int>((cols + 15) / 16);
+    const int rem = static_cast<int>(cols % 16);
+    const __mmask16 tail = rem == 0 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1u);
+    for (int64_t i0 = 0; i0 < m; i0 += kMR) {
+      const int rows = static_cast<int>(std::min<int64_t>(kMR, m - i0));
+      kKernels[rows - 1][nv - 1](k, alpha, a + i0 * a_rs, a_rs, a_cs, b + j0, ldb, accumulate, c + i0 * ldc + j0,
+                                 ldc, tail);
+    }
+  }
+}
+#endif
+
+bool cpu_has_avx512() {
+#ifdef VF_TILE_AVX512
+  return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+enum class Backend { kAvx512, kBlas };
+
+Backend parse(const std::string& name) {
+  if (name == "blas") return Backend::kBlas;
+  if (name == "avx512") {
+    TORCH_CHECK(cpu_has_avx512(), "tile GEMM backend 'avx512' requested but this CPU (or build) has no AVX-512F");
+    return Backend::kAvx512;
+  }
+  TORCH_CHECK(name == "auto", "tile GEMM backend must be 'auto', 'avx512' or 'blas', got '", name, "'");
+  return cpu_has_avx512() ? Backend::kAvx512 : Backend::kBlas;
+}
+
+std::atomic<Backend>& current() {
+  static std::atomic<Backend> value{parse("auto")};
+  return value;
+}
+
+}  // namespace
+
+void gemm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
+          int64_t ldb, bool accumulate, float* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+#ifdef VF_TILE_AVX512
+  if (current().load(std::memory_order_relaxed) == Backend::kAvx512) {
+    gemm_avx512(m, n, k, alpha, a, a_rs, a_cs, b, ldb, accumulate, c, ldc);
+    return;
+  }
+#endif
+  gemm_blas(m, n, k, alpha, a, a_rs, a_cs, b, ldb, accumulate, c, ldc);
+}
+
+std::string backend() { return current().load() == Backend::kAvx512 ? "avx512" : "blas"; }
+
+void set_backend(const std::string& name) { current().store(parse(name)); }
+
+}  // namespace vit_fast::tile
