@@ -61,16 +61,6 @@ AttnShape check_qkv(const Tensor& qkv, int64_t num_heads) {
   return {qkv.size(0), qkv.size(1), dim, num_heads, dim / num_heads, qkv.stride(0), qkv.stride(1)};
 }
 
-// Copy `rows` rows of `cols` elements (row stride `ld`) into a dense fp32 buffer.
-template <typename T>
-void widen_rows(const T* src, int64_t ld, int64_t rows, int64_t cols, float* dst) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* s = src + r * ld;
-    float* d = dst + r * cols;
-    for (int64_t c = 0; c < cols; ++c) d[c] = to_f(s[c]);
-  }
-}
-
 // A [rows, head_dim] operand as fp32 pointer + leading dim: the tensor itself for fp32, a widened
 // copy for bf16.
 template <typename T>
@@ -81,7 +71,7 @@ const float* as_f32(const T* src, int64_t ld, int64_t rows, int64_t cols, std::v
     return src;
   } else {
     buf.resize(static_cast<size_t>(rows * cols));
-    widen_rows(src, ld, rows, cols, buf.data());
+    for (int64_t r = 0; r < rows; ++r) widen_bf16(src + r * ld, buf.data() + r * cols, cols);
     ld_out = cols;
     return buf.data();
   }

@@ -164,76 +164,72 @@ inline bool parse_approximate(const std::string& approximate) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// LayerNorm rows (statistics in fp32). Two passes over a row that sits in L1: the centred variance
-// is more accurate than E[x^2] - E[x]^2 and costs nothing measurable at ViT widths.
+// Rows in float32. Every element pass is written once, for float32 rows (the VF_CLONES kernels);
+// a bfloat16 row is widened into per-thread fp32 scratch, processed there, and narrowed back with one
+// round-to-nearest-even per output: the same single rounding the bf16 reference does, and no scalar
+// bf16 arithmetic in any loop.
 
-template <typename T>
-inline __attribute__((always_inline)) void ln_row_forward_body(const T* x, const float* w, const float* b, T* y,
-                                                               int64_t d, float eps, float* mean_out,
-                                                               float* rstd_out) {
-  // omp simd: lets the compiler reorder these fp32 sums into vector lanes (not allowed by default).
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < d; ++i) sum += to_f(x[i]);
-  const float mean = sum / static_cast<float>(d);
-  float sq = 0.0f;
-#pragma omp simd reduction(+ : sq)
-  for (int64_t i = 0; i < d; ++i) {
-    const float c = to_f(x[i]) - mean;
-    sq += c * c;
-  }
-  const float rstd = 1.0f / std::sqrt(sq / static_cast<float>(d) + eps);
-  for (int64_t i = 0; i < d; ++i) {
-    float v = (to_f(x[i]) - mean) * rstd;
-    if (w) v *= w[i];
-    if (b) v += b[i];
-    y[i] = from_f<T>(v);
-  }
-  if (mean_out) *mean_out = mean;
-  if (rstd_out) *rstd_out = rstd;
+// bfloat16 <-> float32 runs (rows.cpp; multi-target). narrow_bf16 rounds to nearest even, NaN stays NaN.
+void widen_bf16(const at::BFloat16* src, float* dst, int64_t n);
+void narrow_bf16(const float* src, at::BFloat16* dst, int64_t n);
+
+// Per-thread fp32 scratch rows (slots 0..5), grown on demand and kept for the thread's lifetime.
+inline float* scratch(int slot, int64_t n) {
+  thread_local std::vector<float> bufs[6];
+  auto& buf = bufs[slot];
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+  return buf.data();
 }
 
-// fp32 rows get multi-target clones (defined in layer_norm.cpp).
+// A row of T read as fp32: the row itself for float, a widened copy in scratch `slot` for bf16.
+template <typename T>
+inline const float* row_f32(const T* src, int64_t n, int slot) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    float* d = scratch(slot, n);
+    widen_bf16(src, d, n);
+    return d;
+  }
+}
+
+// Where an output row of T is computed in fp32: the row itself for float, scratch `slot` for bf16
+// (then store_row narrows it into place).
+template <typename T>
+inline float* out_f32(T* dst, int64_t n, int slot) {
+  if constexpr (std::is_same_v<T, float>) {
+    return dst;
+  } else {
+    return scratch(slot, n);
+  }
+}
+
+template <typename T>
+inline void store_row(const float* src, T* dst, int64_t n) {
+  if constexpr (!std::is_same_v<T, float>) narrow_bf16(src, dst, n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm rows (statistics in fp32; kernels in layer_norm.cpp). Two passes over a row that sits
+// in L1: the centred variance is more accurate than E[x^2] - E[x]^2 and costs nothing measurable at
+// ViT widths.
+
+// y = (x - mean) * rstd * w + b, writing the row's mean and rstd (either pointer may be null).
 void ln_row_forward_f32(const float* x, const float* w, const float* b, float* y, int64_t d, float eps,
                         float* mean_out, float* rstd_out);
+// One row of the LN backward (see ln_backward_rows); xhat and g are d-float scratch, pw/pb the
+// per-thread dweight/dbias partials (may be null), extra a gradient added to dx (may be null).
 void ln_row_backward_f32(const float* dy, const float* x, const float* w, float mu, float rs, const float* extra,
                          float* dx, float* pw, float* pb, float* xhat, float* g, int64_t d);
+// y = (x - mu) * rs * w + b with given statistics (the recompute of backward passes).
+void ln_apply_row_f32(const float* x, const float* w, const float* b, float mu, float rs, float* y, int64_t d);
 
 template <typename T>
 inline void ln_row_forward(const T* x, const float* w, const float* b, T* y, int64_t d, float eps,
                            float* mean_out, float* rstd_out) {
-  if constexpr (std::is_same_v<T, float>)
-    ln_row_forward_f32(x, w, b, y, d, eps, mean_out, rstd_out);
-  else
-    ln_row_forward_body(x, w, b, y, d, eps, mean_out, rstd_out);
-}
-
-// One row of the LN backward (see ln_backward_rows); xhat and g are d-float scratch.
-template <typename T, typename TD>
-inline __attribute__((always_inline)) void ln_row_backward_body(const TD* dyr, const T* xr, const float* w, float mu,
-                                                                float rs, const T* er, T* dxr, float* pw, float* pb,
-                                                                float* xhat, float* g, int64_t d) {
-  float s_g = 0.0f, s_gx = 0.0f;
-#pragma omp simd reduction(+ : s_g, s_gx)
-  for (int64_t i = 0; i < d; ++i) {
-    const float xh = (to_f(xr[i]) - mu) * rs;
-    const float dyv = to_f(dyr[i]);
-    const float gv = w ? dyv * w[i] : dyv;
-    xhat[i] = xh;
-    g[i] = gv;
-    s_g += gv;
-    s_gx += gv * xh;
-  }
-  if (pw)
-    for (int64_t i = 0; i < d; ++i) pw[i] += to_f(dyr[i]) * xhat[i];
-  if (pb)
-    for (int64_t i = 0; i < d; ++i) pb[i] += to_f(dyr[i]);
-  const float c_g = s_g / static_cast<float>(d), c_gx = s_gx / static_cast<float>(d);
-  for (int64_t i = 0; i < d; ++i) {
-    float v = rs * (g[i] - c_g - xhat[i] * c_gx);
-    if (er) v += to_f(er[i]);
-    dxr[i] = from_f<T>(v);
-  }
+  float* yf = out_f32(y, d, 1);
+  ln_row_forward_f32(row_f32(x, d, 0), w, b, yf, d, eps, mean_out, rstd_out);
+  store_row(yf, y, d);
 }
 
 // Recompute LN(x) row by row (used by backward passes that need the normalised input for a GEMM).
@@ -242,15 +238,9 @@ inline void ln_apply_rows(const T* x, const float* w, const float* b, const floa
                           const float* rstd, T* y, int64_t m, int64_t d) {
   at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const T* xr = x + r * d;
-      T* yr = y + r * d;
-      const float mu = mean[r], rs = rstd[r];
-      for (int64_t i = 0; i < d; ++i) {
-        float v = (to_f(xr[i]) - mu) * rs;
-        if (w) v *= w[i];
-        if (b) v += b[i];
-        yr[i] = from_f<T>(v);
-      }
+      float* yf = out_f32(y + r * d, d, 1);
+      ln_apply_row_f32(row_f32(x + r * d, d, 0), w, b, mean[r], rstd[r], yf, d);
+      store_row(yf, y + r * d, d);
     }
   });
 }
@@ -258,10 +248,9 @@ inline void ln_apply_rows(const T* x, const float* w, const float* b, const floa
 // LN backward over all rows: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w, plus
 // `extra` (a residual gradient added in the same pass, may be null). Weight/bias gradients are
 // reduced in fp32 per thread and summed at the end (no atomics, deterministic for a thread count).
-template <typename T, typename TD>
-inline void ln_backward_rows(const TD* dy, const T* x, const float* w, const float* mean,
-                             const float* rstd, const T* extra, T* dx, float* dw, float* db, int64_t m,
-                             int64_t d) {
+template <typename T>
+inline void ln_backward_rows(const T* dy, const T* x, const float* w, const float* mean, const float* rstd,
+                             const T* extra, T* dx, float* dw, float* db, int64_t m, int64_t d) {
   const int nthreads = at::get_num_threads();
   const bool need_w = dw != nullptr, need_b = db != nullptr;
   std::vector<float> part_w(need_w ? static_cast<size_t>(nthreads) * d : 0, 0.0f);
@@ -270,15 +259,14 @@ inline void ln_backward_rows(const TD* dy, const T* x, const float* w, const flo
     const int tid = at::get_thread_num();
     float* pw = need_w ? part_w.data() + static_cast<size_t>(tid) * d : nullptr;
     float* pb = need_b ? part_b.data() + static_cast<size_t>(tid) * d : nullptr;
-    std::vector<float> xhat(d), g(d);
+    float* xhat = scratch(4, d);
+    float* g = scratch(5, d);
     for (int64_t r = r0; r < r1; ++r) {
-      const T* er = extra ? extra + r * d : nullptr;
-      if constexpr (std::is_same_v<T, float> && std::is_same_v<TD, float>)
-        ln_row_backward_f32(dy + r * d, x + r * d, w, mean[r], rstd[r], er, dx + r * d, pw, pb, xhat.data(),
-                            g.data(), d);
-      else
-        ln_row_backward_body(dy + r * d, x + r * d, w, mean[r], rstd[r], er, dx + r * d, pw, pb, xhat.data(),
-                             g.data(), d);
+      const float* er = extra ? row_f32(extra + r * d, d, 2) : nullptr;
+      float* dxf = out_f32(dx + r * d, d, 3);
+      ln_row_backward_f32(row_f32(dy + r * d, d, 0), row_f32(x + r * d, d, 1), w, mean[r], rstd[r], er, dxf, pw,
+                          pb, xhat, g, d);
+      store_row(dxf, dx + r * d, d);
     }
   });
   for (int t = 0; t < nthreads; ++t) {
@@ -288,6 +276,9 @@ inline void ln_backward_rows(const TD* dy, const T* x, const float* w, const flo
     }
   }
 }
+
+// p[i] += s * a[i] (* other[i] when other is given): one row of a weighted column sum (rows.cpp).
+void accumulate_row_f32(float* p, const float* a, const float* other, float s, int64_t n);
 
 // Sum of the rows of a [m, n] matrix in fp32 (bias gradients), optionally weighted per row by
 // row_scale[r / rows_per_scale] and multiplied elementwise by `other` (layer-scale gradients).
@@ -299,15 +290,9 @@ inline Tensor column_sum(const T* a, const T* other, const float* row_scale, int
   at::parallel_for(0, m, 32, [&](int64_t r0, int64_t r1) {
     float* p = part.data() + static_cast<size_t>(at::get_thread_num()) * n;
     for (int64_t r = r0; r < r1; ++r) {
-      const T* ar = a + r * n;
       const float s = row_scale ? row_scale[r / rows_per_scale] : 1.0f;
       if (s == 0.0f) continue;
-      if (other) {
-        const T* orow = other + r * n;
-        for (int64_t i = 0; i < n; ++i) p[i] += s * to_f(ar[i]) * to_f(orow[i]);
-      } else {
-        for (int64_t i = 0; i < n; ++i) p[i] += s * to_f(ar[i]);
-      }
+      accumulate_row_f32(p, row_f32(a + r * n, n, 0), other ? row_f32(other + r * n, n, 1) : nullptr, s, n);
     }
   });
   Tensor out = at::zeros({n}, at::kFloat);
@@ -315,6 +300,15 @@ inline Tensor column_sum(const T* a, const T* other, const float* row_scale, int
   for (int t = 0; t < nthreads; ++t)
     for (int64_t i = 0; i < n; ++i) o[i] += part[static_cast<size_t>(t) * n + i];
   return out;
+}
+
+// Column sums of a 2-D [m, n] tensor in fp32 (a bias gradient): at::sum for float32; for bf16 the
+// rows are widened one at a time instead of casting the whole tensor to fp32 first.
+inline Tensor column_sum_f32(const Tensor& g) {
+  if (g.scalar_type() == at::kFloat) return at::sum(g, {0});
+  const Tensor gc = g.contiguous();
+  return column_sum(gc.data_ptr<at::BFloat16>(), static_cast<const at::BFloat16*>(nullptr), nullptr, 1, gc.size(0),
+                    gc.size(1));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,13 +10,60 @@ namespace vit_fast {
 
 VF_CLONES void ln_row_forward_f32(const float* x, const float* w, const float* b, float* y, int64_t d, float eps,
                                   float* mean_out, float* rstd_out) {
-  ln_row_forward_body(x, w, b, y, d, eps, mean_out, rstd_out);
+  // omp simd: lets the compiler reorder these fp32 sums into vector lanes (not allowed by default).
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < d; ++i) sum += x[i];
+  const float mean = sum / static_cast<float>(d);
+  float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t i = 0; i < d; ++i) {
+    const float c = x[i] - mean;
+    sq += c * c;
+  }
+  const float rstd = 1.0f / std::sqrt(sq / static_cast<float>(d) + eps);
+  ln_apply_row_f32(x, w, b, mean, rstd, y, d);
+  if (mean_out) *mean_out = mean;
+  if (rstd_out) *rstd_out = rstd;
+}
+
+VF_CLONES void ln_apply_row_f32(const float* x, const float* w, const float* b, float mu, float rs, float* y,
+                                int64_t d) {
+  if (w && b) {
+    for (int64_t i = 0; i < d; ++i) y[i] = (x[i] - mu) * rs * w[i] + b[i];
+  } else {
+    for (int64_t i = 0; i < d; ++i) {
+      float v = (x[i] - mu) * rs;
+      if (w) v *= w[i];
+      if (b) v += b[i];
+      y[i] = v;
+    }
+  }
 }
 
 VF_CLONES void ln_row_backward_f32(const float* dy, const float* x, const float* w, float mu, float rs,
                                    const float* extra, float* dx, float* pw, float* pb, float* xhat, float* g,
                                    int64_t d) {
-  ln_row_backward_body(dy, x, w, mu, rs, extra, dx, pw, pb, xhat, g, d);
+  float s_g = 0.0f, s_gx = 0.0f;
+#pragma omp simd reduction(+ : s_g, s_gx)
+  for (int64_t i = 0; i < d; ++i) {
+    const float xh = (x[i] - mu) * rs;
+    const float gv = w ? dy[i] * w[i] : dy[i];
+    xhat[i] = xh;
+    g[i] = gv;
+    s_g += gv;
+    s_gx += gv * xh;
+  }
+  if (pw)
+    for (int64_t i = 0; i < d; ++i) pw[i] += dy[i] * xhat[i];
+  if (pb)
+    for (int64_t i = 0; i < d; ++i) pb[i] += dy[i];
+  const float c_g = s_g / static_cast<float>(d), c_gx = s_gx / static_cast<float>(d);
+  for (int64_t i = 0; i < d; ++i) {
+    float v = rs * (g[i] - c_g - xhat[i] * c_gx);
+    if (extra) v += extra[i];
+    dx[i] = v;
+  }
 }
 
 namespace {
@@ -73,7 +120,7 @@ std::tuple<Tensor, Tensor, Tensor> ln_backward_core(const Tensor& dy, const Tens
   Tensor dw = need_w ? at::zeros({d}, x.options().dtype(at::kFloat)) : Tensor();
   Tensor db = need_b ? at::zeros({d}, x.options().dtype(at::kFloat)) : Tensor();
   VF_DISPATCH(x.scalar_type(), "layer_norm_backward", [&] {
-    ln_backward_rows<scalar_t, scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), ptr_or_null(w32),
+    ln_backward_rows<scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), ptr_or_null(w32),
                                          mean.data_ptr<float>(), rstd.data_ptr<float>(), nullptr,
                                          dx.data_ptr<scalar_t>(), need_w ? dw.data_ptr<float>() : nullptr,
                                          need_b ? db.data_ptr<float>() : nullptr, m, d);
@@ -156,7 +203,7 @@ std::tuple<Tensor, OptTensor, OptTensor, Tensor, OptTensor> layer_norm_linear_ba
   const Tensor xn = recompute_ln(xc, w32, b32, mc, rc);
   Tensor dweight = gemm::mm_tn(dc, xn);
   OptTensor dbias;
-  if (has_bias) dbias = at::sum(dc, {0}, false, at::kFloat).to(weight.scalar_type());
+  if (has_bias) dbias = column_sum_f32(dc).to(weight.scalar_type());
   const Tensor dxn = gemm::mm(dc, weight);
   auto [dx, dw, db] = ln_backward_core(dxn, xc, w32, ln_weight.has_value(), ln_bias.has_value(), mc, rc);
   return {dx, cast_like(dw, ln_weight), cast_like(db, ln_bias), dweight, dbias};

@@ -13,57 +13,78 @@
 namespace vit_fast {
 namespace {
 
-// ----- element passes (templated bodies; float versions get the multi-target clones) -----------
+// ----- element passes: float32 row kernels (multi-target), bf16 rows through common.h's scratch ----
 
-template <typename T, bool kTanh>
-inline __attribute__((always_inline)) void gelu_body(const T* h, T* a, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) a[i] = from_f<T>(gelu_value<kTanh>(to_f(h[i])));
+template <bool kTanh>
+inline __attribute__((always_inline)) void gelu_body(const float* h, float* a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) a[i] = gelu_value<kTanh>(h[i]);
 }
 
-template <typename T, bool kTanh>
-inline __attribute__((always_inline)) void gelu_backward_body(const T* h, T* a, T* da, int64_t n) {
+template <bool kTanh>
+inline __attribute__((always_inline)) void gelu_backward_body(const float* h, float* a, float* da, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     float value, grad;
-    gelu_and_grad<kTanh>(to_f(h[i]), value, grad);
-    a[i] = from_f<T>(value);
-    da[i] = from_f<T>(to_f(da[i]) * grad);
+    gelu_and_grad<kTanh>(h[i], value, grad);
+    a[i] = value;
+    da[i] *= grad;
   }
 }
 
 VF_CLONES void gelu_f32(const float* h, float* a, int64_t n, bool tanh) {
   if (tanh)
-    gelu_body<float, true>(h, a, n);
+    gelu_body<true>(h, a, n);
   else
-    gelu_body<float, false>(h, a, n);
+    gelu_body<false>(h, a, n);
 }
 
+// a = GELU(h) and da *= GELU'(h) in one sweep (shared erf/exp).
 VF_CLONES void gelu_backward_f32(const float* h, float* a, float* da, int64_t n, bool tanh) {
   if (tanh)
-    gelu_backward_body<float, true>(h, a, da, n);
+    gelu_backward_body<true>(h, a, da, n);
   else
-    gelu_backward_body<float, false>(h, a, da, n);
+    gelu_backward_body<false>(h, a, da, n);
+}
+
+// y = res + (y + bias) * gamma * s, in place on y (bias, gamma may be null).
+VF_CLONES void residual_row_f32(float* y, const float* res, const float* bias, const float* gamma, float s,
+                                int64_t n) {
+  if (bias && !gamma) {
+    for (int64_t i = 0; i < n; ++i) y[i] = res[i] + (y[i] + bias[i]) * s;
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      float v = y[i];
+      if (bias) v += bias[i];
+      if (gamma) v *= gamma[i];
+      y[i] = res[i] + v * s;
+    }
+  }
+}
+
+// o = d * gamma * s (gamma may be null).
+VF_CLONES void scale_row_f32(const float* d, const float* gamma, float s, float* o, int64_t n) {
+  if (gamma) {
+    for (int64_t i = 0; i < n; ++i) o[i] = d[i] * gamma[i] * s;
+  } else {
+    for (int64_t i = 0; i < n; ++i) o[i] = d[i] * s;
+  }
 }
 
 template <typename T>
 void gelu_row(const T* h, T* a, int64_t n, bool tanh) {
-  if constexpr (std::is_same_v<T, float>) {
-    gelu_f32(h, a, n, tanh);
-  } else if (tanh) {
-    gelu_body<T, true>(h, a, n);
-  } else {
-    gelu_body<T, false>(h, a, n);
-  }
+  float* af = out_f32(a, n, 1);
+  gelu_f32(row_f32(h, n, 0), af, n, tanh);
+  store_row(af, a, n);
 }
 
 template <typename T>
 void gelu_backward_row(const T* h, T* a, T* da, int64_t n, bool tanh) {
-  if constexpr (std::is_same_v<T, float>) {
-    gelu_backward_f32(h, a, da, n, tanh);
-  } else if (tanh) {
-    gelu_backward_body<T, true>(h, a, da, n);
-  } else {
-    gelu_backward_body<T, false>(h, a, da, n);
-  }
+  float* af = out_f32(a, n, 2);
+  float* daf = out_f32(da, n, 1);
+  const float* dain = row_f32(da, n, 1);  // bf16: widened into slot 1, then updated there in place
+  if (dain != daf) std::copy_n(dain, n, daf);
+  gelu_backward_f32(row_f32(h, n, 0), af, daf, n, tanh);
+  store_row(af, a, n);
+  store_row(daf, da, n);
 }
 
 // out = res + (y + bias) * gamma * dps[row / tps], written over y (the fresh GEMM output).
@@ -72,15 +93,12 @@ void residual_epilogue(T* y, const T* res, const float* bias, const float* gamma
                        int64_t m, int64_t n) {
   at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      T* yr = y + r * n;
-      const T* rr = res + r * n;
       const float s = dps ? dps[r / tps] : 1.0f;
-      for (int64_t i = 0; i < n; ++i) {
-        float v = to_f(yr[i]);
-        if (bias) v += bias[i];
-        if (gamma) v *= gamma[i];
-        yr[i] = from_f<T>(to_f(rr[i]) + v * s);
-      }
+      float* yf = out_f32(y + r * n, n, 0);
+      const float* yin = row_f32(y + r * n, n, 0);  // bf16: widened into slot 0, updated in place
+      if (yin != yf) std::copy_n(yin, n, yf);
+      residual_row_f32(yf, row_f32(res + r * n, n, 1), bias, gamma, s, n);
+      store_row(yf, y + r * n, n);
     }
   });
 }
@@ -95,11 +113,9 @@ Tensor scale_grad(const Tensor& dout, const float* gamma, const float* dps, int6
   T* o = dy.data_ptr<T>();
   at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const float s = dps ? dps[r / tps] : 1.0f;
-      for (int64_t i = 0; i < n; ++i) {
-        const float g = gamma ? gamma[i] : 1.0f;
-        o[r * n + i] = from_f<T>(to_f(d[r * n + i]) * g * s);
-      }
+      float* of = out_f32(o + r * n, n, 1);
+      scale_row_f32(row_f32(d + r * n, n, 0), gamma, dps ? dps[r / tps] : 1.0f, of, n);
+      store_row(of, o + r * n, n);
     }
   });
   return dy;
@@ -196,7 +212,7 @@ std::tuple<Tensor, Tensor, OptTensor, Tensor, OptTensor> linear_residual_backwar
   });
   Tensor dx = gemm::mm(dy, weight);
   Tensor dweight = gemm::mm_tn(dy, x);
-  if (bias.has_value()) dbias = grad_as(at::sum(dy, {0}, false, at::kFloat), bias);
+  if (bias.has_value()) dbias = grad_as(column_sum_f32(dy), bias);
   if (needs_gamma_grad && gamma.has_value()) {
     // d gamma_c = sum_r dout_rc * dps_r * y_rc needs the pre-scale GEMM output y: recompute it.
     Tensor y = gemm::linear(x, weight, bias);
@@ -344,7 +360,7 @@ std::tuple<Tensor, OptTensor, OptTensor, Tensor, OptTensor, Tensor, OptTensor, O
     }
     dfc2_w = dfc2_w * gcol;
   } else {
-    if (fc2_bias.has_value()) dfc2_b = grad_as(at::sum(dy2, {0}, false, at::kFloat), fc2_bias);
+    if (fc2_bias.has_value()) dfc2_b = grad_as(column_sum_f32(dy2), fc2_bias);
     if (needs_gamma_grad && gamma.has_value()) {
       Tensor y2 = gemm::linear(act, fc2_weight, fc2_bias);
       Tensor g = VF_DISPATCH(x.scalar_type(), "mlp_backward", [&] {
@@ -356,7 +372,7 @@ std::tuple<Tensor, OptTensor, OptTensor, Tensor, OptTensor, Tensor, OptTensor, O
   }
   act = Tensor();  // free [M, F] before the next allocations
   OptTensor dfc1_b;
-  if (has_fc1_bias) dfc1_b = at::sum(dh, {0}, false, at::kFloat).to(fc1_weight.scalar_type());
+  if (has_fc1_bias) dfc1_b = column_sum_f32(dh).to(fc1_weight.scalar_type());
   Tensor xn = at::empty_like(xc);
   VF_DISPATCH(x.scalar_type(), "mlp_backward", [&] {
     ln_apply_rows(xc.data_ptr<scalar_t>(), ptr_or_null(lw), ptr_or_null(lb), mc.data_ptr<float>(),
@@ -368,7 +384,7 @@ std::tuple<Tensor, OptTensor, OptTensor, Tensor, OptTensor, Tensor, OptTensor, O
   Tensor dlw = ln_weight.has_value() ? at::zeros({s.d}, at::kFloat) : Tensor();
   Tensor dlb = ln_bias.has_value() ? at::zeros({s.d}, at::kFloat) : Tensor();
   VF_DISPATCH(x.scalar_type(), "mlp_backward", [&] {
-    ln_backward_rows<scalar_t, scalar_t>(dxn.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), ptr_or_null(lw),
+    ln_backward_rows<scalar_t>(dxn.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), ptr_or_null(lw),
                                          mc.data_ptr<float>(), rc.data_ptr<float>(), dc.data_ptr<scalar_t>(),
                                          dx.data_ptr<scalar_t>(), dlw.defined() ? dlw.data_ptr<float>() : nullptr,
                                          dlb.defined() ? dlb.data_ptr<float>() : nullptr, s.m, s.d);
