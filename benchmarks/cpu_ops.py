@@ -283,10 +283,22 @@ def main() -> None:
         "--gemm-ablation", action="store_true", help="with --model: add the fused model with at::mm GEMMs"
     )
     ap.add_argument("--gemm", action="store_true", help="GEMM libraries alone at ViT-S shapes")
+    ap.add_argument(
+        "--gemm-lib", choices=("auto", "onednn", "aten"), default=None, help="fused ops' float32 GEMM library"
+    )
+    ap.add_argument(
+        "--tile-gemm", choices=("auto", "avx512", "blas"), default=None, help="fused attention's tile GEMMs"
+    )
     ap.add_argument("--only", default="", help="substring filter on op names")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    import vit_fast._C as C
+
+    if args.gemm_lib:
+        C.set_gemm_backend(args.gemm_lib)
+    if args.tile_gemm:
+        C.set_tile_gemm_backend(args.tile_gemm)
     dtype = getattr(torch, args.dtype)
     if args.model:
         model_bench(args)
@@ -295,7 +307,7 @@ def main() -> None:
         gemm_bench(args)
         return
     print(
-        f"{'cpu' if args.cpu_time else 'wall'} time, threads={torch.get_num_threads()} dtype={args.dtype} B={B} T={T} D={D} H={H} F={F}; median of {args.runs}"
+        f"{'cpu' if args.cpu_time else 'wall'} time, threads={torch.get_num_threads()} dtype={args.dtype} B={B} T={T} D={D} H={H} F={F}; median of {args.runs}; GEMMs {C.gemm_backend()}, attention tiles {C.tile_gemm_backend()}"
     )
     print(
         f"{'op':<20}{'eager fwd':>11}{'fused fwd':>11}{'ratio':>7}{'eager f+b':>11}{'fused f+b':>11}{'ratio':>7}"
