@@ -57,7 +57,12 @@ Tensor onednn_linear(const Tensor& a, const Tensor& w, const OptTensor& bias) {
 }  // namespace
 
 Tensor linear(const Tensor& a, const Tensor& w, const OptTensor& bias) {
-  if (use_onednn(a)) return onednn_linear(a, w, bias);
+  if (use_onednn(a)) {
+    // oneDNN takes the weight in either plain layout ([N, K] rows or a transposed view); anything
+    // else (a strided slice, say) is copied first. The source is made contiguous by the op itself.
+    const bool plain = w.stride(1) == 1 || w.stride(0) == 1;
+    return onednn_linear(a, plain ? w : w.contiguous(), bias);
+  }
   return bias.has_value() ? at::addmm(*bias, a, w.t()) : at::mm(a, w.t());
 }
 

@@ -36,6 +36,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_gemm_backend", &vit_fast::gemm::set_backend,
         "Choose the float32 GEMM library: 'auto' (oneDNN when torch has it), 'onednn' or 'aten' (at::mm)",
         pybind11::arg("name"));
+  m.def(
+      "_round_to_bf16",
+      [](const at::Tensor& x) {
+        TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be a float32 CPU tensor");
+        const at::Tensor xc = x.contiguous();
+        at::Tensor out = at::empty(xc.sizes(), xc.options().dtype(at::kBFloat16));
+        vit_fast::narrow_bf16(xc.data_ptr<float>(), out.data_ptr<at::BFloat16>(), xc.numel());
+        return out;
+      },
+      "Test hook: the backend's float32 -> bfloat16 rounding (rows.cpp), for comparison with torch's",
+      pybind11::arg("x"));
   namespace py = pybind11;
   using namespace vit_fast;
   // Long GEMM-free loops release the GIL so other Python threads can run meanwhile.

@@ -524,6 +524,17 @@ def test_gemm_backend_choice():
         _C.set_gemm_backend(before)
 
 
+def test_gemm_takes_strided_weights(gemm_backend):
+    # Weights as a transposed view and as a strided slice: same answer as a contiguous copy.
+    x = torch.randn(10, 16)
+    base = torch.randn(24, 32)
+    for w in (torch.randn(16, 12).t(), base[::2, ::2]):
+        assert not w.is_contiguous()
+        got = _C.layer_norm_linear_forward(x, None, None, w, None, 1e-6)[0]
+        want = _C.layer_norm_linear_forward(x, None, None, w.contiguous(), None, 1e-6)[0]
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_gemm_backends_agree_at_vit_s_shapes():
     # The same LN + Linear forward and backward through oneDNN and through at::mm: both are float32
     # GEMMs, so they agree to float32 rounding of a 384-long dot product.
@@ -617,6 +628,19 @@ def test_patch_embed_rejects_bad_input():
 
 # ----------------------------------------------------------------------------------------------
 # threads, realistic shapes
+
+
+def test_bf16_rounding_matches_torch_bit_for_bit():
+    # Every bf16 output of the backend goes through one fp32 -> bf16 narrowing (rows.cpp). It must be
+    # torch's: round to nearest, ties to even, inf stays inf, NaN stays NaN, subnormals kept.
+    bits = torch.randint(-(2**31), 2**31 - 1, (200_000,), dtype=torch.int64).to(torch.int32)
+    ties = (torch.arange(-3000, 3000, dtype=torch.int32) << 16) | 0x8000  # exactly halfway cases
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-45, 3.4e38])
+    x = torch.cat([bits.view(torch.float32), ties.view(torch.float32), special])
+    got, want = _C._round_to_bf16(x), x.to(torch.bfloat16)
+    assert torch.equal(got.isnan(), want.isnan())
+    keep = ~want.isnan()
+    assert torch.equal(got[keep].view(torch.int16), want[keep].view(torch.int16))
 
 
 def test_results_do_not_depend_on_thread_count():
