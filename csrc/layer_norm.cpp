@@ -1,8 +1,8 @@
 // LayerNorm family: LayerNorm alone and LayerNorm fused into the following Linear.
 //
 // LN statistics are fp32 and computed per row in a parallel loop; for LN+Linear the normalised rows
-// are written straight into the GEMM input buffer, then one ATen GEMM (MKL / oneDNN) produces the
-// output with its bias. Backward recomputes the LN output from (x, mean, rstd) instead of saving it.
+// are written straight into the GEMM input buffer, then one GEMM (gemm.h: oneDNN for float32)
+// produces the output with its bias. Backward recomputes the LN output from (x, mean, rstd) instead of saving it.
 #include "common.h"
 #include "gemm.h"
 
@@ -29,15 +29,11 @@ VF_CLONES void ln_row_forward_f32(const float* x, const float* w, const float* b
 
 VF_CLONES void ln_apply_row_f32(const float* x, const float* w, const float* b, float mu, float rs, float* y,
                                 int64_t d) {
-  if (w && b) {
-    for (int64_t i = 0; i < d; ++i) y[i] = (x[i] - mu) * rs * w[i] + b[i];
-  } else {
-    for (int64_t i = 0; i < d; ++i) {
-      float v = (x[i] - mu) * rs;
-      if (w) v *= w[i];
-      if (b) v += b[i];
-      y[i] = v;
-    }
+  for (int64_t i = 0; i < d; ++i) {  // -O3 unswitches the loop-invariant null checks
+    float v = (x[i] - mu) * rs;
+    if (w) v *= w[i];
+    if (b) v += b[i];
+    y[i] = v;
   }
 }
 
@@ -121,9 +117,9 @@ std::tuple<Tensor, Tensor, Tensor> ln_backward_core(const Tensor& dy, const Tens
   Tensor db = need_b ? at::zeros({d}, x.options().dtype(at::kFloat)) : Tensor();
   VF_DISPATCH(x.scalar_type(), "layer_norm_backward", [&] {
     ln_backward_rows<scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), ptr_or_null(w32),
-                                         mean.data_ptr<float>(), rstd.data_ptr<float>(), nullptr,
-                                         dx.data_ptr<scalar_t>(), need_w ? dw.data_ptr<float>() : nullptr,
-                                         need_b ? db.data_ptr<float>() : nullptr, m, d);
+                               mean.data_ptr<float>(), rstd.data_ptr<float>(), nullptr, dx.data_ptr<scalar_t>(),
+                               need_w ? dw.data_ptr<float>() : nullptr, need_b ? db.data_ptr<float>() : nullptr, m,
+                               d);
   });
   return {dx, dw, db};
 }

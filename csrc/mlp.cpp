@@ -48,15 +48,11 @@ VF_CLONES void gelu_backward_f32(const float* h, float* a, float* da, int64_t n,
 // y = res + (y + bias) * gamma * s, in place on y (bias, gamma may be null).
 VF_CLONES void residual_row_f32(float* y, const float* res, const float* bias, const float* gamma, float s,
                                 int64_t n) {
-  if (bias && !gamma) {
-    for (int64_t i = 0; i < n; ++i) y[i] = res[i] + (y[i] + bias[i]) * s;
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      float v = y[i];
-      if (bias) v += bias[i];
-      if (gamma) v *= gamma[i];
-      y[i] = res[i] + v * s;
-    }
+  for (int64_t i = 0; i < n; ++i) {  // -O3 unswitches the loop-invariant null checks
+    float v = y[i];
+    if (bias) v += bias[i];
+    if (gamma) v *= gamma[i];
+    y[i] = res[i] + v * s;
   }
 }
 
@@ -385,9 +381,9 @@ std::tuple<Tensor, OptTensor, OptTensor, Tensor, OptTensor, Tensor, OptTensor, O
   Tensor dlb = ln_bias.has_value() ? at::zeros({s.d}, at::kFloat) : Tensor();
   VF_DISPATCH(x.scalar_type(), "mlp_backward", [&] {
     ln_backward_rows<scalar_t>(dxn.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), ptr_or_null(lw),
-                                         mc.data_ptr<float>(), rc.data_ptr<float>(), dc.data_ptr<scalar_t>(),
-                                         dx.data_ptr<scalar_t>(), dlw.defined() ? dlw.data_ptr<float>() : nullptr,
-                                         dlb.defined() ? dlb.data_ptr<float>() : nullptr, s.m, s.d);
+                               mc.data_ptr<float>(), rc.data_ptr<float>(), dc.data_ptr<scalar_t>(),
+                               dx.data_ptr<scalar_t>(), dlw.defined() ? dlw.data_ptr<float>() : nullptr,
+                               dlb.defined() ? dlb.data_ptr<float>() : nullptr, s.m, s.d);
   });
   OptTensor dlw_out = ln_weight.has_value() ? grad_as(dlw, ln_weight) : std::nullopt;
   OptTensor dlb_out = ln_bias.has_value() ? grad_as(dlb, ln_bias) : std::nullopt;
