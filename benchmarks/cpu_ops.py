@@ -284,7 +284,7 @@ def main() -> None:
     )
     ap.add_argument("--gemm", action="store_true", help="GEMM libraries alone at ViT-S shapes")
     ap.add_argument(
-        "--gemm-lib", choices=("auto", "onednn", "aten"), default=None, help="fused ops' float32 GEMM library"
+        "--cpu-gemm", choices=("auto", "onednn", "aten"), default=None, help="fused ops' float32 GEMM library"
     )
     ap.add_argument(
         "--tile-gemm", choices=("auto", "avx512", "blas"), default=None, help="fused attention's tile GEMMs"
@@ -295,8 +295,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     import vit_fast._C as C
 
-    if args.gemm_lib:
-        C.set_gemm_backend(args.gemm_lib)
+    if args.cpu_gemm:
+        C.set_gemm_backend(args.cpu_gemm)
     if args.tile_gemm:
         C.set_tile_gemm_backend(args.tile_gemm)
     dtype = getattr(torch, args.dtype)

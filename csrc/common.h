@@ -204,6 +204,19 @@ inline float* out_f32(T* dst, int64_t n, int slot) {
   }
 }
 
+// A row of T updated in place in fp32: the row itself for float, a widened (writable) copy in scratch
+// `slot` for bf16 (then store_row narrows it back).
+template <typename T>
+inline float* inout_f32(T* row, int64_t n, int slot) {
+  if constexpr (std::is_same_v<T, float>) {
+    return row;
+  } else {
+    float* d = scratch(slot, n);
+    widen_bf16(row, d, n);
+    return d;
+  }
+}
+
 template <typename T>
 inline void store_row(const float* src, T* dst, int64_t n) {
   if constexpr (!std::is_same_v<T, float>) narrow_bf16(src, dst, n);

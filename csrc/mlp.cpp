@@ -75,9 +75,7 @@ void gelu_row(const T* h, T* a, int64_t n, bool tanh) {
 template <typename T>
 void gelu_backward_row(const T* h, T* a, T* da, int64_t n, bool tanh) {
   float* af = out_f32(a, n, 2);
-  float* daf = out_f32(da, n, 1);
-  const float* dain = row_f32(da, n, 1);  // bf16: widened into slot 1, then updated there in place
-  if (dain != daf) std::copy_n(dain, n, daf);
+  float* daf = inout_f32(da, n, 1);
   gelu_backward_f32(row_f32(h, n, 0), af, daf, n, tanh);
   store_row(af, a, n);
   store_row(daf, da, n);
@@ -90,9 +88,7 @@ void residual_epilogue(T* y, const T* res, const float* bias, const float* gamma
   at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float s = dps ? dps[r / tps] : 1.0f;
-      float* yf = out_f32(y + r * n, n, 0);
-      const float* yin = row_f32(y + r * n, n, 0);  // bf16: widened into slot 0, updated in place
-      if (yin != yf) std::copy_n(yin, n, yf);
+      float* yf = inout_f32(y + r * n, n, 0);
       residual_row_f32(yf, row_f32(res + r * n, n, 1), bias, gamma, s, n);
       store_row(yf, y + r * n, n);
     }
