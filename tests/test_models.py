@@ -165,3 +165,58 @@ def test_bad_arguments():
         m.load_state_dict(other.state_dict())
     with pytest.raises(RuntimeError, match="Missing key"):
         m.load_state_dict({k: v for k, v in m.state_dict().items() if k != "head.weight"})
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_default_config_loads_timm_state_dict_strictly(name):
+    """create_model(name) has timm's defaults for the same name (heads, widths, stem layout), so
+    timm's state dict loads with strict=True. Built on the meta device: no memory, no init time."""
+    with torch.device("meta"):
+        ref = timm.create_model(name, pretrained=False)
+        ours = create_model(name, impl="reference")
+    theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == theirs
+    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
+
+
+def test_hybrid_logits_match_timm():
+    """The hybrid stem (weight-standardised convs, GroupNorm, TF-"SAME" padding) computes timm's
+    ResNetV2 features: same logits from the same weights."""
+    torch.manual_seed(0)
+    kw = dict(img_size=32, num_classes=5, depth=1)
+    ref = timm.create_model("vit_base_r50_s16_224", pretrained=False, **kw).eval()
+    ours = create_model("vit_base_r50_s16_224", impl="reference", **kw).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (ref(x) - ours(x)).abs().max().item() <= 1e-4
+
+
+def test_constructor_arguments_are_validated():
+    bad = [
+        ("num_heads", 0),
+        ("depth", -1),
+        ("reg_tokens", -1),
+        ("embed_dim", -32),
+        ("patch_size", 2.5),
+        ("img_size", (224, 0)),
+        ("in_chans", 0),
+        ("mlp_ratio", 0.0),
+        ("norm_eps", 0.0),
+        ("drop_path_rate", 1.0),
+        ("attn_drop_rate", -0.1),
+        ("num_classes", -1),
+        ("pre_logits_size", -3),
+        ("init_values", float("nan")),
+    ]
+    for name, value in bad:
+        with pytest.raises(ValueError, match=name):
+            create_model("vit_tiny_patch16_224", **{name: value})
+
+
+def test_two_dimensional_pos_embed_is_reported_by_rank():
+    model = create_model("vit_tiny_patch16_224", impl="reference", depth=1)
+    sd = model.state_dict()
+    sd["pos_embed"] = sd["pos_embed"][0]
+    with pytest.raises(ValueError, match="2-D"):
+        model.load_state_dict(sd)

@@ -94,12 +94,46 @@ def test_unsupported_parts_left_stock_with_one_warning():
 
 
 def test_patched_drop_path_and_dropout_train():
-    model = _tiny(drop_path_rate=0.5, proj_drop_rate=0.1, attn_drop_rate=0.0)
+    """In train mode the patched model really drops (outputs vary with the RNG, some samples' residual
+    branches vanish); with the same seed it repeats itself; gradients reach every parameter."""
+    model = _tiny(drop_path_rate=0.5, proj_drop_rate=0.1, attn_drop_rate=0.1)
     patch_timm(model)
     model.train()
-    out = model(torch.randn(4, 3, 32, 32))
-    out.sum().backward()
-    assert torch.isfinite(out).all()
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(1)
+    b = model(x)
+    torch.manual_seed(2)
+    c = model(x)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    c.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("patch_in_eval", [True, False], ids=["patched_in_eval", "patched_in_train"])
+def test_patched_model_follows_train_and_eval(patch_in_eval):
+    """Dropout and drop-path are off in eval() whenever it is called: the patched model then equals
+    stock timm exactly as the numerics rule asks, call after call; unpatch keeps the current mode."""
+    stock = _tiny(drop_path_rate=0.3, proj_drop_rate=0.2, attn_drop_rate=0.2, drop_rate=0.2).eval()
+    model = copy.deepcopy(stock)
+    model.train(not patch_in_eval)
+    patch_timm(model)
+    assert all(b.training == (not patch_in_eval) for b in model.blocks)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref, first, second = stock(x), model(x), model(x)
+    assert torch.equal(first, second)
+    assert _close(first, ref)
+    model.train()
+    assert all(m.training for m in model.modules())
+    model.eval()
+    unpatch_timm(model)
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        assert _close(model(x), ref)
 
 
 def test_rejects_non_vit():

@@ -1,8 +1,18 @@
 """vit_fast: fused Triton (GPU) and C++ (CPU) kernels for Vision Transformers."""
 
 from vit_fast import ops, reference
+from vit_fast.integrations.timm import patch_timm, unpatch_timm
 from vit_fast.models import VisionTransformer, create_model, list_models
 
 __version__ = "0.1.0"
 
-__all__ = ["VisionTransformer", "__version__", "create_model", "list_models", "ops", "reference"]
+__all__ = [
+    "VisionTransformer",
+    "__version__",
+    "create_model",
+    "list_models",
+    "ops",
+    "patch_timm",
+    "reference",
+    "unpatch_timm",
+]

@@ -135,9 +135,11 @@ def patch_timm(model: nn.Module, impl: str = "fused") -> nn.Module:
             skipped.append(f"blocks.{i}: {'; '.join(why)}")
             continue
         drop = getattr(block.drop_path1, "drop_prob", 0.0)
-        model.blocks[i] = Block.wrapping(
+        fused = Block.wrapping(
             block.norm1, block.attn, block.ls1, block.norm2, block.mlp, block.ls2, drop, impl
         )
+        # A new module starts in training mode: take the stock block's (an eval() model stays in eval).
+        model.blocks[i] = fused.train(block.training)
         originals[i] = block
     # Keep the originals out of the module tree (no duplicate state-dict keys) but reachable.
     object.__setattr__(model, _ORIGINAL_BLOCKS, originals)
@@ -159,7 +161,8 @@ def unpatch_timm(model: nn.Module) -> nn.Module:
     if originals is None:
         return model
     for i, block in originals.items():
-        model.blocks[i] = block
+        # train()/eval() calls made while patched reached the fused block only: carry the mode back.
+        model.blocks[i] = block.train(model.blocks[i].training)
     object.__delattr__(model, _ORIGINAL_BLOCKS)
     if getattr(model, _PATCHED_FEATURES, False):
         del model.forward_features

@@ -5,14 +5,27 @@ whose feature map is embedded by a 1x1 patch projection. Any backbone module tha
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def same_pad(x: Tensor, kernel: int, stride: int, value: float = 0.0) -> Tensor:
+    """TensorFlow's "SAME" padding, which the ViT hybrid's checkpoints were trained with: the output
+    is ceil(size / stride) and any odd padding goes to the bottom/right (not symmetric)."""
+    pads = []
+    for size in (x.shape[-1], x.shape[-2]):  # F.pad order: last dim first
+        total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads, value=value) if any(pads) else x
+
+
 class StdConv2d(nn.Conv2d):
     """Conv2d with weight standardisation (zero mean, unit variance per output filter), as BiT uses
-    with GroupNorm so that batch statistics are never needed."""
+    with GroupNorm so that batch statistics are never needed, and "SAME" padding (`same_pad`)."""
 
     def __init__(self, *args, eps: float = 1e-8, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -21,9 +34,19 @@ class StdConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         w = F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, training=True, momentum=0.0, eps=self.eps)
-        return F.conv2d(
-            x, w.reshape_as(self.weight), self.bias, self.stride, self.padding, self.dilation, self.groups
-        )
+        x = same_pad(x, self.kernel_size[0], self.stride[0])
+        return F.conv2d(x, w.reshape_as(self.weight), self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class SamePadMaxPool2d(nn.Module):
+    """3x3/2 max-pool with "SAME" padding (padded with -inf, so padding never wins the max)."""
+
+    def __init__(self, kernel: int = 3, stride: int = 2) -> None:
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.max_pool2d(same_pad(x, self.kernel, self.stride, -math.inf), self.kernel, self.stride)
 
 
 def _gn(channels: int) -> nn.GroupNorm:
@@ -38,11 +61,12 @@ class Bottleneck(nn.Module):
         mid = out_chs // 4
         self.downsample = None
         if stride != 1 or in_chs != out_chs:
+            # Named as timm's ResNetV2 (downsample.conv / downsample.norm): checkpoints load strictly.
             self.downsample = nn.Sequential(
-                StdConv2d(in_chs, out_chs, 1, stride=stride, bias=False), _gn(out_chs)
+                OrderedDict(conv=StdConv2d(in_chs, out_chs, 1, stride=stride, bias=False), norm=_gn(out_chs))
             )
         self.conv1, self.norm1 = StdConv2d(in_chs, mid, 1, bias=False), _gn(mid)
-        self.conv2, self.norm2 = StdConv2d(mid, mid, 3, stride=stride, padding=1, bias=False), _gn(mid)
+        self.conv2, self.norm2 = StdConv2d(mid, mid, 3, stride=stride, bias=False), _gn(mid)
         self.conv3, self.norm3 = StdConv2d(mid, out_chs, 1, bias=False), _gn(out_chs)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -51,6 +75,17 @@ class Bottleneck(nn.Module):
         x = F.relu(self.norm2(self.conv2(x)))
         x = self.norm3(self.conv3(x))
         return F.relu(x + shortcut)
+
+
+class _Stage(nn.Module):
+    """One ResNet stage; its bottlenecks live under `blocks` as in timm's ResNetV2."""
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(x)
 
 
 class ResNetStem(nn.Module):
@@ -63,10 +98,12 @@ class ResNetStem(nn.Module):
     def __init__(self, layers: tuple[int, ...] = (3, 4, 9), in_chans: int = 3, stem_width: int = 64) -> None:
         super().__init__()
         self.stem = nn.Sequential(
-            StdConv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False),
-            _gn(stem_width),
-            nn.ReLU(),
-            nn.MaxPool2d(3, stride=2, padding=1),
+            OrderedDict(
+                conv=StdConv2d(in_chans, stem_width, 7, stride=2, bias=False),
+                norm=_gn(stem_width),
+                act=nn.ReLU(),
+                pool=SamePadMaxPool2d(3, 2),
+            )
         )
         stages, chs = [], stem_width
         for i, depth in enumerate(layers):
@@ -75,7 +112,7 @@ class ResNetStem(nn.Module):
                 Bottleneck(chs if j == 0 else out_chs, out_chs, 2 if (j == 0 and i > 0) else 1)
                 for j in range(depth)
             ]
-            stages.append(nn.Sequential(*blocks))
+            stages.append(_Stage(blocks))
             chs = out_chs
         self.stages = nn.Sequential(*stages)
         self.num_features = chs

@@ -7,6 +7,7 @@ state dict moves freely between them and timm's `VisionTransformer` of the same 
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from functools import partial
 from typing import Any
@@ -20,6 +21,58 @@ from vit_fast.nn.block import Block, op_namespace
 from vit_fast.nn.patch_embed import PatchEmbed
 
 POOLS = ("token", "avg", "")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_size(name: str, value: object) -> None:
+    """An image or patch size: a positive int or a pair of them."""
+    pair = value if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair):
+        raise ValueError(f"{name} must be a positive integer or a pair of them, got {value!r}")
+
+
+def _check_float(name: str, value: object, low: float, high: float | None, *, low_open: bool = False) -> None:
+    """A real number in [low, high) (or (low, high) when low_open; no upper bound when high is None)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value < high)
+    if not ok:
+        bounds = f"{'(' if low_open else '['}{low}, {'inf' if high is None else high})"
+        raise ValueError(f"{name} must be a finite number in {bounds}, got {value!r}")
+
+
+def check_config(**cfg: Any) -> None:
+    """Validate VisionTransformer arguments, raising a ValueError that names the bad one."""
+    _check_size("img_size", cfg["img_size"])
+    _check_size("patch_size", cfg["patch_size"])
+    for name, minimum in (
+        ("in_chans", 1),
+        ("num_classes", 0),
+        ("embed_dim", 1),
+        ("depth", 0),
+        ("num_heads", 1),
+    ):
+        _check_int(name, cfg[name], minimum)
+    _check_int("reg_tokens", cfg["reg_tokens"], 0)
+    if cfg["pre_logits_size"] is not None:
+        _check_int("pre_logits_size", cfg["pre_logits_size"], 0)
+    _check_float("mlp_ratio", cfg["mlp_ratio"], 0.0, None, low_open=True)
+    if int(cfg["embed_dim"] * cfg["mlp_ratio"]) < 1:
+        raise ValueError(
+            f"mlp_ratio={cfg['mlp_ratio']!r} gives an MLP of width 0 at embed_dim={cfg['embed_dim']}"
+        )
+    _check_float("norm_eps", cfg["norm_eps"], 0.0, None, low_open=True)
+    for name in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):
+        _check_float(name, cfg[name], 0.0, 1.0)
+    if cfg["init_values"] is not None:
+        _check_float("init_values", cfg["init_values"], -math.inf, None)
+    if cfg["embed_dim"] % cfg["num_heads"]:
+        raise ValueError(
+            f"embed_dim ({cfg['embed_dim']}) must be divisible by num_heads ({cfg['num_heads']})"
+        )
 
 
 class VisionTransformer(nn.Module):
@@ -61,12 +114,29 @@ class VisionTransformer(nn.Module):
     ) -> None:
         super().__init__()
         op_namespace(impl)
+        check_config(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            reg_tokens=reg_tokens,
+            pre_logits_size=pre_logits_size,
+            mlp_ratio=mlp_ratio,
+            norm_eps=norm_eps,
+            drop_rate=drop_rate,
+            pos_drop_rate=pos_drop_rate,
+            proj_drop_rate=proj_drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+            init_values=init_values,
+        )
         if global_pool not in POOLS:
             raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool='token' needs class_token=True")
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
         norm = partial(nn.LayerNorm, eps=norm_eps)
         self._impl = impl
@@ -157,7 +227,12 @@ class VisionTransformer(nn.Module):
         key = prefix + "pos_embed"
         if key in state_dict and state_dict[key].shape != self.pos_embed.shape:
             src = state_dict[key]
-            if src.dim() != 3 or src.shape[-1] != self.pos_embed.shape[-1]:
+            if src.dim() != 3:
+                raise ValueError(
+                    f"{key}: checkpoint tensor is {src.dim()}-D {tuple(src.shape)}; the model's is 3-D "
+                    f"{tuple(self.pos_embed.shape)} ([1, tokens, width])"
+                )
+            if src.shape[-1] != self.pos_embed.shape[-1]:
                 raise ValueError(
                     f"{key}: checkpoint shape {tuple(src.shape)} is incompatible with "
                     f"the model's {tuple(self.pos_embed.shape)} (embedding width differs)"
@@ -237,10 +312,13 @@ _CONFIGS: dict[str, dict[str, Any]] = {
     "vit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
     "vit_base_patch32_224": dict(patch_size=32, embed_dim=768, depth=12, num_heads=12),
     "vit_large_patch16_224": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
-    "vit_huge_patch14_224": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+    # timm ships these two without a classifier (num_classes=0): same default, so their state dicts load strictly.
+    "vit_huge_patch14_224": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, num_classes=0),
     "deit_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
     "deit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
-    "vit_base_r50_s16_224": dict(embed_dim=768, depth=12, num_heads=12, hybrid_layers=(3, 4, 9)),
+    "vit_base_r50_s16_224": dict(
+        embed_dim=768, depth=12, num_heads=12, hybrid_layers=(3, 4, 9), num_classes=0
+    ),
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -61,3 +63,30 @@ def has_internal_overlap(t: Tensor) -> bool:
 def check_nonempty(t: Tensor, name: str) -> None:
     if t.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for `device_type`, or None when autocast is off there.
+
+    Device types autocast does not know (meta, the fake tensors of torch.compile's tracing on such
+    devices) have no autocast state at all: asking torch would raise, so they count as "off".
+    """
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """`torch.autocast(device_type, enabled=False)`, or a no-op where autocast does not exist (meta)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+def autocast_args(device_type: str, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Under autocast, run in the autocast dtype: cast floating inputs to it (the op keeps LN
+    statistics and GEMM accumulation in fp32 internally either way)."""
+    dt = autocast_dtype(device_type)
+    if dt is None:
+        return tensors
+    return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)

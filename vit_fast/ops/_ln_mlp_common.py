@@ -10,19 +10,30 @@ import torch
 from torch import Tensor
 
 from vit_fast.ops import _ln_mlp_ref
-from vit_fast.ops._checks import check_no_overlap, check_nonempty, check_shape, check_tensor
+from vit_fast.ops._checks import (  # noqa: F401  (autocast_args: re-exported for the families)
+    autocast_args,
+    check_no_overlap,
+    check_nonempty,
+    check_shape,
+    check_tensor,
+)
 from vit_fast.ops.backend import cpu_extension, select_backend
 
 
-def backend_fns(device: torch.device, family: str) -> Any:
-    """The module implementing the contract functions of `family` on the selected backend."""
-    backend = select_backend(device, family)
+def backend_fns(device: torch.device, family: str, dtype: torch.dtype | None = None, *weights: Tensor) -> Any:
+    """The module implementing the contract functions of `family` on the selected backend.
+
+    `weights`: the op's GEMM weights. A zero-sized one (a layer of width 0) leaves nothing to
+    multiply; the C++ GEMM wrappers do not take empty operands, so such a call runs the
+    plain-PyTorch functions, which give the exact result (bias/residual terms only).
+    """
+    backend = select_backend(device, family, dtype)
     if backend == "triton":
         # Imported lazily: triton is optional for CPU-only installs.
         from vit_fast.kernels import matmul
 
         return matmul
-    if backend == "cpu":
+    if backend == "cpu" and not any(w.numel() == 0 for w in weights):
         return cpu_extension()
     return _ln_mlp_ref
 
@@ -34,15 +45,6 @@ def empty_like_none(t: Tensor | None, like: Tensor) -> Tensor:
 
 def none_if_empty(t: Tensor) -> Tensor | None:
     return None if t.numel() == 0 else t
-
-
-def autocast_args(device_type: str, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """Under autocast, run in the autocast dtype: cast floating inputs to it (the op keeps LN
-    statistics and GEMM accumulation in fp32 internally either way)."""
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dt = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
 def check_eps(eps: object) -> float:
@@ -70,14 +72,19 @@ def check_param(t: object, name: str, shape: tuple[int, ...], like: Tensor, *, o
     check_no_overlap(t, name)
 
 
-def check_dps(dps: object, x: Tensor) -> None:
-    """drop_path_scale [B] for x [B, T, D] (any float dtype, x's device)."""
+def check_dps(dps: object, x: Tensor) -> Tensor | None:
+    """drop_path_scale [B] for x [B, T, D] (any float dtype, x's device) -> float32 contiguous [B].
+
+    The scales are 0 or 1/keep_prob: every backend reads them in float32 (a bfloat16 1/0.9 would be
+    off by 2e-3), whatever dtype the caller built them in.
+    """
     if dps is None:
-        return
+        return None
     dps = check_tensor(dps, "drop_path_scale", ndim=1, device=x.device)
     if x.dim() != 3:
         raise ValueError(f"drop_path_scale needs x as [B, T, D], got shape {tuple(x.shape)}")
     check_shape(dps, "drop_path_scale", (x.shape[0],))
+    return dps.to(torch.float32).contiguous()
 
 
 def check_approximate(approximate: object) -> str:

@@ -90,8 +90,17 @@ def linear_residual_forward(
     dps: Tensor | None,
     tokens_per_sample: int,
 ) -> Tensor:
-    rows = None if dps is None else dps.repeat_interleave(tokens_per_sample)
-    return reference.scale_residual(F.linear(x, weight, bias), residual, gamma, rows)
+    # The epilogue runs in float32 like the fused kernels': a float16 GEMM result can pass 65504
+    # before a small layer-scale brings it back into range, so float16 GEMMs also produce float32.
+    if x.dtype == torch.float16:
+        y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    else:
+        y = F.linear(x, weight, bias).float()
+    if gamma is not None:
+        y = y * gamma.float()
+    if dps is not None:
+        y = y * dps.float().repeat_interleave(tokens_per_sample)[:, None]
+    return (residual.float() + y).to(residual.dtype)
 
 
 def linear_residual_backward(

@@ -25,8 +25,8 @@ import math
 import torch
 from torch import Tensor
 
-from vit_fast.ops._checks import check_nonempty, check_tensor
-from vit_fast.ops.backend import cpu_extension, forced_backend, select_backend, triton_interpreting
+from vit_fast.ops._checks import autocast_dtype, autocast_off, check_nonempty, check_tensor
+from vit_fast.ops.backend import cpu_extension, select_backend, triton_interpreting
 
 __all__ = [
     "MAX_HEAD_DIM",
@@ -287,7 +287,7 @@ def reference_attention_forward(
 ) -> tuple[Tensor, Tensor]:
     """Same contract as `attention_forward`, in plain PyTorch with fp32 (fp64 for fp64) math."""
     batch, tokens, width3 = qkv.shape
-    with torch.autocast(qkv.device.type, enabled=False):
+    with autocast_off(qkv.device.type):
         q, k, v = _split_heads(qkv, num_heads, _compute_dtype(qkv.dtype))
         scores = (q @ k.transpose(-2, -1)) * scale
         lse = torch.logsumexp(scores, dim=-1)
@@ -312,7 +312,7 @@ def reference_attention_backward(
     """Same contract as `attention_backward`, in plain PyTorch (recomputes P from lse)."""
     batch, tokens, width3 = qkv.shape
     cd = _compute_dtype(qkv.dtype)
-    with torch.autocast(qkv.device.type, enabled=False):
+    with autocast_off(qkv.device.type):
         q, k, v = _split_heads(qkv, num_heads, cd)
         head_dim = q.shape[-1]
         do = grad_out.to(cd).reshape(batch, tokens, num_heads, head_dim).transpose(1, 2)
@@ -338,12 +338,7 @@ def reference_attention_backward(
 
 
 def _pick_backend(qkv: Tensor) -> str:
-    backend = select_backend(qkv.device, "attention")
-    # The C++ kernels take fp32/bf16 only; unless the user forced "cpu", fp16 CPU tensors go to the
-    # reference instead of failing.
-    if backend == "cpu" and qkv.dtype == torch.float16 and forced_backend() is None:
-        return "reference"
-    return backend
+    return select_backend(qkv.device, "attention", qkv.dtype)
 
 
 def _seed_int(seed: Tensor | None) -> int:
@@ -455,10 +450,10 @@ def attention(qkv: Tensor, num_heads: int, *, scale: float | None = None, dropou
     _check_params(num_heads, scale, dropout_p)
     head_dim = _check_qkv(qkv, num_heads)
     _check_dropout_size(qkv.shape[1], dropout_p)
-    device_type = qkv.device.type
-    if torch.is_autocast_enabled(device_type):
+    amp_dtype = autocast_dtype(qkv.device.type)
+    if amp_dtype is not None:
         # Autocast would not reach inside the custom op: cast here, like a matmul-class op.
-        qkv = qkv.to(torch.get_autocast_dtype(device_type))
+        qkv = qkv.to(amp_dtype)
     if qkv.stride(-1) != 1:
         # The kernels need unit stride along the feature dim; other strides are read as they are.
         qkv = qkv.contiguous()

@@ -17,6 +17,9 @@ from types import ModuleType
 import torch
 
 BACKENDS = ("triton", "cpu", "reference")
+# The C++ kernels compute in float32 and store float32 or bfloat16; float16 CPU tensors (rare: CPU
+# float16 GEMMs are slow everywhere) run on the plain-PyTorch backend instead.
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 _override: list[str] = []
 
 
@@ -73,11 +76,13 @@ def forced_backend() -> str | None:
     return env
 
 
-def select_backend(device: torch.device, family: str) -> str:
-    """The backend that runs op `family` on tensors on `device`.
+def select_backend(device: torch.device, family: str, dtype: torch.dtype | None = None) -> str:
+    """The backend that runs op `family` on tensors on `device` (of `dtype`, when given).
 
     Forced choices are checked: Triton on CPU tensors needs TRITON_INTERPRET=1, and `cpu` needs the
-    extension to implement the family, otherwise a RuntimeError says what is missing.
+    extension to implement the family (and a dtype it computes in), otherwise a RuntimeError says
+    what is missing. Automatic choice sends CPU dtypes the extension lacks (float16) to the
+    plain-PyTorch backend.
     """
     forced = forced_backend()
     if forced is not None:
@@ -93,11 +98,17 @@ def select_backend(device: torch.device, family: str) -> str:
                 raise RuntimeError(f"backend 'cpu' forced but the tensors are on {device.type}")
             if not has_cpu_kernel(family):
                 raise RuntimeError(f"backend 'cpu' forced but the C++ extension has no '{family}' kernels")
+            if dtype is not None and dtype not in CPU_KERNEL_DTYPES:
+                raise RuntimeError(
+                    f"backend 'cpu' forced but its '{family}' kernels take float32 or bfloat16, got {dtype}"
+                )
         return forced
     if device.type == "cuda" and triton_available():
         return "triton"
-    if device.type == "cpu" and has_cpu_kernel(family):
+    if device.type == "cpu" and has_cpu_kernel(family) and (dtype is None or dtype in CPU_KERNEL_DTYPES):
         return "cpu"
+    if device.type == "cpu" and dtype is not None and dtype not in CPU_KERNEL_DTYPES:
+        return "reference"
     if device.type == "cpu" and triton_interpreting() and triton_available():
         return "triton"
     return "reference"

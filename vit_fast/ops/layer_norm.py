@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from vit_fast.ops import _ln_mlp_common as C
+from vit_fast.ops._checks import autocast_off
 from vit_fast.ops.backend import select_backend
 
 # ------------------------------------------------------------------------------- custom ops
@@ -23,7 +24,7 @@ from vit_fast.ops.backend import select_backend
 def _layer_norm_fwd(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    y, mean, rstd = C.backend_fns(x.device, "layer_norm").layer_norm_forward(x, weight, bias, eps)
+    y, mean, rstd = C.backend_fns(x.device, "layer_norm", x.dtype).layer_norm_forward(x, weight, bias, eps)
     return y, mean, rstd
 
 
@@ -37,12 +38,12 @@ def _(x, weight, bias, eps):
 def _add_layer_norm_fwd(
     x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if select_backend(x.device, "layer_norm") == "triton":
+    if select_backend(x.device, "layer_norm", x.dtype) == "triton":
         from vit_fast.kernels.layer_norm import add_layer_norm_forward
 
         return add_layer_norm_forward(x, residual, weight, bias, eps)
     s = x + residual
-    y, mean, rstd = C.backend_fns(x.device, "layer_norm").layer_norm_forward(s, weight, bias, eps)
+    y, mean, rstd = C.backend_fns(x.device, "layer_norm", x.dtype).layer_norm_forward(s, weight, bias, eps)
     return y, s, mean, rstd
 
 
@@ -64,12 +65,14 @@ def _layer_norm_bwd(
     dres: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (dx [+ dres], dweight or empty, dbias or empty)."""
-    if select_backend(x.device, "layer_norm") == "triton":
+    if select_backend(x.device, "layer_norm", x.dtype) == "triton":
         from vit_fast.kernels.layer_norm import layer_norm_backward_fused
 
         dx, dw, db = layer_norm_backward_fused(dy, x, weight, mean, rstd, need_dbias=has_bias, dres=dres)
     else:
-        dx, dw, db = C.backend_fns(x.device, "layer_norm").layer_norm_backward(dy, x, weight, mean, rstd)
+        dx, dw, db = C.backend_fns(x.device, "layer_norm", x.dtype).layer_norm_backward(
+            dy, x, weight, mean, rstd
+        )
         if dres is not None:
             dx = dx + dres
         if not has_bias:
@@ -133,7 +136,7 @@ def _layer_norm_linear_fwd(
     bias: Tensor | None,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    fns = C.backend_fns(x.device, "layer_norm")
+    fns = C.backend_fns(x.device, "layer_norm", x.dtype, weight)
     out, mean, rstd = fns.layer_norm_linear_forward(x, ln_weight, ln_bias, weight, bias, eps)
     return out, mean, rstd
 
@@ -156,7 +159,7 @@ def _layer_norm_linear_bwd(
     rstd: Tensor,
     has_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    fns = C.backend_fns(x.device, "layer_norm")
+    fns = C.backend_fns(x.device, "layer_norm", x.dtype, weight)
     dx, dlw, dlb, dw, db = fns.layer_norm_linear_backward(
         dout, x, ln_weight, ln_bias, weight, mean, rstd, has_bias
     )
@@ -229,7 +232,7 @@ def layer_norm(
         C.check_tensor(residual, "residual", device=x.device, dtype=x.dtype)
         C.check_shape(residual, "residual", tuple(x.shape))
     shape = x.shape
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         if residual is None:
             y, _, _ = _layer_norm_fwd(C.rows2d(x), C.contig(weight), C.contig(bias), eps)
             return y.reshape(shape)
@@ -263,7 +266,7 @@ def layer_norm_linear(
     C.check_param(ln_weight, "ln_weight", (d,), x)
     C.check_param(ln_bias, "ln_bias", (d,), x)
     C.check_param(bias, "bias", (weight.shape[0],), x)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         out, _, _ = _layer_norm_linear_fwd(
             C.rows2d(x), C.contig(ln_weight), C.contig(ln_bias), weight.contiguous(), C.contig(bias), eps
         )

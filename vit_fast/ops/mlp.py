@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from vit_fast.ops import _ln_mlp_common as C
+from vit_fast.ops._checks import autocast_off
 
 __all__ = ["layer_norm_mlp", "linear_residual"]
 
@@ -30,7 +31,7 @@ def _linear_residual_fwd(
     dps: Tensor | None,
     tokens_per_sample: int,
 ) -> Tensor:
-    fns = C.backend_fns(x.device, "mlp")
+    fns = C.backend_fns(x.device, "mlp", x.dtype, weight)
     return fns.linear_residual_forward(x, weight, bias, residual, gamma, dps, tokens_per_sample)
 
 
@@ -52,7 +53,7 @@ def _linear_residual_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (dx, dweight, dbias or empty, dgamma or empty); dresidual is dout itself (handled by the
     autograd formula without a copy, since custom-op outputs may not alias inputs)."""
-    fns = C.backend_fns(x.device, "mlp")
+    fns = C.backend_fns(x.device, "mlp", x.dtype, weight)
     dx, dw, db, _, dg = fns.linear_residual_backward(
         dout, x, weight, bias, gamma, dps, tokens_per_sample, needs_gamma_grad
     )
@@ -115,16 +116,16 @@ def linear_residual(
     C.check_param(gamma, "gamma", (n,), x)
     C.check_tensor(residual, "residual", device=x.device, dtype=x.dtype)
     C.check_shape(residual, "residual", (*x.shape[:-1], n))
-    C.check_dps(drop_path_scale, x)
+    drop_path_scale = C.check_dps(drop_path_scale, x)
     tokens = x.shape[1] if drop_path_scale is not None else 1
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         out = _linear_residual_fwd(
             C.rows2d(x),
             weight.contiguous(),
             C.contig(bias),
             C.rows2d(residual),
             C.contig(gamma),
-            C.contig(drop_path_scale),
+            drop_path_scale,
             tokens,
         )
     return out.reshape(residual.shape)
@@ -148,7 +149,7 @@ def _mlp_fwd(
     tokens_per_sample: int,
     approximate: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    fns = C.backend_fns(x.device, "mlp")
+    fns = C.backend_fns(x.device, "mlp", x.dtype, fc1_weight)
     out, mean, rstd, h_pre = fns.mlp_forward(
         x,
         ln_weight,
@@ -196,7 +197,7 @@ def _mlp_bwd(
 ) -> list[Tensor]:
     """-> [dx, dln_weight, dln_bias, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma], absent
     ones as 0-element tensors."""
-    fns = C.backend_fns(x.device, "mlp")
+    fns = C.backend_fns(x.device, "mlp", x.dtype, fc1_weight)
     grads = fns.mlp_backward(
         dout,
         x,
@@ -324,9 +325,9 @@ def layer_norm_mlp(
     C.check_param(fc1_bias, "fc1_bias", (f,), x)
     C.check_param(fc2_bias, "fc2_bias", (d,), x)
     C.check_param(gamma, "gamma", (d,), x)
-    C.check_dps(drop_path_scale, x)
+    drop_path_scale = C.check_dps(drop_path_scale, x)
     tokens = x.shape[1] if drop_path_scale is not None else 1
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         out, _, _, _ = _mlp_fwd(
             C.rows2d(x),
             C.contig(ln_weight),
@@ -337,7 +338,7 @@ def layer_norm_mlp(
             C.contig(fc2_bias),
             eps,
             C.contig(gamma),
-            C.contig(drop_path_scale),
+            drop_path_scale,
             tokens,
             approximate,
         )

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vit_fast.ops._checks import check_nonempty, check_shape, check_tensor
+from vit_fast.ops._checks import autocast_args, autocast_off, check_nonempty, check_shape, check_tensor
 from vit_fast.ops.backend import cpu_extension, select_backend
 
 __all__ = [
@@ -110,7 +110,7 @@ def reference_patch_embed_backward(
 
 
 def _backend_forward(*args: Any) -> Tensor:
-    backend = select_backend(args[0].device, _FAMILY)
+    backend = select_backend(args[0].device, _FAMILY, args[0].dtype)
     if backend == "triton":
         from vit_fast.kernels.patch_embed import patch_embed_forward
 
@@ -118,19 +118,19 @@ def _backend_forward(*args: Any) -> Tensor:
     if backend == "cpu":
         return cpu_extension().patch_embed_forward(*args)
     # The reference does its own fp32 math: keep an enclosing autocast from re-casting it.
-    with torch.autocast(args[0].device.type, enabled=False):
+    with autocast_off(args[0].device.type):
         return reference_patch_embed_forward(*args)
 
 
 def _backend_backward(*args: Any) -> tuple[Tensor | None, ...]:
-    backend = select_backend(args[0].device, _FAMILY)
+    backend = select_backend(args[0].device, _FAMILY, args[0].dtype)
     if backend == "triton":
         from vit_fast.kernels.patch_embed import patch_embed_backward
 
         return patch_embed_backward(*args)
     if backend == "cpu":
         return tuple(cpu_extension().patch_embed_backward(*args))
-    with torch.autocast(args[0].device.type, enabled=False):
+    with autocast_off(args[0].device.type):
         return reference_patch_embed_backward(*args)
 
 
@@ -347,16 +347,14 @@ def patch_embed(
     [cls, reg..., patches (row-major)...]. Accumulation is fp32. Under autocast, floating inputs
     are cast to the autocast dtype first. Saves `images` and `weight` for backward.
     """
-    dev_type = images.device.type if isinstance(images, Tensor) else "cpu"
-    if torch.is_autocast_enabled(dev_type):
+    if isinstance(images, Tensor):
         # Like a Conv2d under autocast: every floating input runs in the autocast dtype.
-        adt = torch.get_autocast_dtype(dev_type)
-
-        def cast(t: Any) -> Any:
-            return t.to(adt) if isinstance(t, Tensor) and t.is_floating_point() else t
-
-        images, weight, bias, pos_embed, cls_token, reg_tokens = map(
-            cast, (images, weight, bias, pos_embed, cls_token, reg_tokens)
+        images, weight, bias, pos_embed, cls_token, reg_tokens = autocast_args(
+            images.device.type,
+            *(
+                t if isinstance(t, Tensor) else None
+                for t in (images, weight, bias, pos_embed, cls_token, reg_tokens)
+            ),
         )
     _validate(images, weight, bias, pos_embed, cls_token, reg_tokens, patch_size, no_embed_class)
     if reg_tokens is not None and reg_tokens.shape[1] == 0:
