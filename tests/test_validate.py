@@ -37,10 +37,12 @@ def test_planner_cuts_the_least_important_parts_first():
     assert plan.allows("models", names[4:], now=spent)
     assert not plan.allows("ops", [], now=spent + minimum["models"])
     # A part's share leaves the other pending parts their minimums.
-    plan = _planner(1000.0)
-    assert plan.share("tests", ["tune", "models", "ops"], now=0.0) == 1000.0 - (
+    plan = _planner(200.0)
+    assert plan.share("tests", ["tune", "models", "ops"], now=0.0) == 200.0 - (
         minimum["tune"] + minimum["models"] + minimum["ops"]
     )
+    # ... and never more than its cap.
+    assert _planner(5000.0).share("tests", [], now=0.0) == validate.MAX_SHARE["tests"]
 
 
 def test_validate_rejects_bad_arguments():
