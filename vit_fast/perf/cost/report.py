@@ -104,7 +104,7 @@ def format_comparison(reports: list[CostReport], gpus: Iterable[str] = ("h100", 
     Labelled MODELED: these are roofline estimates, not measurements.
     """
     gpus = list(gpus)
-    for rep in reports:
+    for rep in reports:  # the per-kind times below are kept for the report's GPUs: add these
         rep.gpus = tuple(dict.fromkeys((*rep.gpus, *gpus)))
     base = reports[0]
     head = (
@@ -174,4 +174,7 @@ def format_predicted(reports: list[CostReport], gpus: Iterable[str], efficiency:
             lines.append(
                 f"{rep.label[:24]:24} {g:8} {rep.modeled_ms(g):>11.2f} {pred:>13.2f} {pred / base:>21.3f}"
             )
+    for g in gpus:
+        if GPUS[g].note:
+            lines.append(f"spec sheet, {g}: {GPUS[g].note}")
     return "\n".join(lines)
