@@ -1,5 +1,5 @@
 """LayerNorm family: `vit_fast.ops.layer_norm` (with/without fused residual add) and
-`vit_fast.ops.layer_norm_linear`, forward and backward, against the fp64 reference (DESIGN.md
+`vit_fast.ops.layer_norm_linear`, forward and backward, against the fp64 reference (docs/design.md
 section 3), on the Triton backend (interpreted on CPU) and the plain-PyTorch reference backend."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """MLP family: `vit_fast.ops.linear_residual` (attention projection + residual epilogue) and
 `vit_fast.ops.layer_norm_mlp` (the whole pre-LN MLP sub-block), forward and every gradient,
-against the fp64 reference (DESIGN.md section 3); modules in `vit_fast.nn.mlp`; saved-for-backward
+against the fp64 reference (docs/design.md section 3); modules in `vit_fast.nn.mlp`; saved-for-backward
 bytes; the AOT compile report of the GEMM and LN kernels."""
 
 from __future__ import annotations

@@ -303,3 +303,28 @@ def test_cli_subcommand_trains_and_resumes(tmp_path: Path, capsys) -> None:
     assert (out / LOSS_PNG).is_file() and load_checkpoint(out / CHECKPOINT_NAME)["step"] == 4
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--impl", "nope"])
+
+
+def test_one_step_run_reports_a_rate_and_plots_its_point(tmp_path: Path, monkeypatch) -> None:
+    """A run too short for a steady rate still reports one (flagged as including warm-up), as
+    loss.csv does, and its loss plot draws the single point (a line alone needs two)."""
+    from matplotlib.axes import Axes
+
+    drawn = []
+    plot = Axes.plot
+
+    def spy(self, *args, **kwargs):
+        lines = plot(self, *args, **kwargs)
+        drawn.extend(lines)
+        return lines
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    result = train(tiny(steps=1, dataset="synthetic", num_train=32, num_val=16, out=str(tmp_path)))
+    assert result.images_per_s is not None and result.images_per_s > 0
+    assert result.throughput_includes_warmup
+    assert result.images_per_s == pytest.approx(read_csv(tmp_path / LOSS_CSV)["images_per_s"][0], rel=1e-2)
+    train_line = next(line for line in drawn if line.get_label() == "train loss")
+    assert len(train_line.get_xdata()) == 1 and train_line.get_marker() not in (None, "None", "")
+    assert (tmp_path / LOSS_PNG).is_file()
+    longer = train(tiny(steps=4, dataset="synthetic", num_train=32, num_val=16))
+    assert not longer.throughput_includes_warmup

@@ -2,7 +2,7 @@
 
 Each function here has exactly the signature of the fused op of the same name in `vit_fast.ops`;
 tests judge every fused kernel against these (run in float64 for the reference error, and in the
-low dtype for PyTorch's own error, see DESIGN.md section 3). Autograd through these functions is
+low dtype for PyTorch's own error, see docs/design.md, "Numerics"). Autograd through these functions is
 the reference backward.
 
 Shapes use B = batch, T = tokens, D = embedding width, H = heads, p = patch size.

@@ -1,4 +1,4 @@
-"""The numerics rule of DESIGN.md section 3, as a reusable check for tests and `vit-fast check`.
+"""The numerics rule of docs/design.md ("Numerics"), as a reusable check for tests and `vit-fast check`.
 
 For every output and gradient, with ref64 = the reference in float64 and ref_lp = the reference in
 the op's own dtype:  max|ours - ref64| <= k * max|ref_lp - ref64| + atol,

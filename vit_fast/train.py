@@ -166,6 +166,7 @@ class TrainResult:
     val_acc: float | None = None
     final_step: int = 0
     images_per_s: float | None = None
+    throughput_includes_warmup: bool = False
     model: nn.Module | None = None
     out_dir: Path | None = None
     info: DatasetInfo | None = None
@@ -507,7 +508,9 @@ def plot_loss_curve(out_dir: str | os.PathLike) -> Path:
     out_dir = Path(out_dir)
     train = read_csv(out_dir / LOSS_CSV)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot(train["step"], train["loss"], lw=0.8, alpha=0.5, label="train loss")
+    # Markers keep a short run (even one step) visible: a line needs two points.
+    marker = "o" if len(train["loss"]) < 20 else None
+    ax.plot(train["step"], train["loss"], lw=0.8, alpha=0.5, marker=marker, ms=3, label="train loss")
     if len(train["loss"]) >= 5:
         # An exponential moving average makes the trend readable through batch noise.
         ema, smooth = train["loss"][0], []
@@ -647,6 +650,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     bar = _progress(end, start, cfg.progress and env.is_main)
     batches: Iterator | None = None
     timed_images, timed_s = 0, 0.0
+    all_images, all_s = 0, 0.0
     model.train()
 
     def checkpoint(step: int) -> None:
@@ -700,6 +704,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         if step - start >= 2:  # skip warm-up steps (allocation, compilation) in the throughput
             timed_images += cfg.batch_size
             timed_s += dt
+        all_images += cfg.batch_size
+        all_s += dt
         ips = cfg.batch_size / dt if dt > 0 else float("nan")
         done = step + 1
         result.steps.append(done)
@@ -735,6 +741,11 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         bar.close()
     if write and result.steps:
         plot_loss_curve(out_dir)
-    result.images_per_s = timed_images / timed_s if timed_s > 0 else None
+    # Runs too short to have steps past the warm-up report their whole-run rate, flagged as such.
+    result.throughput_includes_warmup = timed_s <= 0
+    if timed_s > 0:
+        result.images_per_s = timed_images / timed_s
+    elif all_s > 0:
+        result.images_per_s = all_images / all_s
     result.model = raw
     return result

@@ -50,7 +50,19 @@ def _add_broken(subparsers: argparse._SubParsersAction, name: str, err: BaseExce
     p.set_defaults(func=fail, broken_command=True)
 
 
+def _quiet_cpu_run() -> None:
+    """On a machine without a GPU, a CUDA build of torch logs "No CUDA runtime is found" when
+    torch.utils.cpp_extension is imported (torch.utils.benchmark does so): not news on a CPU run."""
+    import logging
+
+    import torch
+
+    if not torch.cuda.is_available():
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_cpu_run()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "broken_command", False):

@@ -56,9 +56,7 @@ def run(args: argparse.Namespace) -> int:
         **overrides,
     )
     print(f"{args.model} ({args.impl}), batch {args.batch}, {args.steps} profiled training steps on {device}")
-    print(table)
     print(f"top {len(top)} ops by self time:")
-    for r in top:
-        print(f"  {r.name[:60]:60} {r.calls:>6} calls {r.self_time_us / 1e3:>10.3f} ms self")
+    print(table)
     print(f"Chrome trace: {trace}")
     return 0

@@ -99,9 +99,11 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         acc = "n/a" if result.val_acc is None else f"{100 * result.val_acc:.2f}%"
         ips = "n/a" if result.images_per_s is None else f"{result.images_per_s:.1f}"
+        if result.images_per_s is not None and result.throughput_includes_warmup:
+            ips += " (warm-up included: run > 2 steps for a steady rate)"
         last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
         where = f", files in {result.out_dir}" if result.out_dir else ""
-        print(f"done: step {result.final_step}, last loss {last}, val acc {acc}, {ips} img/s{where}")
+        print(f"done: step {result.final_step}, last loss {last}, val acc {acc}, img/s {ips}{where}")
     return 0
 
 

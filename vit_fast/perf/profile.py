@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +81,33 @@ def op_ranges() -> Iterator[None]:
             setattr(module, op, fn)
 
 
+# Kineto, the profiler's C++ side, logs its own stages straight to file descriptor 2 in this format.
+_KINETO_LINE = re.compile(r"^(USDT|STAGE|INFO|WARNING|ERROR):\d{4}-\d\d-\d\d [\d:.]+ \d+:\d+ \S+\.cpp:\d+\]")
+
+
+@contextlib.contextmanager
+def quiet_profiler_logs(gpu_run: bool) -> Iterator[None]:
+    """Hold back Kineto's log lines (stage markers; on a CUDA build of torch with no GPU, a failed
+    device count) for the duration of the block; any other stderr output is passed through after it.
+    On a GPU run, Kineto's warnings and errors are real news and are kept."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            for line in held.read().decode(errors="replace").splitlines(keepends=True):
+                match = _KINETO_LINE.match(line)
+                noise = match is not None and (match.group(1) in ("USDT", "STAGE", "INFO") or not gpu_run)
+                if not noise:
+                    sys.stderr.write(line)
+
+
 def profile_training(
     model_name: str = "vit_tiny_patch16_224",
     impl: str = "fused",
@@ -121,17 +151,18 @@ def profile_training(
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with op_ranges(), torch.profiler.profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    on_gpu = device.type == "cuda"
     os.makedirs(out_dir, exist_ok=True)
     trace = os.path.join(out_dir, f"trace_{model_name}_{impl}.json")
-    prof.export_chrome_trace(trace)
-    on_gpu = device.type == "cuda"
+    with quiet_profiler_logs(gpu_run=on_gpu):
+        with op_ranges(), torch.profiler.profile(activities=activities) as prof:
+            for _ in range(steps):
+                step()
+            if on_gpu:
+                torch.cuda.synchronize(device)
+        prof.export_chrome_trace(trace)
+        averages = prof.key_averages()
     sort_key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    averages = prof.key_averages()
     rows = []
     for e in averages:
         self_t = e.self_device_time_total if on_gpu else e.self_cpu_time_total
