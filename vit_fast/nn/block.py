@@ -22,8 +22,6 @@ from vit_fast import ops, reference
 from vit_fast.nn.attention import Attention, normalize_qk
 from vit_fast.nn.mlp import LayerScale, Mlp, drop_path_scale
 
-IMPLS = ("fused", "reference")
-
 
 def op_namespace(impl: str) -> ModuleType:
     """The module whose functions implement the ops for `impl` ('auto' means fused)."""
@@ -91,6 +89,16 @@ class Block(nn.Module):
     def _gamma(ls: nn.Module) -> Tensor | None:
         return getattr(ls, "gamma", None)
 
+    @staticmethod
+    def _scale_residual(out: Tensor, residual: Tensor, gamma: Tensor | None, dps: Tensor | None) -> Tensor:
+        """residual + gamma * dps * out, unfused: for the training steps whose dropout sits between
+        a GEMM and this epilogue. gamma [D] (layer-scale), dps [B] (per-sample drop-path scale)."""
+        if gamma is not None:
+            out = out * gamma
+        if dps is not None:
+            out = out * dps.to(out.dtype).reshape(-1, *([1] * (out.dim() - 1)))
+        return residual + out
+
     def forward(self, x: Tensor) -> Tensor:
         f = op_namespace(self.impl)
         attn, mlp = self.attn, self.mlp
@@ -107,7 +115,7 @@ class Block(nn.Module):
         dps = drop_path_scale(batch, self.drop_path, self.training, x.device)
         if dropout_active:  # projection dropout sits between the GEMM and the residual: not fused
             o = attn.proj_drop(F.linear(o, attn.proj.weight, attn.proj.bias))
-            x = reference.scale_residual(o, x, self._gamma(self.ls1), dps)
+            x = self._scale_residual(o, x, self._gamma(self.ls1), dps)
         else:
             x = f.linear_residual(
                 o, attn.proj.weight, attn.proj.bias, x, gamma=self._gamma(self.ls1), drop_path_scale=dps
@@ -115,7 +123,7 @@ class Block(nn.Module):
 
         dps = drop_path_scale(batch, self.drop_path, self.training, x.device)
         if dropout_active:  # MLP dropouts (after GELU and after fc2) are not fused either
-            return reference.scale_residual(mlp(self.norm2(x)), x, self._gamma(self.ls2), dps)
+            return self._scale_residual(mlp(self.norm2(x)), x, self._gamma(self.ls2), dps)
         return f.layer_norm_mlp(
             x,
             self.norm2.weight,
