@@ -54,10 +54,13 @@ def test_auto_prefers_cpu_extension_when_built():
 
 
 def test_package_works_without_the_extension(monkeypatch):
-    """As after `VIT_FAST_BUILD_EXT=0` or a failed build: no `cpu` backend, the fused model still runs."""
+    """As after `VIT_FAST_BUILD_EXT=0` or a failed build: no `cpu` backend; with no backend forced,
+    the fused model falls back on its own (to the Triton interpreter when it is on, else to the
+    plain-PyTorch backend), still through the vit_fast ops, and matches the reference model."""
     import vit_fast
 
     monkeypatch.setattr(backend, "cpu_extension", lambda: None)
+    monkeypatch.delenv("VIT_FAST_BACKEND", raising=False)
     assert backend.select_backend(torch.device("cpu"), "mlp") != "cpu"
     with pytest.raises(RuntimeError, match="no 'mlp' kernels"), backend.use_backend("cpu"):
         backend.select_backend(torch.device("cpu"), "mlp")
@@ -66,5 +69,8 @@ def test_package_works_without_the_extension(monkeypatch):
     ref = vit_fast.create_model("vit_tiny_patch16_224", impl="reference", img_size=16, patch_size=8, depth=1)
     ref.load_state_dict(fused.state_dict())
     x = torch.randn(2, 3, 16, 16)
-    with backend.use_backend("reference"), torch.no_grad():
-        assert torch.allclose(fused(x), ref(x), atol=1e-5)
+    for interpret, expected in (("0", "reference"), ("1", "triton")):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        assert set(backend.active_backends("cpu").values()) == {expected}
+        with torch.no_grad():
+            assert torch.allclose(fused(x), ref(x), atol=1e-5), expected
