@@ -4,7 +4,7 @@
 
 Each rank (1) takes its first local batch from the trainer's own sampler and loader, runs one
 forward/backward through the DDP- (or FSDP2-) wrapped model and writes the synchronised gradients,
-its sample indices and its local loss to DIR/grads_rank<r>.pt; then (2) runs `vit_fast.train.train`
+its sample indices and its local loss to DIR/grads_rank<r>.pt; then (2) runs `vit_fast.training.train`
 for a few steps into DIR/run (rank 0 writes loss.csv and checkpoint.pt). The test repeats both on
 one process with the concatenated batch and compares.
 """
@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from vit_fast.data import build_datasets
-from vit_fast.train import TrainConfig, build_model, init_distributed, make_train_loader, train, wrap_model
+from vit_fast.training import TrainConfig, build_model, init_distributed, make_train_loader, train, wrap_model
 
 
 def check_config(impl: str, fsdp: bool) -> TrainConfig:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from vit_fast.data import build_datasets
-from vit_fast.train import CHECKPOINT_NAME, LOSS_CSV, build_model, load_checkpoint, read_csv, train
+from vit_fast.training import CHECKPOINT_NAME, LOSS_CSV, build_model, load_checkpoint, read_csv, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "ddp_check.py"

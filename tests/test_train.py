@@ -1,4 +1,4 @@
-"""The training library (vit_fast.train, vit_fast.data) and the `vit-fast train` subcommand module.
+"""The training library (vit_fast.training, vit_fast.data) and the `vit-fast train` subcommand module.
 
 Models are tiny (16x16 images, 4x4 patches, D=32, depth 2) so each test takes seconds on 2 shared
 CPU cores, including with the Triton kernels in the interpreter.
@@ -17,7 +17,7 @@ import torch
 from vit_fast.cli import train as cli_train
 from vit_fast.data import SyntheticImages, build_datasets, digits_datasets, synthetic_datasets
 from vit_fast.ops import use_backend
-from vit_fast.train import (
+from vit_fast.training import (
     CHECKPOINT_NAME,
     EVAL_CSV,
     LOSS_CSV,

@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from vit_fast.data import DATASETS
-from vit_fast.train import IMPLS, PRECISIONS, TrainConfig, train
+from vit_fast.training import IMPLS, PRECISIONS, TrainConfig, train
 
 _DEFAULTS = TrainConfig()
 
