@@ -11,12 +11,12 @@ from torch import Tensor
 
 from vit_fast.ops import _ln_mlp_ref
 from vit_fast.ops._checks import check_no_overlap, check_nonempty, check_shape, check_tensor
-from vit_fast.ops.backend import cpu_extension, select_backend
+from vit_fast.ops.backend import cpu_extension, forced_backend, select_backend, tuned_backend
+from vit_fast.tuning import ops as tuning_ops
 
 
-def backend_fns(device: torch.device, family: str) -> Any:
-    """The module implementing the contract functions of `family` on the selected backend."""
-    backend = select_backend(device, family)
+def backend_module(backend: str) -> Any:
+    """The module implementing the layer_norm / mlp contract functions on `backend`."""
     if backend == "triton":
         # Imported lazily: triton is optional for CPU-only installs.
         from vit_fast.kernels import matmul
@@ -25,6 +25,32 @@ def backend_fns(device: torch.device, family: str) -> Any:
     if backend == "cpu":
         return cpu_extension()
     return _ln_mlp_ref
+
+
+class _TunedFns:
+    """Stands in for a backend module when the choice is automatic: each contract function call
+    picks its backend by measurement for its argument shapes (vit_fast.tuning.ops)."""
+
+    def __init__(self, device: torch.device, family: str) -> None:
+        self._device, self._family = device, family
+
+    def __getattr__(self, op: str) -> Any:
+        def call(*args: Any) -> Any:
+            def run(backend: str) -> Any:
+                return getattr(backend_module(backend), op)(*args)
+
+            return run(tuned_backend(self._device, self._family, op, args, run))
+
+        return call
+
+
+def backend_fns(device: torch.device, family: str) -> Any:
+    """The module implementing the contract functions of `family` on the selected backend (a
+    measuring stand-in for it when no backend is forced and tuning is on)."""
+    backend = select_backend(device, family)
+    if forced_backend() is None and len(tuning_ops.candidates(device, backend)) > 1 and tuning_ops.enabled():
+        return _TunedFns(device, family)
+    return backend_module(backend)
 
 
 def empty_like_none(t: Tensor | None, like: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from vit_fast.ops._checks import check_nonempty, check_shape, check_tensor
-from vit_fast.ops.backend import cpu_extension, select_backend
+from vit_fast.ops.backend import cpu_extension, tuned_backend
 
 __all__ = [
     "patch_embed",
@@ -110,7 +110,13 @@ def reference_patch_embed_backward(
 
 
 def _backend_forward(*args: Any) -> Tensor:
-    backend = select_backend(args[0].device, _FAMILY)
+    def run(backend: str) -> Tensor:
+        return _run_forward(backend, *args)
+
+    return run(tuned_backend(args[0].device, _FAMILY, "patch_embed_forward", args, run))
+
+
+def _run_forward(backend: str, *args: Any) -> Tensor:
     if backend == "triton":
         from vit_fast.kernels.patch_embed import patch_embed_forward
 
@@ -123,7 +129,13 @@ def _backend_forward(*args: Any) -> Tensor:
 
 
 def _backend_backward(*args: Any) -> tuple[Tensor | None, ...]:
-    backend = select_backend(args[0].device, _FAMILY)
+    def run(backend: str) -> tuple[Tensor | None, ...]:
+        return _run_backward(backend, *args)
+
+    return run(tuned_backend(args[0].device, _FAMILY, "patch_embed_backward", args, run))
+
+
+def _run_backward(backend: str, *args: Any) -> tuple[Tensor | None, ...]:
     if backend == "triton":
         from vit_fast.kernels.patch_embed import patch_embed_backward
 
