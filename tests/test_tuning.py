@@ -248,7 +248,9 @@ def _cuda_like(timer, run, decisions=None, model="Fake GPU 80GB"):
     """A CUDA call's choice (triton vs the plain-PyTorch cuBLAS path) made on CPU tensors: Triton runs
     in the interpreter, the timer and the GPU model are injected."""
     args = _mlp_args()
-    with tuning_session(timer=timer, model=model, on_decision=None if decisions is None else decisions.append):
+    with tuning_session(
+        timer=timer, model=model, on_decision=None if decisions is None else decisions.append
+    ):
         return choose_backend(
             torch.device("cuda"), "mlp", "mlp_forward", args, lambda b: run(b, args), "triton"
         )

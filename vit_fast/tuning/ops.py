@@ -118,7 +118,9 @@ def choose_backend(
         return default
     selector = _selector(device)
     key = f"op/{family}/{op}/{signature(key_args)}"
-    capturing = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    capturing = (
+        device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    )
     if capturing:
         cached = selector.cache.get(key)
         return cached["pick"] if cached is not None and cached["pick"] in names else default
