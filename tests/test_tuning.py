@@ -401,3 +401,45 @@ def test_forced_gemm_library_is_not_tuned(tuned_gemms):
         _C.reset_gemm_call_counts()
         _C.layer_norm_linear_forward(torch.randn(8, 16), None, None, torch.randn(24, 16), None, 1e-6)
         assert _C.gemm_call_counts()[name] == 1 and _C.gemm_choices() == {}
+
+
+# --------------------------------------------------------------------------------------------------
+# vit-fast tune
+
+
+def test_tune_command(cache_dir, capsys):
+    from vit_fast.cli import main as cli
+
+    argv = [
+        "tune",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--batch",
+        "1",
+        "--depth",
+        "1",
+        "--img-size",
+        "32",
+        "--json",
+    ]
+    assert cli.main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    ops = [r for r in rows if r["kind"] == "op"]
+    if cpu_extension() is not None:  # the C++ backend vs the plain-PyTorch one, per op call shape
+        assert {
+            "mlp.mlp_forward",
+            "attention.attention_forward",
+            "layer_norm.layer_norm_linear_backward",
+        } <= {r["op"] for r in ops}
+        for r in ops:
+            assert set(r["ms"]) == {"cpu", "reference"} and r["pick"] == min(r["ms"], key=r["ms"].get)
+    if gemm_tuning.supported(_C):
+        gemms = [r for r in rows if r["kind"] == "gemm"]
+        assert {r["op"] for r in gemms} == {"gemm.linear", "gemm.tn"}
+        assert all(r["pick"] == min(r["ms"], key=r["ms"].get) for r in gemms)
+    entries = TuningCache(cache_mod.cpu_model(), cache_dir).entries()
+    assert {f"op/{r['op'].replace('.', '/', 1)}/{r['shape']}" for r in ops} <= set(entries)
+    # The table form: a header and one line per row.
+    assert cli.main(argv[:-1]) == 0
+    text = capsys.readouterr().out
+    assert "candidates (median ms)" in text and len(text.strip().splitlines()) == 2 + len(rows)

@@ -27,6 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--img-size", type=int, default=None, help="override the model's image size")
+    p.add_argument("--depth", type=int, default=None, help="override the model's number of blocks")
     p.add_argument("--budget-s", type=float, default=None, help="skip the training step once this is spent")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.set_defaults(func=run)
@@ -55,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, _DTYPES[args.dtype])
-    rows = tune_model(args.model, args.batch, dtype, device, budget_s=args.budget_s)
+    overrides = {k: v for k, v in (("img_size", args.img_size), ("depth", args.depth)) if v is not None}
+    rows = tune_model(args.model, args.batch, dtype, device, budget_s=args.budget_s, **overrides)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0

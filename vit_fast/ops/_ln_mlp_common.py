@@ -35,11 +35,12 @@ class _TunedFns:
         self._device, self._family = device, family
 
     def __getattr__(self, op: str) -> Any:
-        def call(*args: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
             def run(backend: str) -> Any:
-                return getattr(backend_module(backend), op)(*args)
+                return getattr(backend_module(backend), op)(*args, **kwargs)
 
-            return run(tuned_backend(self._device, self._family, op, args, run))
+            key_args = (*args, *(x for k, v in sorted(kwargs.items()) for x in (k, v)))
+            return run(tuned_backend(self._device, self._family, op, key_args, run))
 
         return call
 

@@ -21,10 +21,16 @@ __all__ = ["Decision", "Selector", "TuningCache", "cache_dir", "device_model", "
 
 
 def tune_model(
-    model_name: str, batch: int, dtype: torch.dtype, device: torch.device, budget_s: float | None = None
+    model_name: str,
+    batch: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    budget_s: float | None = None,
+    **model_kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """Measure every choice a fused `model_name` makes at `batch` x `dtype` on `device` (see
+    """Measure every choice a fused `model_name` makes at `batch` x `dtype` on `device`; one dict per
+    op and shape: kind, op, shape, ms ({candidate: median ms}), pick, device (see
     vit_fast.tuning.model.tune_model)."""
     from vit_fast.tuning.model import tune_model as _tune
 
-    return _tune(model_name, batch, dtype, device, budget_s)
+    return _tune(model_name, batch, dtype, device, budget_s, **model_kwargs)

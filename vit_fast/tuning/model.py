@@ -39,7 +39,12 @@ def _gemm_row(key: str, pick: str, ms: dict[str, float], model: str) -> dict[str
 
 
 def tune_model(
-    model_name: str, batch: int, dtype: torch.dtype, device: torch.device, budget_s: float | None = None
+    model_name: str,
+    batch: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    budget_s: float | None = None,
+    **model_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Measure, ignoring earlier cached picks, every choice a fused `model_name` makes for a batch of
     `batch` images in `dtype` on `device`: an inference forward, then (budget permitting) a training
@@ -49,7 +54,8 @@ def tune_model(
     backend's GEMM library and layout variant), `op`, `shape` (the key's call signature), `ms`
     ({candidate: median ms}), `pick`, `device` (the device model). `budget_s` skips the training
     step when the inference pass already used it up. VIT_FAST_BACKEND / VIT_FAST_CPU_GEMM forces
-    are respected (a forced choice is not measured, so it has no row).
+    are respected (a forced choice is not measured, so it has no row). `model_kwargs` override the
+    model configuration (depth, img_size, ...).
     """
     from vit_fast.models.vision_transformer import create_model, model_config
     from vit_fast.ops.backend import cpu_extension
@@ -61,10 +67,10 @@ def tune_model(
     device = torch.device(device)
     start = time.perf_counter()
     model_str = device_model(device)
-    cfg = model_config(model_name)
+    cfg = model_config(model_name) | model_kwargs
     img = cfg.get("img_size", 224)
     img = (img, img) if isinstance(img, int) else tuple(img)
-    model = create_model(model_name, impl="fused").to(device=device, dtype=dtype)
+    model = create_model(model_name, impl="fused", **model_kwargs).to(device=device, dtype=dtype)
     images = torch.randn(batch, cfg.get("in_chans", 3), *img, device=device, dtype=dtype)
 
     ext = cpu_extension() if device.type == "cpu" else None
