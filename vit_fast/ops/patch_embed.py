@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from vit_fast.ops._checks import check_nonempty, check_shape, check_tensor
-from vit_fast.ops.backend import cpu_extension, tuned_backend
+from vit_fast.ops.backend import cpu_extension, forced_backend, select_backend
+from vit_fast.tuning.ops import choose_backend
 
 __all__ = [
     "patch_embed",
@@ -109,11 +110,19 @@ def reference_patch_embed_backward(
 # Backend dispatch.
 
 
+def _choose(args: tuple[Any, ...], op: str, run: Any) -> str:
+    """select_backend's answer, refined by measurement (vit_fast.tuning.ops) when nothing is forced."""
+    backend = select_backend(args[0].device, _FAMILY)
+    if forced_backend() is not None:
+        return backend
+    return choose_backend(args[0].device, _FAMILY, op, args, run, backend)
+
+
 def _backend_forward(*args: Any) -> Tensor:
     def run(backend: str) -> Tensor:
         return _run_forward(backend, *args)
 
-    return run(tuned_backend(args[0].device, _FAMILY, "patch_embed_forward", args, run))
+    return run(_choose(args, "patch_embed_forward", run))
 
 
 def _run_forward(backend: str, *args: Any) -> Tensor:
@@ -132,7 +141,7 @@ def _backend_backward(*args: Any) -> tuple[Tensor | None, ...]:
     def run(backend: str) -> tuple[Tensor | None, ...]:
         return _run_backward(backend, *args)
 
-    return run(tuned_backend(args[0].device, _FAMILY, "patch_embed_backward", args, run))
+    return run(_choose(args, "patch_embed_backward", run))
 
 
 def _run_backward(backend: str, *args: Any) -> tuple[Tensor | None, ...]:
