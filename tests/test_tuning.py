@@ -443,3 +443,37 @@ def test_tune_command(cache_dir, capsys):
     assert cli.main(argv[:-1]) == 0
     text = capsys.readouterr().out
     assert "candidates (median ms)" in text and len(text.strip().splitlines()) == 2 + len(rows)
+
+
+@pytest.mark.skipif(cpu_extension() is None, reason="needs the C++ extension")
+def test_attention_forward_and_backward_are_chosen_apart(cache_dir):
+    from vit_fast import ops, reference
+
+    qkv = torch.randn(2, 5, 3 * 16, requires_grad=True)
+    decisions = []
+    # forward: cpu 1 ms, reference 2 ms; backward: cpu 3 ms, reference 1 ms.
+    with tuning_session(timer=QueueTimer(1.0, 2.0, 3.0, 1.0), on_decision=decisions.append, model="Test CPU"):
+        ops.attention(qkv, 2).sum().backward()
+    assert [(d.key.split("/")[2], d.pick) for d in decisions] == [
+        ("attention_forward", "cpu"),
+        ("attention_backward", "reference"),
+    ]
+    qkv64 = qkv.detach().double().requires_grad_()
+    reference.attention(qkv64, 2).sum().backward()
+    qkv32 = qkv.detach().requires_grad_()
+    reference.attention(qkv32, 2).sum().backward()
+    assert compare("dqkv", qkv.grad, qkv64.grad, qkv32.grad).ok
+
+
+@pytest.mark.skipif(cpu_extension() is None, reason="needs the C++ extension")
+def test_attention_forced_or_with_dropout_is_not_measured(cache_dir):
+    from vit_fast import ops
+
+    qkv = torch.randn(2, 5, 3 * 16, requires_grad=True)
+    decisions = []
+    with tuning_session(timer=QueueTimer(), on_decision=decisions.append, model="Test CPU"):
+        with use_backend("cpu"):
+            y = ops.attention(qkv, 2)
+        y.sum().backward()  # outside the block: still the forward's forced backend, not measured
+        ops.attention(qkv, 2, dropout_p=0.3).sum().backward()  # masks are per backend: not measured
+    assert decisions == []
