@@ -89,6 +89,8 @@ class Selector:
         remeasure: ignore cached picks from before this selector existed (still write the new ones):
             `vit-fast tune`.
         on_decision: called with every Decision (`vit-fast tune` collects them).
+        margin: another candidate replaces the default only when it is faster by more than this
+            fraction (timing noise must not flip a choice between two equally fast candidates).
     """
 
     def __init__(
@@ -100,7 +102,9 @@ class Selector:
         model: str | None = None,
         remeasure: bool = False,
         on_decision: Callable[[Decision], None] | None = None,
+        margin: float = 0.03,
     ) -> None:
+        self.margin = margin
         self.device = torch.device(device)
         self.timer = timer if timer is not None else default_timer(self.device)
         self._cache = cache
@@ -162,7 +166,7 @@ class Selector:
                 stacklevel=3,
             )
             return self._done(decision)
-        decision.pick = min(decision.ms, key=decision.ms.__getitem__)
+        decision.pick = _winner(decision.ms, default, self.margin)
         self.cache.put(key, decision.pick, decision.ms)
         self._fresh.add(key)
         return self._done(decision)
@@ -171,3 +175,11 @@ class Selector:
         if self.on_decision is not None:
             self.on_decision(decision)
         return decision
+
+
+def _winner(ms: dict[str, float], default: str, margin: float) -> str:
+    """The fastest candidate, except that the default keeps its place unless beaten by > `margin`."""
+    best = min(ms, key=ms.__getitem__)
+    if default in ms and ms[best] >= ms[default] * (1.0 - margin):
+        return default
+    return best
