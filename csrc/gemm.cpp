@@ -1,16 +1,38 @@
-// GEMM entry points of the fused CPU ops: oneDNN's inner product for float32, at::mm otherwise
-// (see gemm.h for why).
+// GEMM entry points of the fused CPU ops: a per-key measured choice between at::mm and oneDNN's
+// inner product and their layout variants (see gemm.h for why and what the candidates are).
 #include "gemm.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
+#include <functional>
+#include <limits>
+#include <mutex>
+#include <unordered_map>
 
 namespace vit_fast::gemm {
 namespace {
 
-enum class Backend { kOneDnn, kAten };
+enum class Mode { kTuned, kOneDnn, kAten };
+
+// Every candidate of both kinds; the index is the call counter's slot.
+enum Cand : int { kAten = 0, kOneDnn, kOneDnnPacked, kOneDnnTa, kOneDnnTb, kNumCands };
+constexpr std::array<const char*, kNumCands> kNames = {"aten", "onednn", "onednn_packed", "onednn_ta", "onednn_tb"};
+
+std::array<std::atomic<int64_t>, kNumCands>& counters() {
+  static std::array<std::atomic<int64_t>, kNumCands> c{};
+  return c;
+}
+
+int cand_index(const std::string& name) {
+  for (int i = 0; i < kNumCands; ++i)
+    if (name == kNames[i]) return i;
+  return -1;
+}
 
 // The dispatcher handle of oneDNN's linear, or null when this torch build does not register it.
 const c10::OperatorHandle* onednn_linear_op() {
@@ -19,26 +41,31 @@ const c10::OperatorHandle* onednn_linear_op() {
   return op.has_value() ? &*op : nullptr;
 }
 
-Backend parse(const std::string& name) {
-  if (name == "aten") return Backend::kAten;
+Mode parse(const std::string& name) {
+  if (name == "aten") return Mode::kAten;
+  if (name == "tuned") return Mode::kTuned;
   if (name == "onednn") {
     TORCH_CHECK(onednn_linear_op() != nullptr, "GEMM backend 'onednn' requested but this torch build has no ",
                 "mkldnn::_linear_pointwise op");
-    return Backend::kOneDnn;
+    return Mode::kOneDnn;
   }
-  TORCH_CHECK(name == "auto", "GEMM backend must be 'auto', 'onednn' or 'aten', got '", name, "'");
-  return onednn_linear_op() != nullptr ? Backend::kOneDnn : Backend::kAten;
+  TORCH_CHECK(name == "auto", "GEMM backend must be 'tuned', 'auto', 'onednn' or 'aten', got '", name, "'");
+  return onednn_linear_op() != nullptr ? Mode::kOneDnn : Mode::kAten;
 }
 
-std::atomic<Backend>& current() {
-  static std::atomic<Backend> value{[] {
-    const char* env = std::getenv("VIT_FAST_CPU_GEMM");
-    return parse(env != nullptr && *env != '\0' ? std::string(env) : std::string("auto"));
+std::string env_or(const char* name, const char* fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? std::string(v) : std::string(fallback);
+}
+
+std::atomic<Mode>& current() {
+  static std::atomic<Mode> value{[] {
+    const std::string forced = env_or("VIT_FAST_CPU_GEMM", "");
+    if (!forced.empty()) return parse(forced);
+    return env_or("VIT_FAST_TUNE", "on") == "off" ? parse("auto") : Mode::kTuned;
   }()};
   return value;
 }
-
-bool use_onednn(const Tensor& a) { return a.scalar_type() == at::kFloat && current().load() == Backend::kOneDnn; }
 
 Tensor onednn_linear(const Tensor& a, const Tensor& w, const OptTensor& bias) {
   // Boxed call: robust to how this torch version spells the C++ types of `str`, `Scalar?[]`, `str?`.
@@ -54,30 +81,251 @@ Tensor onednn_linear(const Tensor& a, const Tensor& w, const OptTensor& bias) {
   return std::move(stack.back()).toTensor();
 }
 
+bool row_contiguous(const Tensor& w) { return w.stride(1) == 1; }
+bool col_contiguous(const Tensor& w) { return w.stride(0) == 1; }
+
+Tensor run_linear(int c, const Tensor& a, const Tensor& w, const OptTensor& bias) {
+  switch (c) {
+    case kOneDnn:
+      // oneDNN takes the weight in either plain layout ([N, K] rows or a transposed view); anything
+      // else (a strided slice, say) is copied first. The source is made contiguous by the op itself.
+      return onednn_linear(a, row_contiguous(w) || col_contiguous(w) ? w : w.contiguous(), bias);
+    case kOneDnnPacked:
+      return onednn_linear(a, w.contiguous(), bias);
+    default:
+      return bias.has_value() ? at::addmm(*bias, a, w.t()) : at::mm(a, w.t());
+  }
+}
+
+Tensor run_tn(int c, const Tensor& a, const Tensor& b) {
+  // The inner product reduces over the contiguous dim of its source, so one operand is copied
+  // transposed: a^T (K x M) directly, or b^T (K x N) for the transposed product plus a transpose of
+  // the M x N result.
+  switch (c) {
+    case kOneDnnTa:
+      return onednn_linear(a.t(), b.t(), std::nullopt);
+    case kOneDnnTb:
+      return onednn_linear(b.t(), a.t(), std::nullopt).t().contiguous();
+    default:
+      return at::mm(a.t(), b);
+  }
+}
+
+std::vector<int> linear_cands(const Tensor& w) {
+  std::vector<int> c = {kAten};
+  if (onednn_linear_op() == nullptr) return c;
+  c.push_back(kOneDnn);
+  if (!row_contiguous(w) && col_contiguous(w)) c.push_back(kOneDnnPacked);
+  return c;
+}
+
+std::vector<int> tn_cands() {
+  if (onednn_linear_op() == nullptr) return {kAten};
+  return {kAten, kOneDnnTa, kOneDnnTb};
+}
+
+const char* layout(const Tensor& t) {
+  if (row_contiguous(t) && t.stride(0) == t.size(1)) return "r";
+  if (col_contiguous(t) && t.stride(1) == t.size(0)) return "c";
+  return "s";
+}
+
+std::string dtype_name(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return "f32";
+    case at::kBFloat16:
+      return "bf16";
+    case at::kHalf:
+      return "f16";
+    default:
+      return c10::toString(t.scalar_type());
+  }
+}
+
+// The table of tuned choices. Guarded by one mutex, held also while a key is measured: measuring
+// keys one at a time keeps the timings free of each other's load.
+struct Table {
+  std::mutex mu;
+  std::unordered_map<std::string, Choice> entries;
+};
+Table& table() {
+  static Table t;
+  return t;
+}
+
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Times each candidate on the real operands: one untimed warm-up (oneDNN JIT-compiles its kernel
+// for a new shape on the first call; a candidate that throws there is dropped), then enough
+// repetitions for ~20 ms per candidate (3 to 50: small GEMMs get more samples), and keeps the median. Returns the winner's output.
+Tensor measure(const std::string& key, const std::vector<int>& cands, const std::function<Tensor(int)>& run,
+               Choice& out) {
+  constexpr double kTargetMs = 20.0;
+  out = Choice{};
+  out.measured = true;
+  double best = std::numeric_limits<double>::infinity();
+  Tensor best_out;
+  for (int c : cands) {
+    Tensor result;
+    double t0 = now_ms();
+    try {
+      result = run(c);
+    } catch (const c10::Error&) {
+      continue;
+    }
+    const double warm = std::max(now_ms() - t0, 1e-3);
+    const int reps = std::clamp(static_cast<int>(kTargetMs / warm), 3, 50);
+    std::vector<double> samples;
+    samples.reserve(reps);
+    for (int r = 0; r < reps; ++r) {
+      t0 = now_ms();
+      result = run(c);
+      samples.push_back(now_ms() - t0);
+    }
+    std::nth_element(samples.begin(), samples.begin() + reps / 2, samples.end());
+    const double med = samples[reps / 2];
+    out.ms[kNames[c]] = med;
+    if (med < best) {
+      best = med;
+      best_out = result;
+      out.pick = kNames[c];
+    }
+  }
+  TORCH_CHECK(best_out.defined(), "vit_fast GEMM ", key, ": every candidate failed");
+  return best_out;
+}
+
+// The candidate for `key` in tuned mode: the table's pick when it applies to this call, else a fresh
+// measurement (stored). `result` is set when the measurement already produced the output.
+int tuned_choice(const std::string& key, const std::vector<int>& cands, const std::function<Tensor(int)>& run,
+                 Tensor& result) {
+  if (cands.size() == 1) return cands[0];
+  Table& t = table();
+  std::lock_guard<std::mutex> lock(t.mu);
+  auto it = t.entries.find(key);
+  if (it != t.entries.end()) {
+    const int c = cand_index(it->second.pick);
+    if (std::find(cands.begin(), cands.end(), c) != cands.end()) return c;
+  }
+  Choice choice;
+  result = measure(key, cands, run, choice);
+  const int c = cand_index(choice.pick);
+  t.entries[key] = std::move(choice);
+  return c;
+}
+
 }  // namespace
 
 Tensor linear(const Tensor& a, const Tensor& w, const OptTensor& bias) {
-  if (use_onednn(a)) {
-    // oneDNN takes the weight in either plain layout ([N, K] rows or a transposed view); anything
-    // else (a strided slice, say) is copied first. The source is made contiguous by the op itself.
-    const bool plain = w.stride(1) == 1 || w.stride(0) == 1;
-    return onednn_linear(a, plain ? w : w.contiguous(), bias);
+  const Mode mode = current().load();
+  const bool f32 = a.scalar_type() == at::kFloat;
+  int c = kAten;
+  Tensor result;
+  if (mode == Mode::kTuned) {
+    const std::string key = "linear/" + dtype_name(a) + "/M=" + std::to_string(a.size(0)) +
+                            ",N=" + std::to_string(w.size(0)) + ",K=" + std::to_string(a.size(1)) + "/a=" +
+                            layout(a) + ",w=" + layout(w) + "/bias=" + (bias.has_value() ? "1" : "0");
+    c = tuned_choice(key, linear_cands(w), [&](int k) { return run_linear(k, a, w, bias); }, result);
+  } else if (mode == Mode::kOneDnn && f32) {
+    c = kOneDnn;
   }
-  return bias.has_value() ? at::addmm(*bias, a, w.t()) : at::mm(a, w.t());
+  counters()[c].fetch_add(1, std::memory_order_relaxed);
+  return result.defined() ? result : run_linear(c, a, w, bias);
 }
 
 Tensor mm_tn(const Tensor& a, const Tensor& b) {
-  if (!use_onednn(a)) return at::mm(a.t(), b);
-  // The inner product reduces over the contiguous dim of its source, so one operand is copied
-  // transposed: a^T (K x M) directly, or b^T (K x N) for the transposed product plus a transpose of
-  // the M x N result. Copy whichever moves fewer elements.
+  const Mode mode = current().load();
+  const bool f32 = a.scalar_type() == at::kFloat;
   const int64_t k = a.size(0), m = a.size(1), n = b.size(1);
-  if (n * (k + m) < k * m) return onednn_linear(b.t(), a.t(), std::nullopt).t().contiguous();
-  return onednn_linear(a.t(), b.t(), std::nullopt);
+  int c = kAten;
+  Tensor result;
+  if (mode == Mode::kTuned) {
+    const std::string key = "tn/" + dtype_name(a) + "/M=" + std::to_string(m) + ",N=" + std::to_string(n) +
+                            ",K=" + std::to_string(k) + "/a=" + layout(a) + ",b=" + layout(b);
+    c = tuned_choice(key, tn_cands(), [&](int x) { return run_tn(x, a, b); }, result);
+  } else if (mode == Mode::kOneDnn && f32) {
+    // Untuned: copy whichever operand moves fewer elements.
+    c = n * (k + m) < k * m ? kOneDnnTb : kOneDnnTa;
+  }
+  counters()[c].fetch_add(1, std::memory_order_relaxed);
+  return result.defined() ? result : run_tn(c, a, b);
 }
 
-std::string backend() { return current().load() == Backend::kOneDnn ? "onednn" : "aten"; }
+std::string backend() {
+  switch (current().load()) {
+    case Mode::kTuned:
+      return "tuned";
+    case Mode::kOneDnn:
+      return "onednn";
+    default:
+      return "aten";
+  }
+}
 
 void set_backend(const std::string& name) { current().store(parse(name)); }
+
+std::map<std::string, std::tuple<std::string, std::map<std::string, double>, bool>> choices() {
+  Table& t = table();
+  std::lock_guard<std::mutex> lock(t.mu);
+  std::map<std::string, std::tuple<std::string, std::map<std::string, double>, bool>> out;
+  for (const auto& [key, c] : t.entries) out[key] = {c.pick, c.ms, c.measured};
+  return out;
+}
+
+std::vector<std::string> set_choices(const std::map<std::string, std::string>& picks) {
+  Table& t = table();
+  std::lock_guard<std::mutex> lock(t.mu);
+  std::vector<std::string> refused;
+  for (const auto& [key, pick] : picks) {
+    if (cand_index(pick) < 0) {
+      refused.push_back(key);
+      continue;
+    }
+    t.entries[key] = Choice{pick, {}, false};
+  }
+  return refused;
+}
+
+void clear_choices() {
+  Table& t = table();
+  std::lock_guard<std::mutex> lock(t.mu);
+  t.entries.clear();
+}
+
+std::map<std::string, std::vector<std::string>> candidate_names() {
+  return {{"linear", {kNames[kAten], kNames[kOneDnn], kNames[kOneDnnPacked]}},
+          {"tn", {kNames[kAten], kNames[kOneDnnTa], kNames[kOneDnnTb]}}};
+}
+
+std::map<std::string, int64_t> call_counts() {
+  std::map<std::string, int64_t> out;
+  for (int i = 0; i < kNumCands; ++i) out[kNames[i]] = counters()[i].load();
+  return out;
+}
+
+void reset_call_counts() {
+  for (auto& c : counters()) c.store(0);
+}
+
+Tensor run_candidate(const std::string& kind, const std::string& name, const Tensor& a, const Tensor& b,
+                     const OptTensor& bias) {
+  const int c = cand_index(name);
+  TORCH_CHECK(kind == "linear" || kind == "tn", "kind must be 'linear' or 'tn', got '", kind, "'");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "a and b must be 2-D");
+  if (kind == "linear") {
+    const auto cands = linear_cands(b);
+    TORCH_CHECK(std::find(cands.begin(), cands.end(), c) != cands.end(), "candidate '", name,
+                "' does not apply to this linear call");
+    return run_linear(c, a, b, bias);
+  }
+  const auto cands = tn_cands();
+  TORCH_CHECK(std::find(cands.begin(), cands.end(), c) != cands.end(), "candidate '", name,
+              "' does not apply to a tn call");
+  TORCH_CHECK(!bias.has_value(), "a tn call takes no bias");
+  return run_tn(c, a, b);
+}
 
 }  // namespace vit_fast::gemm

@@ -1,18 +1,31 @@
 // The large GEMMs of the fused CPU ops (token rows x weight matrices), behind one small interface.
 //
-// Why not at::mm: for float32 ATen calls the BLAS it was built with (MKL), and MKL's sgemm picks its
-// code path by CPU vendor: on AMD CPUs it runs AVX2 kernels even where the core has AVX-512.
-// oneDNN, which ships inside libtorch_cpu, picks its ISA from cpuid features instead. Its inner
-// product is reachable through the dispatcher as `mkldnn::_linear_pointwise` (the op Inductor emits
-// for frozen linears) and takes plain strided CPU tensors. Measured at ViT-S shapes on this
-// project's 2-core AMD EPYC (Zen 5): ~420-500 GFLOP/s vs ~210 for at::mm (benchmarks/cpu_ops.py
-// --gemm). On CPUs where MKL already uses AVX-512 the two are close; `set_backend("aten")` (or
-// VIT_FAST_CPU_GEMM=aten) switches back, and the fallback is automatic when torch has no oneDNN.
-// Both backends accumulate in float32; bfloat16 always goes through at::mm (ATen already sends it to
-// oneDNN when the CPU has AVX-512 BF16/BW support).
+// Two libraries ship inside libtorch_cpu: ATen's at::mm (for float32 the BLAS torch was built with,
+// usually MKL) and oneDNN's inner product, reachable through the dispatcher as
+// `mkldnn::_linear_pointwise` (the op Inductor emits for frozen linears). Which one is faster
+// depends on the CPU, the shape, the operand layout and the dtype: MKL's sgemm picks its code path
+// by CPU vendor (AVX2 kernels on AMD cores that have AVX-512), oneDNN picks its ISA from cpuid, and
+// on Intel cores MKL's fp32 GEMM often beats oneDNN's inner product. So the choice is measured, not
+// guessed: in "tuned" mode every GEMM key (kind, dtype, M, N, K, weight layout, bias) is timed once
+// on its real operands, each candidate a few repetitions, and the median winner is kept in a table
+// for the rest of the process. vit_fast.tuning loads that table from the on-disk cache (one file per
+// CPU model) and saves what was measured, so a key is timed once per machine.
+//
+// Candidates, by call kind (names are what the table and the cache store):
+//   linear  out = a w^T (+ bias): "aten" (at::addmm / at::mm), "onednn" (the weight as given when it
+//           is row- or column-contiguous), "onednn_packed" (the weight copied row-contiguous first:
+//           only offered when it is not already, i.e. for the dgrad products mm(dy, W)).
+//   tn      out = a^T b (weight gradients): "aten" (at::mm on the transposed view), "onednn_ta"
+//           (a^T copied as the source), "onednn_tb" (b^T copied as the source, the product formed
+//           transposed and transposed back).
+// Both libraries accumulate in float32. oneDNN candidates are offered only when torch has the op,
+// and a candidate that throws while being measured (say, bf16 oneDNN on a CPU without AVX-512 BF16)
+// is dropped for that key.
 #pragma once
 
 #include "common.h"
+
+#include <map>
 
 namespace vit_fast::gemm {
 
@@ -25,10 +38,37 @@ inline Tensor mm(const Tensor& a, const Tensor& b) { return gemm::linear(a, b.t(
 // out[M, N] = a[K, M]^T b[K, N]: a weight gradient (dW = dY^T X), reduced over the token rows K.
 Tensor mm_tn(const Tensor& a, const Tensor& b);
 
-// "onednn" or "aten": the backend the float32 GEMMs use now.
+// The mode: "tuned" (per-key measured choice), "onednn" or "aten" (every float32 GEMM on that
+// library; bfloat16 always at::mm, as before tuning existed).
 std::string backend();
-// Choose "onednn", "aten" or "auto" (oneDNN when torch has it). Raises for an unknown name, or for
-// "onednn" when torch was built without it.
+// Choose "tuned", "onednn", "aten" or "auto" (oneDNN for float32 when torch has it, else at::mm).
+// Raises for an unknown name, or for "onednn" when torch was built without it. The initial mode
+// comes from VIT_FAST_CPU_GEMM when set, else "auto" when VIT_FAST_TUNE=off, else "tuned".
 void set_backend(const std::string& name);
+
+// One entry of the tuned table: the pick and, when measured in this process, each candidate's
+// median milliseconds (empty for an entry loaded with set_choices).
+struct Choice {
+  std::string pick;
+  std::map<std::string, double> ms;
+  bool measured = false;
+};
+
+// The table, key -> (pick, {candidate: median ms}, measured in this process).
+std::map<std::string, std::tuple<std::string, std::map<std::string, double>, bool>> choices();
+// Load picks (key -> candidate name) into the table, e.g. from the disk cache. Returns the keys
+// refused because the name is not a known candidate; a known name that does not apply to a call
+// (oneDNN missing, a different layout) makes that call measure again.
+std::vector<std::string> set_choices(const std::map<std::string, std::string>& picks);
+void clear_choices();
+// The candidate names of each kind ("linear", "tn").
+std::map<std::string, std::vector<std::string>> candidate_names();
+// How many GEMMs each candidate ran since the last reset (measurement runs excluded).
+std::map<std::string, int64_t> call_counts();
+void reset_call_counts();
+// Test hook: run one candidate directly. kind "linear": out = a b^T (+ bias), b is the weight
+// [N, K]; kind "tn": out = a^T b.
+Tensor run_candidate(const std::string& kind, const std::string& name, const Tensor& a, const Tensor& b,
+                     const OptTensor& bias);
 
 }  // namespace vit_fast::gemm

@@ -32,10 +32,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_tile_gemm_backend", &vit_fast::tile::set_backend,
         "Choose the attention-tile GEMMs: 'auto' (avx512 where the CPU has it), 'avx512' or 'blas'",
         pybind11::arg("name"));
-  m.def("gemm_backend", &vit_fast::gemm::backend, "The library the float32 GEMMs use now: 'onednn' or 'aten'");
+  m.def("gemm_backend", &vit_fast::gemm::backend,
+        "How the GEMMs choose their library now: 'tuned' (measured per shape), 'onednn' or 'aten'");
   m.def("set_gemm_backend", &vit_fast::gemm::set_backend,
-        "Choose the float32 GEMM library: 'auto' (oneDNN when torch has it), 'onednn' or 'aten' (at::mm)",
+        "Choose the GEMM mode: 'tuned' (measured per shape), 'auto' (oneDNN for float32 when torch has it), "
+        "'onednn' or 'aten' (at::mm)",
         pybind11::arg("name"));
+  // The tuned GEMM table (csrc/gemm.h); vit_fast.tuning loads and saves it with the disk cache.
+  m.def("gemm_choices", &vit_fast::gemm::choices,
+        "The tuned GEMM table: key -> (pick, {candidate: median ms}, measured in this process)");
+  m.def("set_gemm_choices", &vit_fast::gemm::set_choices,
+        "Load picks {key: candidate} into the tuned GEMM table; returns the keys refused (unknown candidate)",
+        pybind11::arg("picks"));
+  m.def("clear_gemm_choices", &vit_fast::gemm::clear_choices, "Empty the tuned GEMM table");
+  m.def("gemm_candidates", &vit_fast::gemm::candidate_names, "Candidate names per GEMM kind ('linear', 'tn')");
+  m.def("gemm_call_counts", &vit_fast::gemm::call_counts, "GEMM calls per candidate since the last reset");
+  m.def("reset_gemm_call_counts", &vit_fast::gemm::reset_call_counts, "Zero the GEMM call counters");
+  m.def("_gemm_run", &vit_fast::gemm::run_candidate,
+        "Test hook: run one GEMM candidate ('linear': a b^T + bias; 'tn': a^T b)", pybind11::arg("kind"),
+        pybind11::arg("name"), pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("bias") = pybind11::none());
   m.def(
       "_round_to_bf16",
       [](const at::Tensor& x) {

@@ -6,9 +6,14 @@ on a GPU machine to run the same tests on real kernels.
 """
 
 import os
+import tempfile
 
 if os.environ.get("VIT_FAST_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Choice by measurement (vit_fast.tuning) is off unless a test turns it on: kernel tests must run the
+# backend they name, and a test run must not write into the user's cache directory.
+os.environ.setdefault("VIT_FAST_TUNE", "off")
+os.environ.setdefault("VIT_FAST_CACHE_DIR", tempfile.mkdtemp(prefix="vit_fast_test_cache_"))
 
 import pytest
 import torch

@@ -177,7 +177,13 @@ def test_failing_case_is_reported_not_fatal(monkeypatch):
         ops=(), run_ops=False, sweep=False, min_run_time=0.01, model_kwargs={"img_size": 32}
     )
     rows = bench.run_suite(cfg)
-    assert len(rows) == 4 and all("ZeroDivisionError" in r.error for r in rows)
+    models = [r for r in rows if r.kind == "model"]
+    assert len(models) == 4 and all("ZeroDivisionError" in r.error for r in models)
+    # The GEMM floor still ran (it does not need the model), one row per mode.
+    assert [(r.kind, r.mode, r.error) for r in rows if r.kind == "floor"] == [
+        ("floor", "inference", ""),
+        ("floor", "train", ""),
+    ]
 
 
 def test_compiled_impl_runs(monkeypatch):
@@ -186,3 +192,65 @@ def test_compiled_impl_runs(monkeypatch):
     (r,) = bench.bench_op("attention", "compiled", TINY, ("fwd+bwd",), min_run_time=0.01)
     _check_result(r)
     assert r.error == "" and r.backend == "aot_eager"
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_gemm_floor_counts_the_flops_torch_counts(train):
+    # The floor's GEMM list against torch's own FLOP counter on the reference model (mm, addmm, bmm,
+    # convolution and their backward): the same total, so no GEMM is missing or counted twice.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vit_fast.models import create_model
+    from vit_fast.perf.gemm_floor import model_gemms
+
+    kw = {"depth": 2, "img_size": 64}
+    model = create_model("vit_tiny_patch16_224", impl="reference", **kw)
+    images = torch.randn(3, 3, 64, 64)
+    with FlopCounterMode(display=False) as counter:
+        if train:
+            model(images).sum().backward()
+        else:
+            with torch.no_grad():
+                model(images)
+    ours = sum(g.flop for g in model_gemms("vit_tiny_patch16_224", 3, train, **kw))
+    assert ours == counter.get_total_flops()
+
+
+def test_gemm_floor_and_fractions():
+    from vit_fast.perf.gemm_floor import gemm_floor
+
+    floors = gemm_floor("vit_tiny_patch16_224", 1, min_run_time=0.01, depth=1, img_size=32)
+    inf, train = floors["inference"], floors["train"]
+    assert 0 < inf.floor_ms < train.floor_ms and 0 < inf.gflop < train.gflop
+    assert all(ms > 0 and lib for _, ms, lib in train.rows)
+    fl = bench.BenchResult(
+        "floor",
+        "m",
+        "train",
+        "gemm_floor",
+        "x",
+        "cpu",
+        "float32",
+        1,
+        5,
+        192,
+        2.0,
+        0.0,
+        0,
+        extra={"gflop": 1.0},
+    )
+    rows = bench.floor_fractions([fl, _result("fused", 4.0), _result("timm", 8.0)])
+    assert [(r["impl"], r["fraction"]) for r in rows] == [("fused", 0.5), ("timm", 0.25)]
+    assert "of floor" in bench.format_floor_fractions(rows)
+
+
+@pytest.mark.skipif(not bench.timm_available(), reason="timm not installed")
+def test_timm_baselines_run(monkeypatch):
+    monkeypatch.setattr(bench, "COMPILE_BACKEND", "aot_eager")
+    kw = {"depth": 1, "img_size": 32}
+    for impl, backend in (("timm", "eager"), ("timm_compiled", "aot_eager")):
+        res = bench.bench_model("vit_tiny_patch16_224", impl, 1, min_run_time=0.01, min_reps=3, **kw)
+        assert [r.mode for r in res] == ["inference", "train"]
+        for r in res:
+            _check_result(r)
+            assert r.error == "" and r.backend == backend and r.reps >= 3 and r.width == 192

@@ -347,13 +347,15 @@ def test_mlp_tall_and_wide_weight_gradients(tokens, d, f, gemm_backend):
 
 def test_gemm_backend_choice():
     before = _C.gemm_backend()
-    assert before in ("onednn", "aten")
+    assert before in ("onednn", "aten", "tuned")
     try:
         with pytest.raises(RuntimeError, match="GEMM backend must be"):
             _C.set_gemm_backend("mkl")
         assert _C.gemm_backend() == before  # a refused name changes nothing
         _C.set_gemm_backend("aten")
         assert _C.gemm_backend() == "aten"
+        _C.set_gemm_backend("tuned")  # per-shape measured choice (tests/test_tuning.py)
+        assert _C.gemm_backend() == "tuned"
         _C.set_gemm_backend("auto")
         has_onednn = hasattr(torch.ops.mkldnn, "_linear_pointwise")
         assert _C.gemm_backend() == ("onednn" if has_onednn else "aten")

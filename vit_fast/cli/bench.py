@@ -1,4 +1,5 @@
-"""`vit-fast bench`: measured per-op and whole-model timings, fused vs reference (vs torch.compile)."""
+"""`vit-fast bench`: measured per-op and whole-model timings, fused vs stock timm (eager and
+torch.compile) and the reference, with the GEMM floor of the step on this machine."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ import sys
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "bench",
-        help="measure per-op and whole-model speed and memory: fused vs reference (vs torch.compile)",
+        help="measure per-op and whole-model speed and memory: fused vs timm, torch.compile(timm), reference",
         description=(
             "Benchmarks on the device present. Per op (forward, backward, forward+backward) at the "
             "block shapes of --model, the whole model (inference and training step), and sweeps over "
             "tokens, batch and width; medians with IQR, saved-for-backward bytes, CUDA peak memory, "
-            "samples/s. Writes bench.csv, bench.json and bench_sweep.png to --out. The defaults finish in "
-            "about a minute on a 2-core CPU. torch.compile of the reference is off by default on CPU "
-            "(compiling takes minutes there): add --compile."
+            "samples/s. The whole model is also timed as stock timm (eager, SDPA attention) when timm is "
+            "installed, and as torch.compile(timm) on CUDA or with --compile; speedups are ratios from "
+            "the same run, and the GEMM floor (the step's GEMMs alone at the best library speed measured "
+            "here per shape) shows how much of it each impl reaches. Writes bench.csv, bench.json and "
+            "bench_sweep.png to --out. The defaults finish in about a minute on a 2-core CPU. "
+            "torch.compile is off by default on CPU (compiling takes minutes there): add --compile."
         ),
     )
     p.add_argument("--model", default="vit_tiny_patch16_224")
@@ -31,9 +35,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--no-model", action="store_true", help="skip the whole-model cases")
     p.add_argument("--no-sweep", action="store_true", help="skip the sweeps (and the plot)")
     p.add_argument(
-        "--compile", action="store_true", help="also time torch.compile'd reference (default on CUDA)"
+        "--compile",
+        action="store_true",
+        help="also time torch.compile(timm) and the torch.compile'd reference (default on CUDA)",
     )
-    p.add_argument("--no-compile", action="store_true", help="never time torch.compile'd reference")
+    p.add_argument("--no-compile", action="store_true", help="never time torch.compile'd models or ops")
+    p.add_argument("--no-timm", action="store_true", help="skip the stock timm baselines")
+    p.add_argument("--no-reference", action="store_true", help="skip vit_fast's own reference impl")
+    p.add_argument("--no-floor", action="store_true", help="skip the GEMM floor measurement")
     p.add_argument(
         "--compile-backend", default="inductor", help="torch.compile backend for the compiled impl"
     )
@@ -54,9 +63,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument(
         "--cpu-gemm",
-        choices=("auto", "onednn", "aten"),
+        choices=("tuned", "auto", "onednn", "aten"),
         default=None,
-        help="float32 GEMM library of the C++ backend (default: VIT_FAST_CPU_GEMM, else auto = oneDNN)",
+        help="GEMM library of the C++ backend: tuned = measured per shape (default; VIT_FAST_CPU_GEMM "
+        "forces one), auto = oneDNN for float32",
     )
     p.add_argument("--sweep-tokens", default="50,197,257")
     p.add_argument("--sweep-batch", default="1,2,4")
@@ -110,9 +120,12 @@ def run(args: argparse.Namespace) -> int:
     for op in ops:
         if op not in bench.OPS:
             raise SystemExit(f"--ops: unknown op {op!r}; known: {', '.join(bench.OPS)}")
-    impls = ("fused", "reference")
-    if (args.compile or on_cuda) and not args.no_compile:
-        impls += ("compiled",)
+    compile_too = (args.compile or on_cuda) and not args.no_compile
+    impls: tuple[str, ...] = ("fused",)
+    if bench.timm_available() and not args.no_timm:
+        impls += ("timm", "timm_compiled") if compile_too else ("timm",)
+    if not args.no_reference:
+        impls += ("reference", "compiled") if compile_too else ("reference",)
     cfg = bench.BenchConfig(
         model=args.model,
         batch=args.batch,
@@ -128,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         run_ops=bool(ops),
         run_model=not args.no_model,
         model_min_reps=args.model_runs,
+        gemm_floor=not args.no_floor,
         model_kwargs={k: v for k, v in (("img_size", args.img_size), ("depth", args.depth)) if v is not None},
     )
     bench.COMPILE_BACKEND = args.compile_backend
@@ -137,10 +151,10 @@ def run(args: argparse.Namespace) -> int:
         f"impls {', '.join(impls)}, fused backends {env.get('backends_cuda' if on_cuda else 'backends_cpu')}"
         + ("" if on_cuda else f", cpu GEMMs {env.get('cpu_gemm')}")
     )
-    if not on_cuda and "compiled" not in impls:
-        print(
-            "torch.compile'd reference skipped on CPU (compiling takes minutes here); add --compile to include it"
-        )
+    if not on_cuda and not compile_too:
+        print("torch.compile skipped on CPU (compiling takes minutes here); add --compile to include it")
+    if not bench.timm_available():
+        print("timm is not installed: no stock-timm baselines (pip install timm)")
     start = time.perf_counter()
     forced = use_backend(args.backend) if args.backend != "auto" else contextlib.nullcontext()
     with forced:
@@ -149,6 +163,12 @@ def run(args: argparse.Namespace) -> int:
         print(bench.format_table(results))
     print()
     print(bench.format_speedups(bench.speedups(results)))
+    fractions = bench.floor_fractions(results)
+    if fractions:
+        from vit_fast.tuning import device_model
+
+        print()
+        print(f"{bench.format_floor_fractions(fractions)}\n(device: {device_model(device)})")
     paths = bench.write_outputs(results, args.out, env | {"backend_forced": args.backend, "impls": impls})
     if not args.no_plot:
         png = bench.plot(results, args.out)

@@ -1,4 +1,4 @@
-"""`vit-fast` command line: bench | profile | train | cost | check | validate.
+"""`vit-fast` command line: bench | profile | train | cost | check | tune | validate.
 
 Each subcommand lives in its own module of `vit_fast.cli` (bench.py, cost.py, ...) and registers
 itself with `add_parser(subparsers)`, which adds a sub-parser and sets `func` (called with the parsed
@@ -13,7 +13,7 @@ import pkgutil
 import sys
 
 #: Commands listed first in --help, in this order; any other module with `add_parser` follows.
-_ORDER = ("bench", "profile", "train", "cost", "check", "validate")
+_ORDER = ("bench", "profile", "train", "cost", "check", "tune", "validate")
 
 
 def _command_modules() -> list[str]:

@@ -17,25 +17,54 @@ from vit_fast.ops._checks import (  # noqa: F401  (autocast_args: re-exported fo
     check_shape,
     check_tensor,
 )
-from vit_fast.ops.backend import cpu_extension, select_backend
+from vit_fast.ops.backend import cpu_extension, forced_backend, select_backend, tuned_backend
+from vit_fast.tuning import ops as tuning_ops
+
+
+def backend_module(backend: str) -> Any:
+    """The module implementing the layer_norm / mlp contract functions on `backend`."""
+    if backend == "triton":
+        # Imported lazily: triton is optional for CPU-only installs.
+        from vit_fast.kernels import matmul
+
+        return matmul
+    if backend == "cpu":
+        return cpu_extension()
+    return _ln_mlp_ref
+
+
+class _TunedFns:
+    """Stands in for a backend module when the choice is automatic: each contract function call
+    picks its backend by measurement for its argument shapes (vit_fast.tuning.ops)."""
+
+    def __init__(self, device: torch.device, family: str, dtype: torch.dtype | None) -> None:
+        self._device, self._family, self._dtype = device, family, dtype
+
+    def __getattr__(self, op: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            def run(backend: str) -> Any:
+                return getattr(backend_module(backend), op)(*args, **kwargs)
+
+            key_args = (*args, *(x for k, v in sorted(kwargs.items()) for x in (k, v)))
+            return run(tuned_backend(self._device, self._family, op, key_args, run, self._dtype))
+
+        return call
 
 
 def backend_fns(device: torch.device, family: str, dtype: torch.dtype | None = None, *weights: Tensor) -> Any:
-    """The module implementing the contract functions of `family` on the selected backend.
+    """The module implementing the contract functions of `family` on the selected backend (a
+    measuring stand-in for it when no backend is forced and tuning is on).
 
     `weights`: the op's GEMM weights. A zero-sized one (a layer of width 0) leaves nothing to
     multiply; the C++ GEMM wrappers do not take empty operands, so such a call runs the
     plain-PyTorch functions, which give the exact result (bias/residual terms only).
     """
     backend = select_backend(device, family, dtype)
-    if backend == "triton":
-        # Imported lazily: triton is optional for CPU-only installs.
-        from vit_fast.kernels import matmul
-
-        return matmul
-    if backend == "cpu" and not any(w.numel() == 0 for w in weights):
-        return cpu_extension()
-    return _ln_mlp_ref
+    if backend == "cpu" and any(w.numel() == 0 for w in weights):
+        return _ln_mlp_ref
+    if forced_backend() is None and len(tuning_ops.candidates(device, backend)) > 1 and tuning_ops.enabled():
+        return _TunedFns(device, family, dtype)
+    return backend_module(backend)
 
 
 def empty_like_none(t: Tensor | None, like: Tensor) -> Tensor:

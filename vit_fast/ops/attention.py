@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from vit_fast.ops._checks import autocast_dtype, autocast_off, check_nonempty, check_tensor
-from vit_fast.ops.backend import cpu_extension, select_backend, triton_interpreting
+from vit_fast.ops.backend import cpu_extension, forced_backend, select_backend, triton_interpreting
+from vit_fast.tuning.ops import choose_backend
 
 __all__ = [
     "MAX_HEAD_DIM",
@@ -351,11 +352,21 @@ def _attention_fwd_op(
 ) -> tuple[Tensor, Tensor]:
     backend = _pick_backend(qkv)
     s = _seed_int(seed)
-    if backend == "triton":
-        return attention_forward(qkv, num_heads, scale, dropout_p, s)
-    if backend == "cpu":
-        return cpu_extension().attention_forward(qkv, num_heads, scale, dropout_p, s)
-    return reference_attention_forward(qkv, num_heads, scale, dropout_p, s)
+
+    def run(backend: str) -> tuple[Tensor, Tensor]:
+        if backend == "triton":
+            return attention_forward(qkv, num_heads, scale, dropout_p, s)
+        if backend == "cpu":
+            return cpu_extension().attention_forward(qkv, num_heads, scale, dropout_p, s)
+        return reference_attention_forward(qkv, num_heads, scale, dropout_p, s)
+
+    # Measured choice (vit_fast.tuning.ops) only without dropout: with it, the backward must run on the
+    # backend that drew the mask, which the autograd context fixed to `_pick_backend`'s answer.
+    if dropout_p == 0.0 and forced_backend() is None:
+        backend = choose_backend(
+            qkv.device, "attention", "attention_forward", (qkv, num_heads, scale), run, backend
+        )
+    return run(backend)
 
 
 @_attention_fwd_op.register_fake
@@ -382,16 +393,26 @@ def _attention_bwd_op(
 ) -> Tensor:
     # `backend` is the one the forward ran on (chosen again here it could differ, e.g. when the
     # forward ran inside `use_backend(...)`, and dropout masks only match within one backend).
+    # "auto:<name>" marks an automatic choice: without dropout it may be refined by measurement.
     s = _seed_int(seed)
     # Autograd may hand a gradient in another dtype (e.g. fp32 under some autocast graphs).
     grad_out = grad_out.to(qkv.dtype)
-    if backend == "triton":
-        return attention_backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, s)
-    if backend == "cpu":
-        return cpu_extension().attention_backward(
-            grad_out.contiguous(), qkv, out, lse, num_heads, scale, dropout_p, s
-        )
-    return reference_attention_backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, s)
+
+    def run(backend: str) -> Tensor:
+        if backend == "triton":
+            return attention_backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, s)
+        if backend == "cpu":
+            return cpu_extension().attention_backward(
+                grad_out.contiguous(), qkv, out, lse, num_heads, scale, dropout_p, s
+            )
+        return reference_attention_backward(grad_out, qkv, out, lse, num_heads, scale, dropout_p, s)
+
+    if backend.startswith("auto:"):
+        backend = backend.removeprefix("auto:")
+        if dropout_p == 0.0:
+            key_args = (grad_out, qkv, num_heads, scale)
+            backend = choose_backend(qkv.device, "attention", "attention_backward", key_args, run, backend)
+    return run(backend)
 
 
 @_attention_bwd_op.register_fake
@@ -414,7 +435,7 @@ def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
     out, lse = output
     ctx.save_for_backward(qkv, out, lse, seed)
     ctx.num_heads, ctx.scale, ctx.dropout_p = num_heads, scale, dropout_p
-    ctx.backend = _pick_backend(qkv)
+    ctx.backend = _pick_backend(qkv) if forced_backend() is not None else "auto:" + _pick_backend(qkv)
     ctx.mark_non_differentiable(lse)
     # lse never receives a gradient: do not let autograd allocate (and launch) a zero tensor for it.
     ctx.set_materialize_grads(False)

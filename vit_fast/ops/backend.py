@@ -1,6 +1,8 @@
 """Backend choice for the fused ops: Triton on CUDA, the C++ extension on CPU, else the reference.
 
-`VIT_FAST_BACKEND=triton|cpu|reference` (or the `use_backend` context manager) forces one. With
+`VIT_FAST_BACKEND=triton|cpu|reference` (or the `use_backend` context manager) forces one. Left to
+choose, `tuned_backend` also measures the fused backend against the plain-PyTorch one per call shape
+(vit_fast.tuning.ops; VIT_FAST_TUNE=off keeps the fixed order below). With
 `TRITON_INTERPRET=1` the Triton backend runs its kernels on CPU tensors: that is how the GPU kernels
 are tested on machines without a GPU.
 """
@@ -11,8 +13,9 @@ import contextlib
 import functools
 import importlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -30,11 +33,17 @@ def triton_interpreting() -> bool:
 
 @functools.cache
 def cpu_extension() -> ModuleType | None:
-    """The compiled `vit_fast._C` module, or None when it was not built."""
+    """The compiled `vit_fast._C` module, or None when it was not built.
+
+    On first load its per-shape GEMM table is filled from the tuning cache (vit_fast.tuning.gemm)."""
     try:
-        return importlib.import_module("vit_fast._C")
+        ext = importlib.import_module("vit_fast._C")
     except ImportError:
         return None
+    from vit_fast.tuning import gemm
+
+    gemm.attach(ext)
+    return ext
 
 
 def has_cpu_kernel(family: str) -> bool:
@@ -112,6 +121,27 @@ def select_backend(device: torch.device, family: str, dtype: torch.dtype | None 
     if device.type == "cpu" and triton_interpreting() and triton_available():
         return "triton"
     return "reference"
+
+
+def tuned_backend(
+    device: torch.device,
+    family: str,
+    op: str,
+    key_args: Sequence[Any],
+    run: Callable[[str], Any],
+    dtype: torch.dtype | None = None,
+) -> str:
+    """`select_backend`, refined by measurement when nothing is forced.
+
+    `op` is the contract function about to be called, `key_args` the arguments its speed depends on,
+    `run(backend)` makes that call on a given backend (used only while measuring). A forced backend is
+    returned unchanged, exactly as `select_backend` returns it."""
+    backend = select_backend(device, family, dtype)
+    if forced_backend() is not None:
+        return backend
+    from vit_fast.tuning.ops import choose_backend
+
+    return choose_backend(device, family, op, key_args, run, backend)
 
 
 def active_backends(device: torch.device | str = "cpu") -> dict[str, str]:

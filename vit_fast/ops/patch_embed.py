@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from vit_fast.ops._checks import autocast_args, autocast_off, check_nonempty, check_shape, check_tensor
-from vit_fast.ops.backend import cpu_extension, select_backend
+from vit_fast.ops.backend import cpu_extension, tuned_backend
 
 __all__ = [
     "patch_embed",
@@ -109,8 +109,19 @@ def reference_patch_embed_backward(
 # Backend dispatch.
 
 
+def _choose(args: tuple[Any, ...], op: str, run: Any) -> str:
+    """select_backend's answer, refined by measurement (vit_fast.tuning.ops) when nothing is forced."""
+    return tuned_backend(args[0].device, _FAMILY, op, args, run, args[0].dtype)
+
+
 def _backend_forward(*args: Any) -> Tensor:
-    backend = select_backend(args[0].device, _FAMILY, args[0].dtype)
+    def run(backend: str) -> Tensor:
+        return _run_forward(backend, *args)
+
+    return run(_choose(args, "patch_embed_forward", run))
+
+
+def _run_forward(backend: str, *args: Any) -> Tensor:
     if backend == "triton":
         from vit_fast.kernels.patch_embed import patch_embed_forward
 
@@ -123,7 +134,13 @@ def _backend_forward(*args: Any) -> Tensor:
 
 
 def _backend_backward(*args: Any) -> tuple[Tensor | None, ...]:
-    backend = select_backend(args[0].device, _FAMILY, args[0].dtype)
+    def run(backend: str) -> tuple[Tensor | None, ...]:
+        return _run_backward(backend, *args)
+
+    return run(_choose(args, "patch_embed_backward", run))
+
+
+def _run_backward(backend: str, *args: Any) -> tuple[Tensor | None, ...]:
     if backend == "triton":
         from vit_fast.kernels.patch_embed import patch_embed_backward
 

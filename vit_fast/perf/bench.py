@@ -1,4 +1,4 @@
-"""Benchmark harness: per-op and whole-model timings of fused vs reference vs torch.compile'd reference.
+"""Benchmark harness: per-op and whole-model timings of fused vs stock timm, torch.compile(timm) and the reference.
 
 Timing: on CUDA `triton.testing.do_bench` (CUDA events, L2 flushed between reps, quantiles); on CPU
 `torch.utils.benchmark.Timer.blocked_autorange` (blocks of calls, per-call medians). Every number is a
@@ -9,7 +9,10 @@ of one forward+backward (`max_memory_allocated`); on any device the saved-for-ba
 impls: "fused" = `vit_fast.ops` / `create_model(impl="fused")` on the backend `select_backend` picks
 (Triton on CUDA, the C++ extension on CPU where built, else the reference inside the custom op);
 "reference" = `vit_fast.reference` / `impl="reference"` (plain PyTorch eager); "compiled" =
-`torch.compile` of the reference (slow to compile on CPU: opt in there).
+`torch.compile` of the reference (slow to compile on CPU: opt in there); "timm" = stock timm's model
+of the same name (eager, its SDPA attention: what users run), "timm_compiled" = `torch.compile` of it.
+The timm impls are whole-model only. Model results come with the GEMM floor of the step on this
+machine (vit_fast.perf.gemm_floor): kind "floor" rows, one per mode.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from vit_fast.perf.memory import SavedTensorRecorder
 
 OPS = ("patch_embed", "layer_norm_linear", "attention", "linear_residual", "layer_norm_mlp")
 OP_MODES = ("fwd", "bwd", "fwd+bwd")
-IMPLS = ("fused", "reference", "compiled")
+IMPLS = ("fused", "reference", "compiled", "timm", "timm_compiled")
+#: The impls that have per-op cases (timm is a model library: its impls are whole-model only).
+OP_IMPLS = ("fused", "reference", "compiled")
 
 #: torch.compile backend for the "compiled" impl ("inductor" is what users run; tests use
 #: "aot_eager" to exercise the path without minutes of C++ compilation).
@@ -205,9 +210,11 @@ def bench_op(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     min_run_time: float = 0.2,
+    min_reps: int = 5,
 ) -> list[BenchResult]:
     """Time `op` in `impl` at `shape` for each of `modes` (fwd: no-grad forward; bwd: backward of a
-    retained graph; fwd+bwd: both), plus saved-for-backward bytes and CUDA peak memory."""
+    retained graph; fwd+bwd: both), plus saved-for-backward bytes and CUDA peak memory. Each median
+    is over at least `min_reps` timed blocks, so the IQR shows a real spread."""
     modes = tuple(modes)
     if op not in OPS:
         raise ValueError(f"op: unknown op {op!r}; known: {OPS}")
@@ -255,7 +262,7 @@ def bench_op(
             else:
                 graph_out = fn(*args, **kwargs)
                 call = lambda g=graph_out: torch.autograd.grad(g, tensors, grad, retain_graph=True)
-            med, iqr, reps = measure(call, device, min_run_time)
+            med, iqr, reps = measure(call, device, min_run_time, min_reps)
         except Exception as err:  # report the failing case and go on with the others
             med, iqr, reps, error = math.nan, math.nan, 0, _error_text(err)
         results.append(
@@ -273,12 +280,31 @@ def bench_op(
 # ----------------------------------------------------------------------------------------------
 
 
+def timm_available() -> bool:
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _build_timm(name: str, compiled: bool, **kwargs: Any) -> torch.nn.Module:
+    """Stock timm's `name` with random weights (no download), torch.compile'd when `compiled`."""
+    import timm
+
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    return torch.compile(model, backend=COMPILE_BACKEND) if compiled else model
+
+
 def build_model(
     name: str, impl: str, device: torch.device, dtype: torch.dtype, **kwargs: Any
 ) -> torch.nn.Module:
-    """`vit_fast.models.create_model(name, impl=...)` ("compiled": torch.compile of the reference)."""
+    """`vit_fast.models.create_model(name, impl=...)` ("compiled": torch.compile of the reference;
+    "timm" / "timm_compiled": stock timm's model of that name, eager / torch.compile'd)."""
     from vit_fast.models import create_model
 
+    if impl in ("timm", "timm_compiled"):
+        return _build_timm(name, impl == "timm_compiled", **kwargs).to(device=device, dtype=dtype)
     base_impl = "reference" if impl == "compiled" else impl
     model = create_model(name, impl=base_impl, **kwargs).to(device=device, dtype=dtype)
     if impl == "compiled":
@@ -322,8 +348,10 @@ def bench_model(
         backend = ",".join(sorted(set(active_backends(device).values())))
     elif impl == "reference":
         backend = "eager"
-    elif impl == "compiled":
+    elif impl in ("compiled", "timm_compiled"):
         backend = COMPILE_BACKEND
+    elif impl == "timm":
+        backend = "eager"
 
     def infer() -> None:
         model.eval()
@@ -391,6 +419,8 @@ class BenchConfig:
     run_ops: bool = True
     run_model: bool = True
     model_min_reps: int = 5
+    op_min_reps: int = 5
+    gemm_floor: bool = True
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -413,12 +443,16 @@ def run_suite(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     device = torch.device(cfg.device)
     results: list[BenchResult] = []
     shape = model_shape(cfg.model, cfg.batch, **cfg.model_kwargs)
+    op_impls = [i for i in cfg.impls if i in OP_IMPLS]
     if cfg.run_ops:
         for op in cfg.ops:
-            for impl in cfg.impls:
+            for impl in op_impls:
                 say(f"op {op} {impl}")
                 results += _guard(
-                    partial(bench_op, op, impl, shape, cfg.op_modes, device, cfg.dtype, cfg.min_run_time),
+                    partial(
+                        bench_op, op, impl, shape, cfg.op_modes, device, cfg.dtype, cfg.min_run_time,
+                        cfg.op_min_reps,
+                    ),
                     "op", op, impl, cfg.op_modes, shape, cfg,
                 )  # fmt: skip
     if cfg.run_model:
@@ -431,6 +465,9 @@ def run_suite(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
                 ),
                 "model", cfg.model, impl, cfg.model_modes, shape, cfg,
             )  # fmt: skip
+        if cfg.gemm_floor:
+            say(f"GEMM floor {cfg.model}")
+            results += _floor_results(cfg, shape)
     if cfg.sweep:
         points = [
             ("tokens", OpShape(cfg.batch, t, shape.width, shape.heads, shape.mlp_hidden))
@@ -445,13 +482,42 @@ def run_suite(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         ]
         for axis, s in points:
             for op in cfg.sweep_ops:
-                for impl in cfg.impls:
+                for impl in op_impls:
                     say(f"sweep {axis} {op} {impl}")
-                    case = partial(bench_op, op, impl, s, ("fwd+bwd",), device, cfg.dtype, cfg.min_run_time)
+                    case = partial(
+                        bench_op,
+                        op,
+                        impl,
+                        s,
+                        ("fwd+bwd",),
+                        device,
+                        cfg.dtype,
+                        cfg.min_run_time,
+                        cfg.op_min_reps,
+                    )
                     for r in _guard(case, "op", op, impl, ("fwd+bwd",), s, cfg):
                         r.kind, r.extra = "sweep", {"axis": axis}
                         results.append(r)
     return results
+
+
+def _floor_results(cfg: BenchConfig, shape: OpShape) -> list[BenchResult]:
+    """The GEMM floor of the model's step as kind "floor" rows (impl "gemm_floor"; backend: the libraries
+    that won; extra: GEMM GFLOP). A failure gives error rows like any other case."""
+    from vit_fast.perf.gemm_floor import gemm_floor
+
+    def case() -> list[BenchResult]:
+        floors = gemm_floor(cfg.model, cfg.batch, cfg.device, cfg.dtype, cfg.model_modes, **cfg.model_kwargs)
+        return [
+            BenchResult(
+                "floor", cfg.model, mode, "gemm_floor", ",".join(sorted({lib for _, _, lib in fl.rows}))[:60],
+                torch.device(cfg.device).type, str(cfg.dtype).removeprefix("torch."), cfg.batch, shape.tokens,
+                shape.width, fl.floor_ms, 0.0, 0, extra={"gflop": fl.gflop},
+            )
+            for mode, fl in floors.items()
+        ]  # fmt: skip
+
+    return _guard(case, "floor", cfg.model, "gemm_floor", cfg.model_modes, shape, cfg)
 
 
 def _guard(
@@ -500,7 +566,12 @@ def write_outputs(
         for r in results:
             w.writerow(_row(r))
     with open(paths["json"], "w") as f:
-        doc = {"environment": env or {}, "results": [_row(r) for r in results], "speedups": speedups(results)}
+        doc = {
+            "environment": env or {},
+            "results": [_row(r) for r in results],
+            "speedups": speedups(results),
+            "gemm_floor": floor_fractions(results),
+        }
         json.dump(doc, f, indent=1, default=str)
     return paths
 
@@ -553,7 +624,7 @@ def speedups(results: list[BenchResult]) -> list[dict[str, Any]]:
     rows = []
     for r in results:
         f = fused.get(key(r))
-        if r.impl == "fused" or r.error or f is None or r.kind == "sweep" or not f.median_ms > 0:
+        if r.impl == "fused" or r.error or f is None or r.kind in ("sweep", "floor") or not f.median_ms > 0:
             continue
         rows.append(
             {
@@ -565,13 +636,49 @@ def speedups(results: list[BenchResult]) -> list[dict[str, Any]]:
     return rows
 
 
+def floor_fractions(results: list[BenchResult]) -> list[dict[str, Any]]:
+    """Per model mode with a GEMM floor: floor ms, GEMM GFLOP and, per impl, the fraction of the floor
+    reached (floor ms / measured ms; 1.0 would be a step that is all GEMM at full library speed)."""
+    rows = []
+    for fl in (r for r in results if r.kind == "floor" and not r.error):
+        for r in results:
+            if (
+                r.kind == "model"
+                and r.name == fl.name
+                and r.mode == fl.mode
+                and not r.error
+                and r.median_ms > 0
+            ):
+                rows.append(
+                    {
+                        "name": r.name, "mode": r.mode, "impl": r.impl, "impl_ms": r.median_ms,
+                        "floor_ms": fl.median_ms, "gemm_gflop": fl.extra.get("gflop"),
+                        "fraction": fl.median_ms / r.median_ms,
+                    }
+                )  # fmt: skip
+    return rows
+
+
+def format_floor_fractions(rows: list[dict[str, Any]]) -> str:
+    """Plain-text table of `floor_fractions`."""
+    head = f"{'name':22} {'mode':9} {'impl':14} {'impl ms':>10} {'floor ms':>10} {'GEMM GFLOP':>10} {'of floor':>8}"
+    lines = ["GEMM floor: the step's GEMMs alone at the best measured library speed per shape", head]
+    lines.append("-" * len(head))
+    for r in rows:
+        lines.append(
+            f"{r['name'][:22]:22} {r['mode']:9} {r['impl']:14} {r['impl_ms']:10.2f} {r['floor_ms']:10.2f} "
+            f"{r['gemm_gflop']:10.2f} {r['fraction']:8.0%}"
+        )
+    return "\n".join(lines)
+
+
 def format_speedups(rows: list[dict[str, Any]]) -> str:
     """Plain-text speedup table (impl time / fused time)."""
-    head = f"{'kind':6} {'name':22} {'mode':9} {'vs impl':9} {'impl ms':>10} {'fused ms':>10} {'speedup':>8}"
+    head = f"{'kind':6} {'name':22} {'mode':9} {'vs impl':13} {'impl ms':>10} {'fused ms':>10} {'speedup':>8}"
     lines = ["speedup of fused (impl time / fused time, same run; > 1 = fused faster)", head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['kind']:6} {r['name'][:22]:22} {r['mode']:9} {r['impl']:9} {r['impl_ms']:10.2f} "
+            f"{r['kind']:6} {r['name'][:22]:22} {r['mode']:9} {r['impl']:13} {r['impl_ms']:10.2f} "
             f"{r['fused_ms']:10.2f} {r['speedup']:7.2f}x"
         )
     return "\n".join(lines)
@@ -580,7 +687,7 @@ def format_speedups(rows: list[dict[str, Any]]) -> str:
 def format_table(results: list[BenchResult]) -> str:
     """Plain-text table of the op and model results (the sweep goes to CSV/plots)."""
     head = (
-        f"{'kind':6} {'name':22} {'mode':9} {'impl':9} {'backend':10} {'B':>3} {'T':>4} {'D':>4} "
+        f"{'kind':6} {'name':22} {'mode':9} {'impl':13} {'backend':10} {'B':>3} {'T':>4} {'D':>4} "
         f"{'median ms':>10} {'IQR ms':>8} {'samples/s':>10} {'saved MiB':>9} {'peak MiB':>8}"
     )
     lines = [head, "-" * len(head)]
@@ -591,7 +698,7 @@ def format_table(results: list[BenchResult]) -> str:
         sav = f"{r.saved_bytes / 2**20:9.2f}" if r.saved_bytes is not None else f"{'':9}"
         peak = f"{r.peak_mem_bytes / 2**20:8.1f}" if r.peak_mem_bytes is not None else f"{'n/a':>8}"
         lines.append(
-            f"{r.kind:6} {r.name[:22]:22} {r.mode:9} {r.impl:9} {r.backend[:10]:10} {r.batch:>3} {r.tokens:>4} "
+            f"{r.kind:6} {r.name[:22]:22} {r.mode:9} {r.impl:13} {r.backend[:10]:10} {r.batch:>3} {r.tokens:>4} "
             f"{r.width:>4} {r.median_ms:10.3f} {r.iqr_ms:8.3f} {sps} {sav} {peak}"
             + (f"  ERROR {r.error}" if r.error else "")
         )

@@ -1,0 +1,141 @@
+"""Op-level choice by measurement: for each fused op call (family, function, argument shapes and
+dtypes), the fused backend or the plain-PyTorch one, whichever is faster on this device.
+
+On CPU the candidates are "cpu" (the C++ extension) and "reference" (`vit_fast/ops/_ln_mlp_ref.py`
+and friends: torch GEMMs and elementwise ops); on CUDA "triton" and "reference" (there the reference
+is the cuBLAS path: torch's GEMMs with the elementwise work around them). Both implement the same
+backend contract (docs/backend_contract.md: pure functions, same outputs and saved tensors), so a
+forward and its backward may pick differently.
+
+Only automatic choices are tuned: a backend forced with VIT_FAST_BACKEND or `use_backend` is used
+as is. Not tuned either: Triton in the interpreter (a test tool, not a speed candidate), calls made
+while another call is being measured, calls during CUDA graph capture (cached picks still apply).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from vit_fast.tuning.selector import Decision, Selector, Timer
+
+_local = threading.local()
+_selectors: dict[str, Selector] = {}
+_session: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def tuning_session(
+    *,
+    timer: Timer | None = None,
+    remeasure: bool = False,
+    on_decision: Callable[[Decision], None] | None = None,
+    enabled: bool | None = None,
+    model: str | None = None,
+) -> Iterator[None]:
+    """Change how op-level choices are made inside a `with` block (tests, `vit-fast tune`).
+
+    timer: replaces the device's timer; remeasure: ignore cached picks; on_decision: sees every
+    decision; enabled: overrides VIT_FAST_TUNE; model: the device model the cache is keyed by.
+    """
+    saved = dict(_session)
+    _session.update(timer=timer, remeasure=remeasure, on_decision=on_decision, enabled=enabled, model=model)
+    _selectors.clear()
+    try:
+        yield
+    finally:
+        _session.clear()
+        _session.update(saved)
+        _selectors.clear()
+
+
+def enabled() -> bool:
+    from vit_fast.tuning.selector import tuning_enabled
+
+    forced = _session.get("enabled")
+    return tuning_enabled() if forced is None else forced
+
+
+def _selector(device: torch.device) -> Selector:
+    name = str(device)
+    if name not in _selectors:
+        _selectors[name] = Selector(
+            device,
+            timer=_session.get("timer"),
+            model=_session.get("model"),
+            remeasure=bool(_session.get("remeasure")),
+            on_decision=_session.get("on_decision"),
+        )
+    return _selectors[name]
+
+
+def signature(args: Sequence[Any]) -> str:
+    """The part of a key that describes the call: shape, dtype and layout of every tensor argument
+    (`c` contiguous, `s` strided), and the value of every other argument."""
+    parts = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            dims = "x".join(str(s) for s in a.shape)
+            parts.append(f"{str(a.dtype).removeprefix('torch.')}[{dims}]{'c' if a.is_contiguous() else 's'}")
+        elif a is None:
+            parts.append("-")
+        else:
+            parts.append(repr(a))
+    return ",".join(parts)
+
+
+def candidates(device: torch.device, default: str) -> list[str]:
+    """The backends measured against each other for an automatic choice of `default` on `device`."""
+    if device.type == "cuda" and default == "triton":
+        return ["triton", "reference"]
+    if device.type == "cpu" and default == "cpu":
+        return ["cpu", "reference"]
+    return [default]
+
+
+def choose_backend(
+    device: torch.device,
+    family: str,
+    op: str,
+    key_args: Sequence[Any],
+    run: Callable[[str], Any],
+    default: str,
+    *,
+    names: Sequence[str] | None = None,
+) -> str:
+    """The backend for one call of `family`'s function `op`: `default` unless measuring says otherwise.
+
+    `run(backend)` performs the call on that backend (its result is discarded); `key_args` are the
+    arguments that decide the speed (seeds and the like left out); `names` overrides `candidates`.
+    The caller has already handled forced backends (they never reach here).
+    """
+    names = list(names) if names is not None else candidates(device, default)
+    if len(names) < 2 or not enabled() or getattr(_local, "measuring", False):
+        return default
+    selector = _selector(device)
+    key = f"op/{family}/{op}/{signature(key_args)}"
+    capturing = (
+        device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    )
+    if capturing:
+        cached = selector.cache.get(key)
+        return cached["pick"] if cached is not None and cached["pick"] in names else default
+
+    def measured(name: str) -> Callable[[], Any]:
+        return lambda: run(name)
+
+    _local.measuring = True
+    try:
+        decision = selector.choose(key, {n: measured(n) for n in names}, default=default, enabled=True)
+    finally:
+        _local.measuring = False
+    if decision.source == "measured" and device.type == "cpu":
+        from vit_fast.ops.backend import cpu_extension
+        from vit_fast.tuning import gemm
+
+        gemm.save(cpu_extension())
+    return decision.pick
