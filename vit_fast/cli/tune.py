@@ -53,7 +53,8 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from vit_fast.tuning import cache_dir, device_model, tune_model
+    from vit_fast.perf.tune import tune_model
+    from vit_fast.tuning import cache_dir, device_model
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, _DTYPES[args.dtype])

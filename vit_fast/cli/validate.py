@@ -273,7 +273,7 @@ def _tests(device: Any, dtype: Any, models: list, batch: int, tiny: bool, share:
 
 def _tune(device: Any, dtype: Any, models: list, batch: int, tiny: bool, share: float) -> dict:
     try:
-        from vit_fast.tuning import tune_model
+        from vit_fast.perf.tune import tune_model
     except ImportError:
         return {"status": "not available", "why": "tuning: not available (vit_fast.tuning is not installed)"}
     results = []

@@ -134,8 +134,7 @@ def choose_backend(
     finally:
         _local.measuring = False
     if decision.source == "measured" and device.type == "cpu":
-        from vit_fast.ops.backend import cpu_extension
         from vit_fast.tuning import gemm
 
-        gemm.save(cpu_extension())
+        gemm.save()  # the extension attached when it was first loaded
     return decision.pick
