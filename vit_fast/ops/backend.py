@@ -16,13 +16,11 @@ from types import ModuleType
 
 import torch
 
+# The interpreter flag lives with the kernels (the ground floor); re-exported for existing callers.
+from vit_fast.kernels._common import triton_interpreting
+
 BACKENDS = ("triton", "cpu", "reference")
 _override: list[str] = []
-
-
-def triton_interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.cache
