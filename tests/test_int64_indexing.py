@@ -231,3 +231,73 @@ def test_forced_int64_patch_embed_patch1(forced_int64, monkeypatch, device, no_e
     )
     for spy in spies:
         assert spy.idx64 and all(spy.idx64), spy.kernel
+
+
+# ------------------------------------------- (4) real offsets past 2**31, without the memory
+
+
+@pytest.fixture
+def sparse_base(monkeypatch):
+    """A float32 buffer of 2**31 + 2**20 elements (8.6 GB of address space) of which the tests touch
+    a few KB: torch.empty does not write its memory, so the OS backs only the touched pages. The
+    interpreter copies every argument's storage back onto itself after a launch (a no-op for CPU
+    tensors that would touch every page); that copy is skipped for storages that are their own
+    host copy. Should a product be formed in int32 again, the kernel reads a wrapped address:
+    expect a crash of the interpreter (segfault) rather than a failed assert."""
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    if not _common.triton_interpreting():
+        pytest.skip("runs the kernels in the interpreter")
+    try:
+        base = torch.empty(2**31 + 2**20, dtype=torch.float32)
+    except RuntimeError as err:  # no overcommit on this machine
+        pytest.skip(f"cannot reserve 8.6 GB of address space: {err}")
+    orig = interpreter.GridExecutor._restore_args_dev
+
+    def restore(self, args_dev, args_hst, kwargs, kwargs_hst):
+        same = lambda d, h: (
+            not isinstance(d, torch.Tensor)
+            or d.untyped_storage().data_ptr() == h.untyped_storage().data_ptr()
+        )
+        if all(same(d, h) for d, h in zip(args_dev, args_hst)) and all(
+            same(kwargs[k], kwargs_hst[k]) for k in kwargs
+        ):
+            return None
+        return orig(self, args_dev, args_hst, kwargs, kwargs_hst)
+
+    monkeypatch.setattr(interpreter.GridExecutor, "_restore_args_dev", restore)
+    monkeypatch.delenv(_common.FORCE_INT64_ENV, raising=False)
+    return base
+
+
+_BIG_STRIDE = 2**30 + 1  # below 2**31 (passed as i32), but 2 * stride is not
+
+
+def test_wgrad_gemm_reads_past_2_31_elements(sparse_base):
+    """The issue's wgrad case in miniature: A = X^T with X's rows 2**30 + 1 elements apart, so
+    k * stride_ak passes 2**31 at k = 2. Selected automatically (no forcing); an int32 product
+    would wrap and read the wrong memory."""
+    x = sparse_base.as_strided((3, 40), (_BIG_STRIDE, 1))
+    x.copy_(torch.randn(3, 40))
+    a = x.t()  # [M=40, K=3], strides (1, 2**30 + 1)
+    assert _common.needs_int64(a)
+    b = torch.randn(24, 3)
+    out = torch.empty(40, 24)
+    mm.gemm(a, b, out)
+    torch.testing.assert_close(out, a.contiguous() @ b.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_patch_embed_gathers_images_past_2_31_elements(sparse_base):
+    """Images 2**30 + 1 elements apart: b * sB passes 2**31 from the third image on, in the
+    forward gather and the dweight gather (both select the int64 variant on their own)."""
+    images = sparse_base.as_strided((3, 3, 8, 8), (_BIG_STRIDE, 64, 8, 1))
+    images.copy_(torch.randn(3, 3, 8, 8))
+    w, bias = torch.randn(16, 3, 4, 4) / 48**0.5, torch.randn(16)
+    pos, cls = torch.randn(1, 5, 16), torch.randn(1, 1, 16)
+    out = pe.patch_embed_forward(images, w, bias, pos, cls, None, 4, False)
+    dense = images.contiguous()
+    ref = reference.patch_embed(dense, w, bias, pos, cls, None, patch_size=4, no_embed_class=False)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(out)
+    _, dw, *_ = pe.patch_embed_backward(grad, images, w, True, True, True, 0, 4, False, False)
+    _, dw_ref, *_ = pe.patch_embed_backward(grad, dense, w, True, True, True, 0, 4, False, False)
+    torch.testing.assert_close(dw, dw_ref, rtol=1e-4, atol=1e-4)
