@@ -196,12 +196,19 @@ def report(
     once with (0, total, None) when the build list is known and after every finished build."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "vit_fast.perf.aot", "--jsonl", "--jobs", str(jobs or default_jobs())]
-    with subprocess.Popen(
-        [*cmd, name_filter], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    ) as proc:
-        assert proc.stdout is not None and proc.stderr is not None
-        total, rows = 0, []
+    # stderr goes to a file: a pipe that nobody reads while stdout streams could fill and block.
+    with (
+        tempfile.TemporaryFile("w+") as errf,
+        subprocess.Popen(
+            [*cmd, name_filter], stdout=subprocess.PIPE, stderr=errf, text=True, env=env
+        ) as proc,
+    ):
+        assert proc.stdout is not None
+        total: int | None = None  # stays None if the process fails before listing its builds
+        rows: list[CompileResult] = []
         for line in proc.stdout:
+            if not line.startswith("{"):  # anything else a compiler prints to stdout
+                continue
             item = json.loads(line)
             if "total" in item:
                 total = item["total"]
@@ -209,10 +216,12 @@ def report(
                     progress(0, total, None)
                 continue
             rows.append(CompileResult(**item))
-            if progress:
+            if progress and total is not None:
                 progress(len(rows), total, rows[-1])
-        err = proc.stderr.read()
-    if proc.returncode not in (0, 1) or len(rows) != total:
+        proc.wait()
+        errf.seek(0)
+        err = errf.read()
+    if proc.returncode not in (0, 1) or total is None or len(rows) != total:
         raise RuntimeError(f"AOT report process failed (exit {proc.returncode}):\n{err[-4000:]}")
     return _in_spec_order(rows, name_filter)
 
