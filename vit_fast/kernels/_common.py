@@ -6,15 +6,18 @@ This module imports nothing from the rest of vit_fast, and Triton only if it is 
 `vit_fast.ops.backend` re-exports `triton_interpreting` from here on CPU-only installs too.
 
 Index width. A kernel computes element offsets `index * stride`; in int32 they wrap once they pass
-2**31 - 1 and the kernel reads or writes the wrong address. Each kernel therefore takes an `IDX64`
-constexpr: False keeps the offset arithmetic in int32 (one register per offset and cheaper integer
-ops, the common case), True widens the index vectors to int64 where they are created, so every
-product derived from them is 64-bit. Launchers pick it with `needs_int64(...)` from the tensors the
-launch addresses: every offset a launch forms for an in-bounds element is at most the largest
-element offset of the tensor it points into (masked-off lanes may wrap, but are never accessed),
-so int32 is safe exactly when every such tensor's strided extent fits. Setting
-VIT_FAST_FORCE_INT64=1 selects the 64-bit variants at every shape, which is how the tests run them
-in the interpreter on small tensors.
+2**31 - 1 and the kernel reads or writes the wrong address. The GEMM and patch-embedding kernels
+therefore take an `IDX64` constexpr: False keeps the offset arithmetic in int32 (one register per
+offset and cheaper integer ops: the common case), True forms every product of an index with a
+stride or width in int64 via `index()` (indices themselves fit int32, as every size does; the GEMM
+widens its index vectors where they are created, the patch-embedding kernels at each product, so
+their divisions stay 32-bit). Launchers pick it with `needs_int64(...)` from the tensors the launch
+addresses: every offset a launch forms for an in-bounds element is at most the largest element
+offset of the tensor it points into (masked-off lanes may wrap, but are never accessed), so int32
+is safe exactly when every such tensor's strided extent fits. (A stride of 2**31 or more arrives
+as an i64 argument, so its products are 64-bit in either variant.) The LayerNorm kernels are
+always int64 (kernels/layer_norm.py says why). Setting VIT_FAST_FORCE_INT64=1 selects the 64-bit
+variants at every shape, which is how the tests run them in the interpreter on small tensors.
 """
 
 from __future__ import annotations
