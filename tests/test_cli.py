@@ -104,7 +104,7 @@ def test_check_fails_on_spills(monkeypatch, capsys):
         aot.CompileResult("k_ok", 90, 4, 2, registers=96, spill_bytes=0, shared_bytes=1024),
         aot.CompileResult("k_spills", 80, 4, 2, registers=255, spill_bytes=64, shared_bytes=1024),
     ]
-    monkeypatch.setattr(aot, "report", lambda name_filter="": bad)
+    monkeypatch.setattr(aot, "report", lambda name_filter="", **kwargs: bad)
     assert cli.main(["check"]) == 1
     out = capsys.readouterr().out
     assert "SPILLS" in out and "FAILED" in out

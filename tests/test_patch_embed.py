@@ -119,9 +119,7 @@ def test_non_contiguous_image(device, triton_backend):
 def test_int64_indexing_path(device, triton_backend, monkeypatch):
     """The 64-bit offset variant (chosen for tensors past 2**31 elements, too big to test directly) is
     forced on a small problem and must give the same answers."""
-    import vit_fast.kernels.patch_embed as kern
-
-    monkeypatch.setattr(kern, "_needs_int64", lambda *tensors: True)
+    monkeypatch.setenv("VIT_FAST_FORCE_INT64", "1")
     args, kwargs = make_args(3, 3, 32, 32, 8, 32, num_reg=2, channels_last=True, device=device)
     run_check(args, kwargs)
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vit_fast.perf.aot import CompileResult
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -19,6 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--filter", default="", help="only kernels whose name contains this")
     p.add_argument("--no-aot", action="store_true", help="only the environment report")
+    p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: one per CPU)")
     p.set_defaults(func=run)
     return p
 
@@ -27,7 +32,8 @@ def environment() -> dict[str, Any]:
     """What `vit-fast check` reports about the environment, as a dict (also used by bench/profile)."""
     import torch
 
-    from vit_fast.ops.backend import active_backends, cpu_extension, triton_interpreting
+    from vit_fast.kernels._common import triton_interpreting
+    from vit_fast.ops.backend import active_backends, cpu_extension
 
     try:
         import triton
@@ -72,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from vit_fast.perf import aot
 
-    results = aot.report(args.filter)
-    print()
+    print(flush=True)
+    results = aot.report(args.filter, jobs=args.jobs, progress=_progress_bar(args.jobs or aot.default_jobs()))
     print(f"AOT compile report ({len(results)} kernel x arch builds)")
     if not results:
         print("  no kernels matched" + (f" filter {args.filter!r}" if args.filter else ""))
@@ -85,3 +91,30 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"\nall {len(results)} builds ok: compiled, 0 spills, shared memory within the arch limit")
     return 0
+
+
+def _progress_bar(jobs: int):
+    """A `report(progress=...)` callback drawing a tqdm bar on stderr (stdout stays the report, so
+    `vit-fast check > file` and pipes get clean output). A cold Triton cache takes minutes, so
+    a start line is printed even when stderr is not a terminal (tqdm then draws nothing)."""
+    from tqdm import tqdm
+
+    bar: list[tqdm] = []
+
+    def update(done: int, total: int, result: CompileResult | None) -> None:
+        if not bar and total:
+            print(
+                f"compiling {total} kernel x arch builds on {min(jobs, total)} process(es) "
+                "(several minutes with a cold Triton cache) ...",
+                file=sys.stderr,
+                flush=True,
+            )
+        if not bar:
+            bar.append(tqdm(total=total, unit="build", file=sys.stderr, disable=None, leave=False))
+        if result is not None:
+            bar[0].set_postfix_str(f"{result.name} sm_{result.arch}", refresh=False)
+            bar[0].update(1)
+        if done == total:
+            bar[0].close()
+
+    return update

@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vit_fast.ops.backend import triton_interpreting
+from vit_fast.kernels._common import triton_interpreting
 
 # Module globals read inside @triton.jit must be constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -394,7 +394,7 @@ GPU_CONFIGS: dict[str, dict[int, dict[int, list[_Tile]]]] = {
 #: Tile used when interpreting: small enough that T = 197 runs in seconds on a CPU core.
 INTERPRET_TILE: _Tile = (64, 64, 1, 1)
 #: Architectures with their own tables; newer GPUs use the sm_90 table, older ones sm_80's.
-_ARCHS = (80, 90)
+from vit_fast.kernels._common import ARCHS as _ARCHS  # noqa: E402  (one list for every family)
 
 
 def block_d_for(head_dim: int) -> int:
@@ -462,7 +462,7 @@ def aot_specs() -> list:
     at BLOCK_D 32 and 256; every tile of GPU_CONFIGS for those, with and without dropout, for the
     forward, dk/dv and dq kernels; plus the delta pre-pass. (fp32 runs the same tiles with IEEE dots
     and is not part of the shipped report.)"""
-    from vit_fast.perf.aot import KernelSpec
+    from vit_fast.kernels._common import KernelSpec
 
     specs: list[KernelSpec] = []
     scalars_fwd = {

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vit_fast.ops.backend import triton_interpreting
+from vit_fast.kernels._common import KernelSpec, triton_interpreting
 
 
 @triton.jit
@@ -47,6 +47,9 @@ def _ln_fwd_kernel(
     row_ok = rows < M
     col_ok = cols < D
     mask = row_ok[:, None] & col_ok[None, :]
+    # Offsets are always int64 (row * D passes 2**31 from ~2.8M rows of 768 on). Unlike the GEMMs
+    # (see kernels._common), these kernels have no int32 variant: they are bound by memory traffic,
+    # and with int32 offsets the backward spills on sm_80 at D >= 2048 where int64 does not.
     offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if HAS_RES:
@@ -168,9 +171,10 @@ def _rows_per_program(block_d: int) -> int:
 def _num_warps(block_d: int, rows: int, backward: bool = False) -> int:
     # The backward keeps ~4 row-sized fp32 arrays live (x, dy, xhat, dy*w): give it 8 warps from
     # 4K elements on so each thread holds <= 16 elements per array (no spills on sm_80 at D=4096).
+    # _rows_per_program keeps a tile at <= 4K elements for every width up to MAX_D.
     elems = block_d * rows
     if backward:
-        return 4 if elems < 4096 else 8 if elems <= 4096 else 16
+        return 4 if elems < 4096 else 8
     return 4 if elems <= 4096 else 8
 
 
@@ -299,86 +303,55 @@ def layer_norm_backward(
 # ------------------------------------------------------------------------------------------ AOT
 
 
-def aot_specs() -> list:
+def aot_specs() -> list[KernelSpec]:
     """The LN kernels at the configs the launchers pick for ViT widths 192..1280 (and 4096 for the
-    widest rows), fp16 and bf16."""
-    from vit_fast.perf.aot import KernelSpec
-
+    widest rows), fp16 and bf16; signatures from the kernels' parameter lists (statistics and partial sums fp32, eps fp32, sizes i32)."""
+    f32 = "*fp32"
     specs = []
     for dt in ("fp16", "bf16"):
         for d in (768, 1280, 4096):
             block_d = triton.next_power_of_2(d)
             rows = _rows_per_program(block_d)
-            warps = _num_warps(block_d, rows)
-            bwd_warps = _num_warps(block_d, rows, backward=True)
             specs.append(
-                KernelSpec(
-                    name=f"ln_fwd_res_{dt}_D{block_d}",
-                    fn=_ln_fwd_kernel,
-                    signature={
-                        "x_ptr": f"*{dt}",
-                        "res_ptr": f"*{dt}",
-                        "sum_ptr": f"*{dt}",
-                        "y_ptr": f"*{dt}",
-                        "w_ptr": f"*{dt}",
-                        "b_ptr": f"*{dt}",
-                        "mean_ptr": "*fp32",
-                        "rstd_ptr": "*fp32",
-                        "M": "i32",
-                        "D": "i32",
-                        "eps": "fp32",
-                        "HAS_RES": "constexpr",
-                        "HAS_W": "constexpr",
-                        "HAS_B": "constexpr",
-                        "STORE_Y": "constexpr",
-                        "ROWS": "constexpr",
-                        "BLOCK_D": "constexpr",
-                    },
-                    constexprs={
-                        "HAS_RES": True,
-                        "HAS_W": True,
-                        "HAS_B": True,
-                        "STORE_Y": True,
-                        "ROWS": rows,
-                        "BLOCK_D": block_d,
-                    },
-                    num_warps=warps,
+                KernelSpec.for_kernel(
+                    f"ln_fwd_res_{dt}_D{block_d}",
+                    _ln_fwd_kernel,
+                    dict(
+                        HAS_RES=True,
+                        HAS_W=True,
+                        HAS_B=True,
+                        STORE_Y=True,
+                        ROWS=rows,
+                        BLOCK_D=block_d,
+                    ),
+                    ptr=dt,
+                    types={"mean_ptr": f32, "rstd_ptr": f32, "eps": "fp32"},
+                    num_warps=_num_warps(block_d, rows),
                     divisible_by_16=("x_ptr", "res_ptr", "sum_ptr", "y_ptr", "mean_ptr", "rstd_ptr"),
                 )
             )
             for dy_dt in (dt, "fp32"):
                 specs.append(
-                    KernelSpec(
-                        name=f"ln_bwd_{dt}_dy{dy_dt}_D{block_d}",
-                        fn=_ln_bwd_kernel,
-                        signature={
+                    KernelSpec.for_kernel(
+                        f"ln_bwd_{dt}_dy{dy_dt}_D{block_d}",
+                        _ln_bwd_kernel,
+                        dict(
+                            HAS_W=True,
+                            HAS_DRES=True,
+                            NEED_DW=True,
+                            NEED_DB=True,
+                            ROWS=rows,
+                            BLOCK_D=block_d,
+                        ),
+                        ptr=dt,
+                        types={
                             "dy_ptr": f"*{dy_dt}",
-                            "x_ptr": f"*{dt}",
-                            "w_ptr": f"*{dt}",
-                            "mean_ptr": "*fp32",
-                            "rstd_ptr": "*fp32",
-                            "dres_ptr": f"*{dt}",
-                            "dx_ptr": f"*{dt}",
-                            "dw_part_ptr": "*fp32",
-                            "db_part_ptr": "*fp32",
-                            "M": "i32",
-                            "D": "i32",
-                            "HAS_W": "constexpr",
-                            "HAS_DRES": "constexpr",
-                            "NEED_DW": "constexpr",
-                            "NEED_DB": "constexpr",
-                            "ROWS": "constexpr",
-                            "BLOCK_D": "constexpr",
+                            "mean_ptr": f32,
+                            "rstd_ptr": f32,
+                            "dw_part_ptr": f32,
+                            "db_part_ptr": f32,
                         },
-                        constexprs={
-                            "HAS_W": True,
-                            "HAS_DRES": True,
-                            "NEED_DW": True,
-                            "NEED_DB": True,
-                            "ROWS": rows,
-                            "BLOCK_D": block_d,
-                        },
-                        num_warps=bwd_warps,
+                        num_warps=_num_warps(block_d, rows, backward=True),
                         divisible_by_16=("dy_ptr", "x_ptr", "dx_ptr", "dres_ptr"),
                     )
                 )

@@ -29,13 +29,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from vit_fast.kernels._common import (
+    ARCHS,
+    KernelSpec,
+    arch_key,
+    grouped_tile,
+    index,
+    kernel_parameters,
+    needs_int64,
+    triton_interpreting,
+)
 from vit_fast.kernels.layer_norm import (
     layer_norm_backward,
     layer_norm_backward_fused,
     layer_norm_forward,
     row_stats,
 )
-from vit_fast.ops.backend import triton_interpreting
 
 __all__ = [
     "gemm",
@@ -118,29 +127,23 @@ def _gemm_kernel(
     HAS_RES: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M row tiles share each column tile of B while it is hot in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_n
-    first_m = (pid // group_size) * GROUP_M
-    group_rows = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_rows
-    pid_n = (pid % group_size) // group_rows
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    # Offsets in the launch's index width (see kernels._common): with IDX64 every product below,
+    # row * stride and k * stride alike, is int64. The weight-gradient GEMMs reduce over K = the
+    # B*T tokens, so k * stride_ak passes 2**31 there as soon as the activations do.
+    offs_m = index(pid_m * BLOCK_M + tl.arange(0, BLOCK_M), IDX64)
+    offs_n = index(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), IDX64)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    offs_m64 = offs_m.to(tl.int64)
-    offs_n64 = offs_n.to(tl.int64)
-    a_row = a_ptr + offs_m64[:, None] * stride_am
-    b_row = b_ptr + offs_n64[:, None] * stride_bn
+    a_row = a_ptr + offs_m[:, None] * stride_am
+    b_row = b_ptr + offs_n[:, None] * stride_bn
 
     if PROLOGUE == 1:
         mu_m = tl.load(mean_ptr + offs_m, mask=m_ok, other=0.0)
@@ -153,7 +156,7 @@ def _gemm_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = index(k0 + tl.arange(0, BLOCK_K), IDX64)
         k_ok = offs_k < K
         a_mask = m_ok[:, None] & k_ok[None, :]
         a = tl.load(a_row + offs_k[None, :] * stride_ak, mask=a_mask, other=0.0)
@@ -192,7 +195,7 @@ def _gemm_kernel(
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if EPILOGUE != 0:
         hp = tl.load(
-            aux_ptr + offs_m64[:, None] * stride_xm + offs_n64[None, :] * stride_xn, mask=c_mask, other=0.0
+            aux_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=c_mask, other=0.0
         )
         acc *= _dgelu(hp.to(tl.float32), EPILOGUE == 2)
     if HAS_GAMMA:
@@ -201,11 +204,11 @@ def _gemm_kernel(
         acc *= tl.load(dps_ptr + offs_m // tokens_per_sample, mask=m_ok, other=0.0).to(tl.float32)[:, None]
     if HAS_RES:
         r = tl.load(
-            res_ptr + offs_m64[:, None] * stride_rm + offs_n64[None, :] * stride_rn, mask=c_mask, other=0.0
+            res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=c_mask, other=0.0
         )
         acc += r.to(tl.float32)
     tl.store(
-        c_ptr + offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn,
+        c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
         acc.to(c_ptr.dtype.element_ty),
         mask=c_mask,
     )
@@ -213,25 +216,26 @@ def _gemm_kernel(
 
 # ------------------------------------------------------------------------------------ configs
 
-#: Shipped GEMM configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per compute capability
-#: major version and operand width in bytes. One config per case keeps launches deterministic and
+#: Shipped GEMM configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per arch
+#: (kernels._common.ARCHS) and operand width in bytes. The same config serves the int32- and
+#: int64-offset variants (both AOT-verified). One config per case keeps launches deterministic and
 #: each one is AOT-compiled (see aot_specs). 128x128x64 with 8 warps and 3 stages fits both A100
 #: (80 KiB smem of 163) and H100; on sm_80, 128x128x32 with 4 warps spills in the LN-prologue
 #: wgrad and with 8 warps/4 stages in the LN-prologue forward. fp32 (IEEE dot, no tensor cores)
 #: uses small tiles.
 GEMM_CONFIGS = {
-    (8, 2): (128, 128, 64, 8, 3),
-    (9, 2): (128, 128, 64, 8, 3),
-    (8, 4): (64, 64, 16, 4, 2),
-    (9, 4): (64, 64, 16, 4, 2),
+    (80, 2): (128, 128, 64, 8, 3),
+    (90, 2): (128, 128, 64, 8, 3),
+    (80, 4): (64, 64, 16, 4, 2),
+    (90, 4): (64, 64, 16, 4, 2),
 }
 #: The dGELU epilogue (erf + exp on the accumulator with the h_pre tile live) spills at 128x128
 #: tiles on both archs in every warp/stage combination tried; 128x64 does not.
 GEMM_CONFIGS_DGELU = {
-    (8, 2): (128, 64, 64, 8, 3),
-    (9, 2): (128, 64, 64, 8, 3),
-    (8, 4): (64, 64, 16, 4, 2),
-    (9, 4): (64, 64, 16, 4, 2),
+    (80, 2): (128, 64, 64, 8, 3),
+    (90, 2): (128, 64, 64, 8, 3),
+    (80, 4): (64, 64, 16, 4, 2),
+    (90, 4): (64, 64, 16, 4, 2),
 }
 #: Interpreter tiles: small for small problems, so masks and several K iterations are exercised on
 #: tiny shapes; larger for realistic widths, where the interpreter's per-tile overhead dominates.
@@ -244,9 +248,8 @@ def _config(
 ) -> tuple[int, int, int, int, int]:
     if triton_interpreting() or device.type != "cuda":
         return INTERP_CONFIG if max(m, n, k) <= 256 else INTERP_CONFIG_LARGE
-    major = torch.cuda.get_device_capability(device)[0]
     table = GEMM_CONFIGS if epilogue == EPI_NONE else GEMM_CONFIGS_DGELU
-    return table[(9 if major >= 9 else 8, 4 if dtype == torch.float32 else 2)]
+    return table[(arch_key(torch.cuda.get_device_capability(device)), 4 if dtype == torch.float32 else 2)]
 
 
 def gemm(
@@ -268,10 +271,14 @@ def gemm(
     residual: Tensor | None = None,
 ) -> Tensor:
     """out[M, N] = epilogue(prologue(a)[M, K] @ b[N, K]^T), any strides (a and b may be transposed
-    views). a and b must share a dtype; out may be any float dtype (fp32 for partial results)."""
+    views). a and b must share a dtype; out may be any float dtype (fp32 for partial results).
+    Offsets are 64-bit when any of a, b, out, aux, residual spans more than 2**31 - 1 elements."""
     m, k = a.shape
     n, k2 = b.shape
     assert k == k2 and tuple(out.shape) == (m, n) and a.dtype == b.dtype
+    # The 1-D operands (statistics, LN affine, bias, gamma, dps) are indexed by a row, column or k
+    # index, each below 2**31; only the matrices can need 64-bit offsets.
+    idx64 = needs_int64(a, b, out, aux, residual)
     bm, bn, bk, warps, stages = _config(a.device, a.dtype, m, n, k, epilogue)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _gemm_kernel[grid](
@@ -311,6 +318,7 @@ def gemm(
         HAS_RES=residual is not None,
         UPCAST=triton_interpreting(),
         IEEE=a.dtype == torch.float32,
+        IDX64=idx64,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
@@ -590,12 +598,8 @@ def mlp_backward(
 
 # ------------------------------------------------------------------------------------------ AOT
 
-_GEMM_ARGS = (
-    "a_ptr b_ptr c_ptr M N K stride_am stride_ak stride_bn stride_bk stride_cm stride_cn mean_ptr rstd_ptr "
-    "lnw_ptr lnb_ptr bias_ptr aux_ptr stride_xm stride_xn gamma_ptr dps_ptr res_ptr stride_rm stride_rn "
-    "tokens_per_sample"
-).split()
-_GEMM_FLAGS = "PROLOGUE HAS_LNW HAS_LNB HAS_BIAS EPILOGUE HAS_GAMMA HAS_DPS HAS_RES UPCAST IEEE".split()
+#: The boolean constexprs of _gemm_kernel; a variant sets the ones it lists, the others are False.
+_GEMM_FLAGS = ("HAS_LNW", "HAS_LNB", "HAS_BIAS", "HAS_GAMMA", "HAS_DPS", "HAS_RES")
 
 #: Each GEMM variant the launchers issue: (name, prologue, epilogue, flags set, C is fp32, unit
 #: strides). Unit strides are specialised to constexpr 1, as the JIT does for arguments equal to 1.
@@ -618,45 +622,46 @@ _GEMM_VARIANTS = (
 )  # fmt: skip
 
 
-def aot_specs() -> list:
-    """Every GEMM variant the launchers issue, at the shipped fp16/bf16 config of each arch."""
-    from vit_fast.perf.aot import KernelSpec
-
+def aot_specs() -> list[KernelSpec]:
+    """Every GEMM variant the launchers issue, at the shipped fp16/bf16 config of each arch, with
+    32-bit and with 64-bit offsets. Signatures come from the kernel's parameter list: pointers in
+    the operand dtype but the fp32 statistics/dps (and C of the fp32 partial products), scalars
+    i32 (what the JIT passes for values below 2**31: sizes and strides stay there even when a
+    tensor's extent does not)."""
     specs = []
     for dt in ("fp16", "bf16"):
-        for arch in (80, 90):
-            for name, pro, epi, flags, c_f32, unit in _GEMM_VARIANTS:
-                table = GEMM_CONFIGS if epi == EPI_NONE else GEMM_CONFIGS_DGELU
-                bm, bn, bk, warps, stages = table[(arch // 10, 2)]
-                sig: dict[str, str] = {}
-                for a in _GEMM_ARGS:
-                    if a in unit:
-                        sig[a] = "constexpr"
-                    elif a.endswith("_ptr"):
-                        sig[a] = "*fp32" if a in ("mean_ptr", "rstd_ptr", "dps_ptr") else f"*{dt}"
-                    else:
-                        sig[a] = "i32"
-                if c_f32:
-                    sig["c_ptr"] = "*fp32"
-                consts: dict[str, object] = dict.fromkeys(unit, 1)
-                for flag in _GEMM_FLAGS:
-                    sig[flag] = "constexpr"
-                    consts[flag] = flag in flags
-                consts.update(PROLOGUE=pro, EPILOGUE=epi, UPCAST=False, IEEE=False)
-                for c in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
-                    sig[c] = "constexpr"
-                consts.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
-                strides = [a for a in _GEMM_ARGS if a.startswith("stride") and a not in unit]
-                specs.append(
-                    KernelSpec(
-                        name=f"gemm_{name}_{dt}_sm{arch}",
-                        fn=_gemm_kernel,
-                        signature=sig,
-                        constexprs=consts,
-                        num_warps=warps,
-                        num_stages=stages,
-                        divisible_by_16=("a_ptr", "b_ptr", "c_ptr", "res_ptr", "aux_ptr", "K", *strides),
-                        archs=(arch,),
+        for arch in ARCHS:
+            for idx64 in (False, True):
+                for name, pro, epi, flags, c_f32, unit in _GEMM_VARIANTS:
+                    table = GEMM_CONFIGS if epi == EPI_NONE else GEMM_CONFIGS_DGELU
+                    bm, bn, bk, warps, stages = table[(arch, 2)]
+                    consts: dict[str, object] = dict.fromkeys(unit, 1)
+                    consts |= {f: f in flags for f in _GEMM_FLAGS}
+                    consts |= dict(PROLOGUE=pro, EPILOGUE=epi, UPCAST=False, IEEE=False, IDX64=idx64)
+                    consts |= dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+                    types = dict.fromkeys(("mean_ptr", "rstd_ptr", "dps_ptr"), "*fp32")
+                    if c_f32:
+                        types["c_ptr"] = "*fp32"
+                    strides = [p for p in kernel_parameters(_gemm_kernel) if p.startswith("stride")]
+                    specs.append(
+                        KernelSpec.for_kernel(
+                            f"gemm_{name}{'_i64' if idx64 else ''}_{dt}_sm{arch}",
+                            _gemm_kernel,
+                            consts,
+                            ptr=dt,
+                            types=types,
+                            num_warps=warps,
+                            num_stages=stages,
+                            divisible_by_16=(
+                                "a_ptr",
+                                "b_ptr",
+                                "c_ptr",
+                                "res_ptr",
+                                "aux_ptr",
+                                "K",
+                                *[st for st in strides if st not in unit],
+                            ),
+                            archs=(arch,),
+                        )
                     )
-                )
     return specs

@@ -33,11 +33,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vit_fast.ops.backend import triton_interpreting
+from vit_fast.kernels._common import KernelSpec, grouped_tile, index, needs_int64, triton_interpreting
 
 
 @triton.jit
-def _col_offsets(k, K, C, P: tl.constexpr, sC, sH, sW, CL_ORDER: tl.constexpr):
+def _col_offsets(k, K, C, P: tl.constexpr, sC, sH, sW, CL_ORDER: tl.constexpr, IDX64: tl.constexpr):
     """Image offset (inside one patch) and weight offset of reduction indices k."""
     PP: tl.constexpr = P * P
     if CL_ORDER:
@@ -50,9 +50,10 @@ def _col_offsets(k, K, C, P: tl.constexpr, sC, sH, sW, CL_ORDER: tl.constexpr):
         ij = k % PP
     i = ij // P
     j = ij % P
-    # Offsets inside one image fit in 32 bits (the launcher checks), which keeps the gathered
-    # address tiles at one register per element.
-    img = c * sC + i * sH + j * sW
+    # k, c, i, j are small (k < K); only their products with the image strides can pass 2**31
+    # (one image larger than 2**31 elements, e.g. a wide feature map at patch size 1), so those
+    # are formed in the launch's offset width. The divisions stay int32 (cheaper).
+    img = index(c, IDX64) * sC + index(i, IDX64) * sH + index(j, IDX64) * sW
     if CL_ORDER:
         wgt = c * PP + ij
     else:
@@ -62,13 +63,11 @@ def _col_offsets(k, K, C, P: tl.constexpr, sC, sH, sW, CL_ORDER: tl.constexpr):
 
 @triton.jit
 def _patch_row_offsets(n, b, gw, P: tl.constexpr, sB, sH, sW, IDX64: tl.constexpr):
-    """Image offset of the top-left pixel of patch n (row-major over the grid) of image b."""
+    """Image offset of the top-left pixel of patch n (row-major over the grid) of image b: indices
+    in int32, their products with the strides in the launch's offset width."""
     gy = n // gw
     gx = n % gw
-    inner = gy * P * sH + gx * P * sW
-    if IDX64:
-        return b.to(tl.int64) * sB + inner
-    return b * sB + inner
+    return index(b, IDX64) * sB + index(gy * P, IDX64) * sH + index(gx * P, IDX64) * sW
 
 
 @triton.jit
@@ -104,17 +103,12 @@ def _fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(D, BLOCK_N)
     # Grouped ordering: neighbouring programs share row tiles, so the gathered image rows and the
     # weight columns stay in L2 across a group.
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_N), GROUP_M)
 
+    # Indices are int32 (every size is); with IDX64 (see kernels._common) each product of an
+    # index with a stride or width below is int64: image gathers, rows * D, pos_row * D, r * D.
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # flattened token rows b*T + t
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # embedding dims
     row_ok = rows < M
@@ -128,12 +122,14 @@ def _fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        col_img, col_w, k_ok = _col_offsets(ks, K, C, P, sC, sH, sW, CL_ORDER)
+        col_img, col_w, k_ok = _col_offsets(ks, K, C, P, sC, sH, sW, CL_ORDER, IDX64)
         a = tl.load(
             x_ptr + row_img[:, None] + col_img[None, :], mask=is_patch[:, None] & k_ok[None, :], other=0.0
         )
         w = tl.load(
-            w_ptr + cols[None, :] * K + col_w[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0
+            w_ptr + index(cols, IDX64)[None, :] * K + col_w[:, None],
+            mask=k_ok[:, None] & col_ok[None, :],
+            other=0.0,
         )
         if UPCAST:
             # The CPU interpreter mis-evaluates low-precision dots; fp32 operands hold fp16/bf16 exactly.
@@ -154,7 +150,9 @@ def _fwd_kernel(
             r = tl.maximum(t - NUM_CLS, 0)
             is_reg = is_prefix & (t >= NUM_CLS)
             reg = tl.load(
-                reg_ptr + r[:, None] * D + cols[None, :], mask=is_reg[:, None] & col_ok[None, :], other=0.0
+                reg_ptr + index(r, IDX64)[:, None] * D + cols[None, :],
+                mask=is_reg[:, None] & col_ok[None, :],
+                other=0.0,
             )
             acc = tl.where(is_reg[:, None], reg.to(tl.float32), acc)
     if HAS_POS:
@@ -165,14 +163,13 @@ def _fwd_kernel(
             pos_row = t
             pos_ok = row_ok
         pos = tl.load(
-            pos_ptr + pos_row[:, None] * D + cols[None, :], mask=pos_ok[:, None] & col_ok[None, :], other=0.0
+            pos_ptr + index(pos_row, IDX64)[:, None] * D + cols[None, :],
+            mask=pos_ok[:, None] & col_ok[None, :],
+            other=0.0,
         )
         acc += pos.to(tl.float32)
 
-    if IDX64:
-        out_offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
-    else:
-        out_offs = rows[:, None] * D + cols[None, :]
+    out_offs = index(rows, IDX64)[:, None] * D + cols[None, :]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -211,7 +208,7 @@ def _dweight_kernel(
     ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     d_ok = ds < D
-    col_img, col_w, k_ok = _col_offsets(ks, K, C, P, sC, sH, sW, CL_ORDER)
+    col_img, col_w, k_ok = _col_offsets(ks, K, C, P, sC, sH, sW, CL_ORDER, IDX64)
 
     acc = tl.zeros((BLOCK_D, BLOCK_K), dtype=tl.float32)
     bacc = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -222,10 +219,7 @@ def _dweight_kernel(
         r_ok = rs < r_end
         b = rs // Np
         n = rs % Np
-        if IDX64:
-            g_row = (b.to(tl.int64) * T + NUM_PREFIX + n) * D
-        else:
-            g_row = (b * T + NUM_PREFIX + n) * D
+        g_row = index(b * T + NUM_PREFIX + n, IDX64) * D  # token row (< B*T) times D
         # dY^T tile [BLOCK_D, BLOCK_R], read transposed through the pointers.
         g = tl.load(g_ptr + g_row[None, :] + ds[:, None], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
         row_img = _patch_row_offsets(n, b, gw, P, sB, sH, sW, IDX64)
@@ -279,18 +273,19 @@ def _dimage_kernel(
     r_ok = rs < R
     b = rs // Np
     n = rs % Np
-    if IDX64:
-        g_row = (b.to(tl.int64) * T + NUM_PREFIX + n) * D
-    else:
-        g_row = (b * T + NUM_PREFIX + n) * D
-    col_img, col_w, k_ok = _col_offsets(ks, K, C, P, sC, sH, sW, CL_ORDER)
+    g_row = index(b * T + NUM_PREFIX + n, IDX64) * D  # token row (< B*T) times D
+    col_img, col_w, k_ok = _col_offsets(ks, K, C, P, sC, sH, sW, CL_ORDER, IDX64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         d_ok = ds < D
         g = tl.load(g_ptr + g_row[:, None] + ds[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + ds[:, None] * K + col_w[None, :], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(
+            w_ptr + index(ds, IDX64)[:, None] * K + col_w[None, :],
+            mask=d_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
         if UPCAST:
             g = g.to(tl.float32)
             w = w.to(tl.float32)
@@ -336,6 +331,7 @@ def _batch_sum_kernel(
     NUM_CLS: tl.constexpr,
     HAS_POS: tl.constexpr,
     NO_EMBED_CLASS: tl.constexpr,
+    IDX64: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -347,12 +343,15 @@ def _batch_sum_kernel(
     t_ok = ts < T
     d_ok = ds < D
     mask = t_ok[:, None] & d_ok[None, :]
-    offs = ts[:, None] * D + ds[None, :]
+    # ts * D (and pos_row * D below) pass 2**31 for one image of more than 2**31 / D tokens.
+    offs = index(ts, IDX64)[:, None] * D + ds[None, :]
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    # Advance the 64-bit pointer per image instead of forming b*T*D; the step T*D itself is
+    # int64 in IDX64 launches.
+    step = index(T, IDX64) * D
     for _ in range(0, B):
-        # Advance the 64-bit pointer per image instead of forming b*T*D in 32-bit arithmetic.
         acc += tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g_ptr += T * D
+        g_ptr += step
 
     if HAS_POS:
         if NO_EMBED_CLASS:
@@ -362,7 +361,7 @@ def _batch_sum_kernel(
             pos_row = ts
             pos_ok = t_ok
         tl.store(
-            dpos_ptr + pos_row[:, None] * D + ds[None, :],
+            dpos_ptr + index(pos_row, IDX64)[:, None] * D + ds[None, :],
             acc.to(dpos_ptr.dtype.element_ty),
             mask=pos_ok[:, None] & mask,
         )
@@ -376,7 +375,7 @@ def _batch_sum_kernel(
         r = tl.maximum(ts - NUM_CLS, 0)
         is_reg = (ts >= NUM_CLS) & (ts < NUM_PREFIX)
         tl.store(
-            dreg_ptr + r[:, None] * D + ds[None, :],
+            dreg_ptr + index(r, IDX64)[:, None] * D + ds[None, :],
             acc.to(dreg_ptr.dtype.element_ty),
             mask=is_reg[:, None] & mask,
         )
@@ -437,21 +436,6 @@ def _image_strides(images: Tensor) -> tuple[bool, tuple[int, int, int, int]]:
     return cl_order, (sB, sC, sH, sW)
 
 
-_I32_MAX = 2**31 - 1
-
-
-def _extent(t: Tensor) -> int:
-    """One past the largest element offset of t (its strided footprint)."""
-    return 1 + sum(st * (n - 1) for st, n in zip(t.stride(), t.shape))
-
-
-def _needs_int64(images: Tensor, *others: Tensor) -> bool:
-    """Whether flattened offsets may overflow int32 (then the kernels index in 64 bits)."""
-    if _extent(images[0]) > _I32_MAX:
-        raise ValueError(f"images: a single image spans more than 2**31 elements ({tuple(images.shape)})")
-    return max(_extent(t) for t in (images, *others)) > _I32_MAX
-
-
 def _geometry(images: Tensor, patch_size: int) -> tuple[int, int, int, int, int, int]:
     B, C, H, W = images.shape
     gh, gw = H // patch_size, W // patch_size
@@ -482,7 +466,7 @@ def patch_embed_forward(
     out = torch.empty((B, T, D), device=images.device, dtype=images.dtype)
     weight = weight.contiguous()
     cl_order, strides = _image_strides(images)
-    idx64 = _needs_int64(images, out)
+    idx64 = needs_int64(images, weight, pos_embed, reg_tokens, out)
     M = B * T
     bm, bn, bk, warps, stages = _fwd_config(images.dtype, M, D, K)
     grid = (triton.cdiv(M, bm) * triton.cdiv(D, bn),)
@@ -546,7 +530,6 @@ def patch_embed_backward(
     weight = weight.contiguous()
     dtype = weight.dtype
     cl_order, strides = _image_strides(images)
-    idx64 = _needs_int64(images, grad)
     upcast = triton_interpreting()
     key = _dtype_key(images.dtype)
 
@@ -562,6 +545,7 @@ def patch_embed_backward(
     split = triton.cdiv(R, rows_per_split)
     ws = torch.empty((split, D, K), device=images.device, dtype=torch.float32)
     wsb = torch.empty((split, D), device=images.device, dtype=torch.float32) if has_bias else ws
+    # (the fp32 workspace ws is addressed in int64 at every shape: its offsets are per tile)
     _dweight_kernel[(triton.cdiv(D, bd), triton.cdiv(K, bk), split)](
         grad,
         images,
@@ -580,7 +564,7 @@ def patch_embed_backward(
         NUM_PREFIX=prefix,
         HAS_BIAS=has_bias,
         CL_ORDER=cl_order,
-        IDX64=idx64,
+        IDX64=needs_int64(grad, images),
         UPCAST=upcast,
         BLOCK_D=bd,
         BLOCK_K=bk,
@@ -615,6 +599,7 @@ def patch_embed_backward(
             NUM_CLS=int(has_cls),
             HAS_POS=has_pos,
             NO_EMBED_CLASS=no_embed_class,
+            IDX64=needs_int64(grad),
             BLOCK_T=bt,
             BLOCK_D=bdd,
             num_warps=w2,
@@ -626,7 +611,6 @@ def patch_embed_backward(
         # images; for any other layout it returns a contiguous tensor, whose strides are passed.
         dimages = torch.empty_like(images)
         dcl, dstrides = _image_strides(dimages)
-        idx64 = idx64 or _needs_int64(dimages)
         if upcast:
             bm, bk2, bdd2, warps, stages = _interp_block(R), _interp_block(K), _interp_block(D), 4, 1
         else:
@@ -646,7 +630,7 @@ def patch_embed_backward(
             P=patch_size,
             NUM_PREFIX=prefix,
             CL_ORDER=dcl,
-            IDX64=idx64,
+            IDX64=needs_int64(grad, weight, dimages),
             UPCAST=upcast,
             BLOCK_M=bm,
             BLOCK_K=bk2,
@@ -665,118 +649,93 @@ AOT_PATCH_SIZES = (1, 4, 8, 14, 16, 32)
 _TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def aot_specs() -> list:
+def aot_specs() -> list[KernelSpec]:
     """One spec per shipped (kernel, dtype, config), at a representative constexpr set (class
     token + 4 registers + pos embed + bias, NCHW and channels-last reduction order, p=16), plus
-    the forward at every supported patch size."""
-    from vit_fast.perf.aot import KernelSpec
-
+    the forward at every supported patch size; the 64-bit offset variants of every kernel that has
+    one, the forward at p=16 and at p=1 (where a single large image reaches 2**31 elements).
+    Signatures come from the kernels' parameter lists: pointers in the dtype, the fp32 workspaces,
+    scalars i32."""
     specs = []
-    i32 = "i32"
+    f32 = "*fp32"
+    prefix = dict(NUM_PREFIX=5, HAS_BIAS=True, UPCAST=False)
     for dt, ty in _TY.items():
         key = _dtype_key(dt)
         fwd_keys = ("16bit", "16bit_small") if key == "16bit" else ("fp32",)
-        for fk in fwd_keys:
-            bm, bn, bk, warps, stages = FWD_CONFIGS[fk]
-            for p in AOT_PATCH_SIZES if fk != "fp32" else (16,):
-                for cl in (False, True):
-                    sig = {
-                        n: f"*{ty}"
-                        for n in ("x_ptr", "w_ptr", "bias_ptr", "pos_ptr", "cls_ptr", "reg_ptr", "out_ptr")
-                    }
-                    sig |= {n: i32 for n in ("M", "T", "D", "K", "C", "gw", "sB", "sC", "sH", "sW")}
-                    const = dict(
-                        P=p,
-                        NUM_PREFIX=5,
-                        NUM_CLS=1,
-                        HAS_BIAS=True,
-                        HAS_POS=True,
-                        NO_EMBED_CLASS=False,
-                        CL_ORDER=cl,
-                        IDX64=False,
-                        UPCAST=False,
-                        BLOCK_M=bm,
-                        BLOCK_N=bn,
-                        BLOCK_K=bk,
-                        GROUP_M=8,
-                    )
-                    sig |= {n: "constexpr" for n in const}
-                    specs.append(
-                        KernelSpec(
-                            f"patch_embed_fwd_{ty}_{fk}_p{p}{'_cl' if cl else ''}",
-                            _fwd_kernel,
-                            sig,
-                            const,
-                            warps,
-                            stages,
-                            divisible_by_16=("x_ptr", "w_ptr", "bias_ptr", "pos_ptr", "out_ptr"),
+        for idx64 in (False, True):
+            i64 = "_i64" if idx64 else ""
+            for fk in fwd_keys:
+                bm, bn, bk, warps, stages = FWD_CONFIGS[fk]
+                sizes = (16,) if fk == "fp32" else (1, 16) if idx64 else AOT_PATCH_SIZES
+                for p in sizes:
+                    for cl in (False, True):
+                        const = dict(
+                            P=p, NUM_CLS=1, HAS_POS=True, NO_EMBED_CLASS=False, CL_ORDER=cl, IDX64=idx64
                         )
+                        const |= dict(prefix, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+                        specs.append(
+                            KernelSpec.for_kernel(
+                                f"patch_embed_fwd{i64}_{ty}_{fk}_p{p}{'_cl' if cl else ''}",
+                                _fwd_kernel,
+                                const,
+                                ptr=ty,
+                                num_warps=warps,
+                                num_stages=stages,
+                                divisible_by_16=("x_ptr", "w_ptr", "bias_ptr", "pos_ptr", "out_ptr"),
+                            )
+                        )
+            for cl in (False, True):
+                bd, bk, br, warps, stages = DW_CONFIGS[key]
+                const = dict(prefix, P=16, CL_ORDER=cl, IDX64=idx64, BLOCK_D=bd, BLOCK_K=bk, BLOCK_R=br)
+                specs.append(
+                    KernelSpec.for_kernel(
+                        f"patch_embed_dweight{i64}_{ty}{'_cl' if cl else ''}",
+                        _dweight_kernel,
+                        const,
+                        ptr=ty,
+                        types={"ws_ptr": f32, "wsb_ptr": f32},
+                        num_warps=warps,
+                        num_stages=stages,
+                        divisible_by_16=("g_ptr", "x_ptr", "ws_ptr", "wsb_ptr"),
                     )
-        for cl in (False, True):
-            bd, bk, br, warps, stages = DW_CONFIGS[key]
-            sig = {"g_ptr": f"*{ty}", "x_ptr": f"*{ty}", "ws_ptr": "*fp32", "wsb_ptr": "*fp32"}
-            sig |= {
-                n: i32
-                for n in ("R", "Np", "T", "D", "K", "C", "gw", "sB", "sC", "sH", "sW", "rows_per_split")
-            }
-            const = dict(
-                P=16,
-                NUM_PREFIX=5,
-                HAS_BIAS=True,
-                CL_ORDER=cl,
-                IDX64=False,
-                UPCAST=False,
-                BLOCK_D=bd,
-                BLOCK_K=bk,
-                BLOCK_R=br,
-            )
-            sig |= {n: "constexpr" for n in const}
+                )
+                bm, bk, bdd, warps, stages = DX_CONFIGS[key]
+                const = dict(P=16, NUM_PREFIX=5, CL_ORDER=cl, IDX64=idx64, UPCAST=False)
+                const |= dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bdd)
+                specs.append(
+                    KernelSpec.for_kernel(
+                        f"patch_embed_dimage{i64}_{ty}{'_cl' if cl else ''}",
+                        _dimage_kernel,
+                        const,
+                        ptr=ty,
+                        num_warps=warps,
+                        num_stages=stages,
+                        divisible_by_16=("g_ptr", "w_ptr", "dx_ptr"),
+                    )
+                )
+            bt, bdd, warps = BSUM_CONFIG
+            const = dict(NUM_PREFIX=5, NUM_CLS=1, HAS_POS=True, NO_EMBED_CLASS=False, IDX64=idx64)
+            const |= dict(BLOCK_T=bt, BLOCK_D=bdd)
             specs.append(
-                KernelSpec(
-                    f"patch_embed_dweight_{ty}{'_cl' if cl else ''}",
-                    _dweight_kernel,
-                    sig,
+                KernelSpec.for_kernel(
+                    f"patch_embed_batch_sum{i64}_{ty}",
+                    _batch_sum_kernel,
                     const,
-                    warps,
-                    stages,
-                    divisible_by_16=("g_ptr", "x_ptr", "ws_ptr", "wsb_ptr"),
+                    ptr=ty,
+                    num_warps=warps,
+                    num_stages=1,
                 )
             )
-            bm, bk, bdd, warps, stages = DX_CONFIGS[key]
-            sig = {"g_ptr": f"*{ty}", "w_ptr": f"*{ty}", "dx_ptr": f"*{ty}"}
-            sig |= {n: i32 for n in ("R", "Np", "T", "D", "K", "C", "gw", "sB", "sC", "sH", "sW")}
-            const = dict(
-                P=16,
-                NUM_PREFIX=5,
-                CL_ORDER=cl,
-                IDX64=False,
-                UPCAST=False,
-                BLOCK_M=bm,
-                BLOCK_K=bk,
-                BLOCK_D=bdd,
-            )
-            sig |= {n: "constexpr" for n in const}
-            specs.append(
-                KernelSpec(
-                    f"patch_embed_dimage_{ty}{'_cl' if cl else ''}",
-                    _dimage_kernel,
-                    sig,
-                    const,
-                    warps,
-                    stages,
-                    divisible_by_16=("g_ptr", "w_ptr", "dx_ptr"),
-                )
-            )
-        bt, bdd, warps = BSUM_CONFIG
-        sig = {n: f"*{ty}" for n in ("g_ptr", "dpos_ptr", "dcls_ptr", "dreg_ptr")}
-        sig |= {"B": i32, "T": i32, "D": i32}
-        const = dict(NUM_PREFIX=5, NUM_CLS=1, HAS_POS=True, NO_EMBED_CLASS=False, BLOCK_T=bt, BLOCK_D=bdd)
-        sig |= {n: "constexpr" for n in const}
-        specs.append(KernelSpec(f"patch_embed_batch_sum_{ty}", _batch_sum_kernel, sig, const, warps, 1))
         blk, warps = SPLIT_SUM_CONFIG
-        sig = {"ws_ptr": "*fp32", "out_ptr": f"*{ty}", "wsb_ptr": "*fp32", "outb_ptr": f"*{ty}"}
-        sig |= {"S": i32, "N": i32, "NB": i32, "BLOCK": "constexpr"}
         specs.append(
-            KernelSpec(f"patch_embed_split_sum_{ty}", _split_sum_kernel, sig, {"BLOCK": blk}, warps, 1)
+            KernelSpec.for_kernel(
+                f"patch_embed_split_sum_{ty}",
+                _split_sum_kernel,
+                {"BLOCK": blk},
+                ptr=ty,
+                types={"ws_ptr": f32, "wsb_ptr": f32},
+                num_warps=warps,
+                num_stages=1,
+            )
         )
     return specs

@@ -19,16 +19,14 @@ from typing import Any
 
 import torch
 
+# The interpreter flag lives with the kernels (the ground floor); re-exported for existing callers.
+from vit_fast.kernels._common import triton_interpreting
+
 BACKENDS = ("triton", "cpu", "reference")
 # The C++ kernels compute in float32 and store float32 or bfloat16; float16 CPU tensors (rare: CPU
 # float16 GEMMs are slow everywhere) run on the plain-PyTorch backend instead.
 CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 _override: list[str] = []
-
-
-def triton_interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.cache
