@@ -189,6 +189,31 @@ def test_hidden_dropout_in_training_runs_stock(cpu_or_triton):
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
 
 
+def test_hf_gradient_checkpointing(cpu_or_triton):
+    """With HF gradient checkpointing on, the fused layer is checkpointed too (recomputed in the
+    backward: its forward ops run twice) and the gradients are the stock ones."""
+    model, img = _model("hf-dinov2")
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    model.train()
+    stock = copy.deepcopy(model)
+    vit_fast.patch(model)
+    kw = _inputs("hf-dinov2", img)
+    counts: dict[str, int] = {}
+
+    class Count(FusedOps):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts[str(func)] = counts.get(str(func), 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        ours, g_ours = _out_and_grads("hf-dinov2", model, kw)
+    want, g_want = _out_and_grads("hf-dinov2", stock, kw)
+    assert counts["vit_fast.layer_norm_mlp_fwd.default"] == 4  # 2 layers, forward + recompute
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5)
+    for n, g in g_want.items():
+        torch.testing.assert_close(g_ours[n], g, rtol=1e-3, atol=1e-5 * g.abs().max().item() + 1e-7)
+
+
 def test_output_attentions_runs_stock_for_that_call(cpu_or_triton):
     model, img = _model("hf-vit")
     model.set_attn_implementation("eager")  # sdpa returns no attention weights

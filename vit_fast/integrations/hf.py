@@ -18,6 +18,8 @@ its position table's.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
@@ -120,6 +122,9 @@ def _layer_forward(
         return type(self).forward(self, hidden_states, attention_mask, *args, **kwargs)
     from vit_fast.integrations.patch import fused_block
 
+    if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+        # What GradientCheckpointingLayer's class-level forward wrapper does for the stock forward.
+        return self._gradient_checkpointing_func(partial(fused_block, spec, training=True), hidden_states)
     return fused_block(spec, hidden_states, self.training)
 
 
