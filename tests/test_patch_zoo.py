@@ -129,7 +129,7 @@ def test_patch_matches_stock(name, backend):
             ours = _check_same_as_stock(name, model, stock, kw)
         assert {"patch_embed", "layer_norm_linear_fwd", "attention_fwd", "linear_residual_fwd"} <= mode.seen
         assert {"layer_norm_mlp_fwd", "attention_bwd", "layer_norm_mlp_bwd"} <= mode.seen
-        with torch.no_grad():  # eval mode: deterministic (the cached packed q/k/v path for HF)
+        with torch.no_grad():  # eval mode: deterministic, and the same without autograd
             torch.testing.assert_close(_run(name, model, kw), ours, rtol=0, atol=0)
 
     vit_fast.unpatch(model)
@@ -212,6 +212,22 @@ def test_hf_gradient_checkpointing(cpu_or_triton):
     torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5)
     for n, g in g_want.items():
         torch.testing.assert_close(g_ours[n], g, rtol=1e-3, atol=1e-5 * g.abs().max().item() + 1e-7)
+
+
+def test_weight_writes_through_data_are_seen(cpu_or_triton):
+    """An EMA / teacher update through `.data` (no version bump) reaches the next no-grad call."""
+    model, img = _model("hf-vit")
+    stock = copy.deepcopy(model)
+    vit_fast.patch(model)
+    x = _inputs("hf-vit", img)["pixel_values"]
+    with torch.no_grad():
+        before = model(x).last_hidden_state
+        for m in (model, stock):
+            m.layers[0].attention.k_proj.weight.data.mul_(3.0)
+        after = model(x).last_hidden_state
+        want = stock(x).last_hidden_state
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-5)
 
 
 def test_output_attentions_runs_stock_for_that_call(cpu_or_triton):

@@ -13,8 +13,9 @@ Per layer the fused path is four launches, as in `vit_fast.nn.Block`:
   layer_norm_linear (norm1 + packed qkv) -> attention -> linear_residual (proj, layer-scale,
   drop-path, + x) -> layer_norm_mlp (norm2, fc1, GELU variant, fc2, layer-scale, drop-path, + x).
 Separate q/k/v projections (Hugging Face) are concatenated inside autograd (`torch.cat`, whose
-backward hands each Parameter its slice of the gradient); under `torch.no_grad()` the packed
-weight is cached and rebuilt only when a Parameter's version counter or storage changed.
+backward hands each Parameter its slice of the gradient): the block saves for backward what the
+timm-patched block saves (the packed weight is the same size as timm's qkv weight), at the cost of
+one [3D, D] copy per layer and call.
 """
 
 from __future__ import annotations
@@ -99,26 +100,18 @@ class BlockSpec:
     drop_path: float = 0.0
     stock_dropouts: tuple[nn.Module, ...] = ()
     impl: str = "fused"
-    _cache: dict = field(default_factory=dict, repr=False)
 
     def qkv_params(self) -> tuple[Tensor, Tensor | None]:
         """The packed [3D, D] weight and [3D] bias (q rows, then k, then v: timm's layout)."""
         if self.packed_qkv is not None:
             return self.packed_qkv
         q, k, v = self.separate_qkv
-        params = [q.weight, k.weight, v.weight]
-        has_bias = q.bias is not None
-        if has_bias:
-            params += [q.bias, k.bias, v.bias]
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            # Differentiable: cat's backward splits the gradient back onto the three Parameters.
-            w = torch.cat(params[:3])
-            return w, torch.cat(params[3:]) if has_bias else None
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        if self._cache.get("key") != key:
-            w = torch.cat(params[:3])
-            self._cache.update(key=key, w=w, b=torch.cat(params[3:]) if has_bias else None)
-        return self._cache["w"], self._cache["b"]
+        # Differentiable: cat's backward splits the gradient back onto the three Parameters. Not
+        # cached across calls, even under no_grad: a cache keyed on the Parameters' version counters
+        # misses writes through `.data` (e.g. an EMA / DINO teacher update), a silently stale weight.
+        w = torch.cat([q.weight, k.weight, v.weight])
+        b = torch.cat([q.bias, k.bias, v.bias]) if q.bias is not None else None
+        return w, b
 
     def stock_dropout_active(self, training: bool) -> bool:
         return training and any(getattr(d, "p", 0.0) > 0.0 for d in self.stock_dropouts)
