@@ -364,3 +364,23 @@ def test_torch_compile_fullgraph(cpu_or_triton):
     out.sum().backward()
     torch.testing.assert_close(out, stock(x).last_hidden_state, rtol=1e-4, atol=1e-4)
     assert model.layers[0].attention.q_proj.weight.grad is not None
+
+
+def test_bench_zoo_cli(tmp_path, capsys):
+    """`vit-fast bench --zoo`: stock and patched rows for each model and mode, in one run."""
+    import json
+
+    from vit_fast.cli import main as cli
+
+    argv = "bench --zoo hf-vit,oc-vit --zoo-size tiny --batch 1 --model-runs 1 --min-run-time 0.001"
+    rc = cli.main([*argv.split(), "--out", str(tmp_path)])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "hf-vit" in table and "oc-vit" in table and "stock/patched" in table
+    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
+    got = {(r["name"], r["mode"], r["impl"]) for r in rows if not r["error"]}
+    assert got == {
+        (n, m, i) for n in ("hf-vit", "oc-vit") for m in ("inference", "train") for i in ("stock", "patched")
+    }
+    with pytest.raises(SystemExit, match="unknown model"):
+        cli.main(["bench", "--zoo", "resnet50"])
