@@ -230,6 +230,21 @@ def test_weight_writes_through_data_are_seen(cpu_or_triton):
     torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["oc-vit", "hf-dinov2"])
+def test_parameters_replaced_after_patch_are_used(cpu_or_triton, name):
+    """load_state_dict(assign=True) puts new Parameter objects in the modules: the patched forward
+    reads them (packed in_proj, layer-scale, q/k/v), it holds no stale references."""
+    model, img = _model(name)
+    vit_fast.patch(model)
+    torch.manual_seed(7)
+    other, _ = build(name, "tiny")
+    other.eval()
+    model.load_state_dict(copy.deepcopy(other.state_dict()), assign=True)
+    kw = _inputs(name, img)
+    with torch.no_grad():
+        torch.testing.assert_close(_run(name, model, kw), _run(name, other, kw), rtol=1e-4, atol=1e-5)
+
+
 def test_output_attentions_runs_stock_for_that_call(cpu_or_triton):
     model, img = _model("hf-vit")
     model.set_attn_implementation("eager")  # sdpa returns no attention weights

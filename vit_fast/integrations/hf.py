@@ -78,7 +78,7 @@ def layer_spec(layer: nn.Module, impl: str) -> tuple[BlockSpec | None, list[str]
     gammas = []
     for name in ("layer_scale1", "layer_scale2"):
         ls = getattr(layer, name, None)
-        gammas.append(getattr(ls, "lambda1", None))
+        gammas.append((ls, "lambda1") if isinstance(getattr(ls, "lambda1", None), Tensor) else None)
         if ls is not None and gammas[-1] is None:
             why.append(f"{name} has no lambda1")
     if why:

@@ -51,7 +51,7 @@ def block_spec(block: nn.Module, impl: str) -> tuple[BlockSpec | None, list[str]
         if isinstance(ls, nn.Identity):
             gammas.append(None)
         elif isinstance(getattr(ls, "gamma", None), nn.Parameter):
-            gammas.append(ls.gamma)
+            gammas.append((ls, "gamma"))
         else:
             why.append(f"{name} is {type(ls).__name__}, not LayerScale")
     if why:

@@ -76,10 +76,12 @@ def layer_norm_blocker(norm: object, name: str, dim: int) -> str | None:
 
 @dataclass(eq=False)
 class BlockSpec:
-    """Where a stock pre-LN block keeps its parameters. Tensors are the stock Parameters themselves.
+    """Where a stock pre-LN block keeps its parameters: modules and attribute names, read at every
+    call (so a Parameter replaced later, e.g. by `load_state_dict(assign=True)`, is the one used).
 
-    `qkv` is either one packed (weight [3D, D], bias [3D] or None) pair or three nn.Linear
-    (q, k, v); `layer_scale1/2` are [D] Parameters or None; `stock_dropouts` are dropout modules
+    The qkv projection is either a packed `nn.MultiheadAttention` (`in_proj_weight` [3D, D],
+    `in_proj_bias` [3D]) or three nn.Linear (q, k, v); `layer_scale1/2` are (module, attribute)
+    of a [D] layer-scale Parameter, or None; `stock_dropouts` are dropout modules
     of the stock forward that sit where the fused ops have none: while any is active (training,
     p > 0) the call runs the stock forward.
     """
@@ -93,10 +95,10 @@ class BlockSpec:
     fc2: nn.Linear
     approximate: str
     attn_dropout: Callable[[], float]
-    packed_qkv: tuple[Tensor, Tensor | None] | None = None
+    packed_qkv: nn.MultiheadAttention | None = None
     separate_qkv: tuple[nn.Linear, nn.Linear, nn.Linear] | None = None
-    layer_scale1: Tensor | None = None
-    layer_scale2: Tensor | None = None
+    layer_scale1: tuple[nn.Module, str] | None = None
+    layer_scale2: tuple[nn.Module, str] | None = None
     drop_path: float = 0.0
     stock_dropouts: tuple[nn.Module, ...] = ()
     impl: str = "fused"
@@ -104,7 +106,7 @@ class BlockSpec:
     def qkv_params(self) -> tuple[Tensor, Tensor | None]:
         """The packed [3D, D] weight and [3D] bias (q rows, then k, then v: timm's layout)."""
         if self.packed_qkv is not None:
-            return self.packed_qkv
+            return self.packed_qkv.in_proj_weight, self.packed_qkv.in_proj_bias
         q, k, v = self.separate_qkv
         # Differentiable: cat's backward splits the gradient back onto the three Parameters. Not
         # cached across calls, even under no_grad: a cache keyed on the Parameters' version counters
@@ -112,6 +114,10 @@ class BlockSpec:
         w = torch.cat([q.weight, k.weight, v.weight])
         b = torch.cat([q.bias, k.bias, v.bias]) if q.bias is not None else None
         return w, b
+
+    @staticmethod
+    def gamma(ls: tuple[nn.Module, str] | None) -> Tensor | None:
+        return None if ls is None else getattr(*ls)
 
     def stock_dropout_active(self, training: bool) -> bool:
         return training and any(getattr(d, "p", 0.0) > 0.0 for d in self.stock_dropouts)
@@ -126,7 +132,7 @@ def fused_block(spec: BlockSpec, x: Tensor, training: bool) -> Tensor:
     o = f.attention(qkv, spec.num_heads, scale=spec.scale, dropout_p=spec.attn_dropout() if training else 0.0)
     dps = drop_path_scale(x.shape[0], spec.drop_path, training, x.device)
     x = f.linear_residual(
-        o, spec.proj.weight, spec.proj.bias, x, gamma=spec.layer_scale1, drop_path_scale=dps
+        o, spec.proj.weight, spec.proj.bias, x, gamma=spec.gamma(spec.layer_scale1), drop_path_scale=dps
     )
     dps = drop_path_scale(x.shape[0], spec.drop_path, training, x.device)
     return f.layer_norm_mlp(
@@ -138,7 +144,7 @@ def fused_block(spec: BlockSpec, x: Tensor, training: bool) -> Tensor:
         spec.fc2.weight,
         spec.fc2.bias,
         n2.eps,
-        gamma=spec.layer_scale2,
+        gamma=spec.gamma(spec.layer_scale2),
         drop_path_scale=dps,
         approximate=spec.approximate,
     )
@@ -237,9 +243,9 @@ def is_patched(model: nn.Module) -> bool:
     return _PATCHED in model.__dict__ or timm_is_patched(model)
 
 
-def mha_qkv(attn: object) -> tuple[tuple[Tensor, Tensor | None] | None, list[str]]:
-    """The packed in-projection (weight [3D, D], bias [3D]) of a batch-first self-attention
-    `nn.MultiheadAttention`, or the reasons it cannot be fused (torchvision and open_clip blocks)."""
+def mha_qkv(attn: object) -> tuple[nn.MultiheadAttention | None, list[str]]:
+    """A batch-first self-attention `nn.MultiheadAttention` with a packed in-projection
+    (`in_proj_weight` [3D, D]), or the reasons it cannot be fused (torchvision and open_clip)."""
     if not isinstance(attn, nn.MultiheadAttention):
         return None, [f"attention is {type(attn).__name__}, not nn.MultiheadAttention"]
     why = []
@@ -249,7 +255,7 @@ def mha_qkv(attn: object) -> tuple[tuple[Tensor, Tensor | None] | None, list[str
         why.append("attention has bias_k/bias_v/add_zero_attn")
     if not attn.batch_first:
         why.append("attention is not batch_first")
-    return (None if why else (attn.in_proj_weight, attn.in_proj_bias)), why
+    return (None if why else attn), why
 
 
 def mha_spec_kwargs(attn: nn.MultiheadAttention) -> dict:
