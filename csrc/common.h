@@ -132,14 +132,26 @@ inline float fast_tanh(float u) {
   return 1.0f - 2.0f / (fast_exp(2.0f * u) + 1.0f);
 }
 
-// GELU value and derivative at h, exact (erf) or tanh approximation.
-template <bool kTanh>
+// The GELU variants of the MLP kernels (the `approximate` argument): exact (erf), PyTorch's tanh
+// approximation, and the "quick" GELU of CLIP, h * sigmoid(1.702 h).
+enum GeluMode : int { kGeluErf = 0, kGeluTanh = 1, kGeluQuick = 2 };
+constexpr float kQuickCoef = 1.702f;
+
+inline float fast_sigmoid(float u) { return 1.0f / (1.0f + fast_exp(-u)); }
+
+// GELU value and derivative at h for one of the GeluMode variants.
+template <int kMode>
 inline void gelu_and_grad(float h, float& value, float& grad) {
-  if constexpr (kTanh) {
+  if constexpr (kMode == kGeluTanh) {
     const float u = kSqrt2OverPi * (h + kTanhCoef * h * h * h);
     const float th = fast_tanh(u);
     value = 0.5f * h * (1.0f + th);
     grad = 0.5f * (1.0f + th) + 0.5f * h * (1.0f - th * th) * kSqrt2OverPi * (1.0f + 3.0f * kTanhCoef * h * h);
+  } else if constexpr (kMode == kGeluQuick) {
+    // d/dh [h s(ch)] = s + c h s (1 - s)
+    const float sg = fast_sigmoid(kQuickCoef * h);
+    value = h * sg;
+    grad = sg + kQuickCoef * h * sg * (1.0f - sg);
   } else {
     const float cdf = 0.5f * (1.0f + fast_erf(h * kSqrtHalf));
     value = h * cdf;
@@ -147,20 +159,22 @@ inline void gelu_and_grad(float h, float& value, float& grad) {
   }
 }
 
-template <bool kTanh>
+template <int kMode>
 inline float gelu_value(float h) {
-  if constexpr (kTanh) {
+  if constexpr (kMode == kGeluTanh) {
     const float u = kSqrt2OverPi * (h + kTanhCoef * h * h * h);
     return 0.5f * h * (1.0f + fast_tanh(u));
+  } else if constexpr (kMode == kGeluQuick) {
+    return h * fast_sigmoid(kQuickCoef * h);
   } else {
     return h * 0.5f * (1.0f + fast_erf(h * kSqrtHalf));
   }
 }
 
-inline bool parse_approximate(const std::string& approximate) {
-  TORCH_CHECK(approximate == "none" || approximate == "tanh",
-              "approximate must be 'none' or 'tanh', got '", approximate, "'");
-  return approximate == "tanh";
+inline int parse_approximate(const std::string& approximate) {
+  TORCH_CHECK(approximate == "none" || approximate == "tanh" || approximate == "quick",
+              "approximate must be 'none', 'tanh' or 'quick', got '", approximate, "'");
+  return approximate == "tanh" ? kGeluTanh : approximate == "quick" ? kGeluQuick : kGeluErf;
 }
 
 // ---------------------------------------------------------------------------------------------

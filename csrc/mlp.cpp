@@ -15,34 +15,38 @@ namespace {
 
 // ----- element passes: float32 row kernels (multi-target), bf16 rows through common.h's scratch ----
 
-template <bool kTanh>
+template <int kMode>
 inline __attribute__((always_inline)) void gelu_body(const float* h, float* a, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) a[i] = gelu_value<kTanh>(h[i]);
+  for (int64_t i = 0; i < n; ++i) a[i] = gelu_value<kMode>(h[i]);
 }
 
-template <bool kTanh>
+template <int kMode>
 inline __attribute__((always_inline)) void gelu_backward_body(const float* h, float* a, float* da, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     float value, grad;
-    gelu_and_grad<kTanh>(h[i], value, grad);
+    gelu_and_grad<kMode>(h[i], value, grad);
     a[i] = value;
     da[i] *= grad;
   }
 }
 
-VF_CLONES void gelu_f32(const float* h, float* a, int64_t n, bool tanh) {
-  if (tanh)
-    gelu_body<true>(h, a, n);
+VF_CLONES void gelu_f32(const float* h, float* a, int64_t n, int mode) {
+  if (mode == kGeluTanh)
+    gelu_body<kGeluTanh>(h, a, n);
+  else if (mode == kGeluQuick)
+    gelu_body<kGeluQuick>(h, a, n);
   else
-    gelu_body<false>(h, a, n);
+    gelu_body<kGeluErf>(h, a, n);
 }
 
 // a = GELU(h) and da *= GELU'(h) in one sweep (shared erf/exp).
-VF_CLONES void gelu_backward_f32(const float* h, float* a, float* da, int64_t n, bool tanh) {
-  if (tanh)
-    gelu_backward_body<true>(h, a, da, n);
+VF_CLONES void gelu_backward_f32(const float* h, float* a, float* da, int64_t n, int mode) {
+  if (mode == kGeluTanh)
+    gelu_backward_body<kGeluTanh>(h, a, da, n);
+  else if (mode == kGeluQuick)
+    gelu_backward_body<kGeluQuick>(h, a, da, n);
   else
-    gelu_backward_body<false>(h, a, da, n);
+    gelu_backward_body<kGeluErf>(h, a, da, n);
 }
 
 // y = res + (y + bias) * gamma * s, in place on y (bias, gamma may be null).
@@ -66,17 +70,17 @@ VF_CLONES void scale_row_f32(const float* d, const float* gamma, float s, float*
 }
 
 template <typename T>
-void gelu_row(const T* h, T* a, int64_t n, bool tanh) {
+void gelu_row(const T* h, T* a, int64_t n, int mode) {
   float* af = out_f32(a, n, 1);
-  gelu_f32(row_f32(h, n, 0), af, n, tanh);
+  gelu_f32(row_f32(h, n, 0), af, n, mode);
   store_row(af, a, n);
 }
 
 template <typename T>
-void gelu_backward_row(const T* h, T* a, T* da, int64_t n, bool tanh) {
+void gelu_backward_row(const T* h, T* a, T* da, int64_t n, int mode) {
   float* af = out_f32(a, n, 2);
   float* daf = inout_f32(da, n, 1);
-  gelu_backward_f32(row_f32(h, n, 0), af, daf, n, tanh);
+  gelu_backward_f32(row_f32(h, n, 0), af, daf, n, mode);
   store_row(af, a, n);
   store_row(daf, da, n);
 }
@@ -272,7 +276,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mlp_forward(const Tensor& x, const Op
                                                        const std::string& approximate) {
   const MlpDims s = check_mlp(x, ln_weight, ln_bias, fc1_weight, fc2_weight, fc2_bias, gamma, dps, tokens_per_sample);
   check_vec(fc1_bias, "fc1_bias", s.f);
-  const bool tanh = parse_approximate(approximate);
+  const int gelu_mode = parse_approximate(approximate);
   const Tensor xc = x.contiguous();
   const Tensor lw = f32_or_empty(ln_weight), lb = f32_or_empty(ln_bias);
   const OptTensor b1 = fc1_bias.has_value() ? OptTensor(fc1_bias->to(x.scalar_type()).reshape({-1})) : std::nullopt;
@@ -288,7 +292,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mlp_forward(const Tensor& x, const Op
     const scalar_t* hp = h_pre.data_ptr<scalar_t>();
     scalar_t* ap = act.data_ptr<scalar_t>();
     at::parallel_for(0, s.m, 8, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) gelu_row(hp + r * s.f, ap + r * s.f, s.f, tanh);
+      for (int64_t r = r0; r < r1; ++r) gelu_row(hp + r * s.f, ap + r * s.f, s.f, gelu_mode);
     });
   });
   Tensor out = gemm::linear(act, fc2_weight);
@@ -305,7 +309,7 @@ std::tuple<Tensor, OptTensor, OptTensor, Tensor, OptTensor, Tensor, OptTensor, O
     const OptTensor& dps, int64_t tokens_per_sample, const Tensor& mean, const Tensor& rstd, const Tensor& h_pre,
     const std::string& approximate, bool has_fc1_bias, bool needs_gamma_grad) {
   const MlpDims s = check_mlp(x, ln_weight, ln_bias, fc1_weight, fc2_weight, fc2_bias, gamma, dps, tokens_per_sample);
-  const bool tanh = parse_approximate(approximate);
+  const int gelu_mode = parse_approximate(approximate);
   check_matrix(dout, "dout", x);
   TORCH_CHECK(dout.sizes() == x.sizes(), "dout must have shape ", x.sizes(), ", got ", dout.sizes());
   check_matrix(h_pre, "h_pre", x);
@@ -337,7 +341,7 @@ std::tuple<Tensor, OptTensor, OptTensor, Tensor, OptTensor, Tensor, OptTensor, O
     scalar_t* ap = act.data_ptr<scalar_t>();
     scalar_t* dp = dh.data_ptr<scalar_t>();
     at::parallel_for(0, s.m, 8, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) gelu_backward_row(hp + r * s.f, ap + r * s.f, dp + r * s.f, s.f, tanh);
+      for (int64_t r = r0; r < r1; ++r) gelu_backward_row(hp + r * s.f, ap + r * s.f, dp + r * s.f, s.f, gelu_mode);
     });
   });
   Tensor dfc2_w = gemm::mm_tn(dy2, act);

@@ -17,6 +17,7 @@ from torch import Tensor
 __all__ = [
     "attention",
     "gelu",
+    "gelu_backward",
     "layer_norm",
     "layer_norm_linear",
     "layer_norm_mlp",
@@ -121,8 +122,21 @@ def layer_norm_linear(
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
-    """GELU, exact (erf) by default, 'tanh' for the approximation."""
+    """GELU, exact (erf) by default, 'tanh' for the tanh approximation, 'quick' for CLIP's
+    x * sigmoid(1.702 x) (computed in fp32 for low-precision x, like F.gelu)."""
+    if approximate == "quick":
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        return (xf * torch.sigmoid(1.702 * xf)).to(x.dtype)
     return F.gelu(x, approximate=approximate)
+
+
+def gelu_backward(dy: Tensor, x: Tensor, approximate: str = "none") -> Tensor:
+    """dy * GELU'(x) without autograd (for backend bodies); same variants as `gelu`."""
+    if approximate == "quick":
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        s = torch.sigmoid(1.702 * xf)
+        return (dy.to(xf.dtype) * (s + 1.702 * xf * s * (1 - s))).to(dy.dtype)
+    return torch.ops.aten.gelu_backward(dy, x, approximate=approximate)
 
 
 def scale_residual(
@@ -170,7 +184,7 @@ def layer_norm_mlp(
     """The whole pre-LN MLP sub-block: x + gamma * dps * fc2(gelu(fc1(LN(x)))).
 
     x [B, T, D]; ln_weight, ln_bias [D]; fc1_weight [F, D]; fc1_bias [F]; fc2_weight [D, F];
-    fc2_bias [D]; gamma [D]; drop_path_scale [B]. GELU is exact unless approximate='tanh'.
+    fc2_bias [D]; gamma [D]; drop_path_scale [B]. GELU: 'none' (erf), 'tanh' or 'quick'.
     """
     h = gelu(layer_norm_linear(x, ln_weight, ln_bias, fc1_weight, fc1_bias, eps), approximate)
     return scale_residual(F.linear(h, fc2_weight, fc2_bias), x, gamma, drop_path_scale)

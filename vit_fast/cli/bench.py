@@ -24,6 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
     )
     p.add_argument("--model", default="vit_tiny_patch16_224")
+    add_zoo_arguments(p)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--img-size", type=int, default=None, help="override the model's image size")
     p.add_argument("--depth", type=int, default=None, help="override the model's number of blocks")
@@ -88,11 +89,66 @@ def _ints(s: str) -> tuple[int, ...]:
     return tuple(int(v) for v in s.split(",") if v.strip())
 
 
+def add_zoo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--zoo",
+        default=None,
+        help="instead of the suite: comma list of Hugging Face / torchvision / open_clip models "
+        "(hf-vit-b16, clip-vit-b16, tv-vit-b16, oc-vit-b16, or any vit_fast.integrations.zoo name with "
+        "--zoo-size), built from configs with random weights, stock vs vit_fast.patch'ed in the same run",
+    )
+    p.add_argument("--zoo-size", default="base", help="size of the --zoo models: base (ViT-B/16) or tiny")
+
+
+#: --zoo aliases for the ViT-B/16 cases.
+ZOO_ALIASES = {
+    "hf-vit-b16": "hf-vit",
+    "clip-vit-b16": "hf-clip",
+    "tv-vit-b16": "tv-vit",
+    "oc-vit-b16": "oc-vit",
+}
+
+
+def run_zoo(args: argparse.Namespace) -> int:
+    """`vit-fast bench --zoo ...`: each model stock vs patched, inference and training step, fp32."""
+    import torch
+
+    from vit_fast.integrations.zoo import ZOO
+    from vit_fast.perf import bench
+
+    names = [ZOO_ALIASES.get(n.strip(), n.strip()) for n in args.zoo.split(",") if n.strip()]
+    for n in names:
+        if n not in ZOO:
+            known = ", ".join([*ZOO_ALIASES, *ZOO])
+            raise SystemExit(f"--zoo: unknown model {n!r}; known: {known}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(
+        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, float32, size {args.zoo_size}"
+    )
+    results = []
+    for n in names:
+        print(f"  {n} ...", file=sys.stderr, flush=True)
+        results += bench.bench_zoo(
+            n, args.batch, args.zoo_size, device=device,
+            min_run_time=args.min_run_time if args.min_run_time is not None else 0.1, min_reps=args.model_runs,
+        )  # fmt: skip
+    print(bench.format_zoo(results))
+    paths = bench.write_outputs(results, args.out, {"zoo": names, "zoo_size": args.zoo_size})
+    print("wrote " + ", ".join(paths.values()))
+    failed = [r for r in results if r.error]
+    for r in failed:
+        print(f"FAILED {r.name} {r.impl} {r.mode}: {r.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def run(args: argparse.Namespace) -> int:
     import contextlib
     import time
 
     import torch
+
+    if getattr(args, "zoo", None):
+        return run_zoo(args)
 
     from vit_fast.cli.check import environment
     from vit_fast.ops.backend import use_backend

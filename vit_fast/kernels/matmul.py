@@ -9,9 +9,10 @@ Prologue (applied to each A tile as it is loaded, in fp32, then rounded to the o
 the tensor-core inputs are what an unfused kernel would have read from memory):
   PRO_LN_ROW  LayerNorm of the rows of A: (a - mean[m]) * rstd[m] * ln_w[k] + ln_b[k]   (forward)
   PRO_LN_COL  the same for A = X^T: statistics indexed by k, LN affine by m   (dW = dY^T LN(X))
-  PRO_GELU    exact-erf GELU;  PRO_GELU_TANH  the tanh approximation          (fc2 reads h_pre)
+  PRO_GELU    exact-erf GELU;  PRO_GELU_TANH  the tanh approximation;         (fc2 reads h_pre)
+  PRO_GELU_QUICK  CLIP's quick GELU, x * sigmoid(1.702 x)
 Epilogue (on the fp32 accumulator):
-  + bias[n]; * dGELU(aux[m, n]) (EPI_DGELU / EPI_DGELU_TANH: fc1 dgrad); * gamma[n];
+  + bias[n]; * dGELU(aux[m, n]) (EPI_DGELU / _TANH / _QUICK: fc1 dgrad); * gamma[n];
   * dps[m // tokens_per_sample]; + residual[m, n]; cast to C's dtype.
 
 fp32 operands use IEEE fp32 dot (not TF32) so fp32 results meet the numerics rule. In the
@@ -58,8 +59,10 @@ __all__ = [
     "mlp_forward",
 ]
 
-PRO_NONE, PRO_LN_ROW, PRO_LN_COL, PRO_GELU, PRO_GELU_TANH = 0, 1, 2, 3, 4
-EPI_NONE, EPI_DGELU, EPI_DGELU_TANH = 0, 1, 2
+PRO_NONE, PRO_LN_ROW, PRO_LN_COL, PRO_GELU, PRO_GELU_TANH, PRO_GELU_QUICK = 0, 1, 2, 3, 4, 5
+EPI_NONE, EPI_DGELU, EPI_DGELU_TANH, EPI_DGELU_QUICK = 0, 1, 2, 3
+#: GELU variant codes shared by the prologue (PRO_GELU + code) and the epilogue (EPI_DGELU + code).
+GELU_ERF, GELU_TANH, GELU_QUICK = 0, 1, 2
 
 _SQRT1_2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
@@ -73,18 +76,25 @@ def _tanh(u):
 
 
 @triton.jit
-def _gelu(x, TANH: tl.constexpr):
-    if TANH:
+def _gelu(x, MODE: tl.constexpr):
+    """GELU of variant MODE: GELU_ERF (0), GELU_TANH (1) or GELU_QUICK (2, x * sigmoid(1.702 x))."""
+    if MODE == 1:
         return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    elif MODE == 2:
+        return x * tl.sigmoid(1.702 * x)
     else:
         return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
 
 
 @triton.jit
-def _dgelu(x, TANH: tl.constexpr):
-    if TANH:
+def _dgelu(x, MODE: tl.constexpr):
+    if MODE == 1:
         t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
         return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+    elif MODE == 2:
+        # d/dx [x s(cx)] = s + c x s (1 - s)
+        sg = tl.sigmoid(1.702 * x)
+        return sg + 1.702 * x * sg * (1.0 - sg)
     else:
         return 0.5 * (1.0 + tl.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
 
@@ -177,10 +187,8 @@ def _gemm_kernel(
                     af = af * w_m[:, None]
                 if HAS_LNB:
                     af = af + b_m[:, None]
-            elif PROLOGUE == 3:
-                af = _gelu(af, False)
-            else:
-                af = _gelu(af, True)
+            else:  # PRO_GELU + variant
+                af = _gelu(af, PROLOGUE - 3)
             # Out-of-range entries must stay 0 (LN of a padded 0 is not 0).
             a = tl.where(a_mask, af, 0.0).to(a_ptr.dtype.element_ty)
         if UPCAST:
@@ -197,7 +205,7 @@ def _gemm_kernel(
         hp = tl.load(
             aux_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=c_mask, other=0.0
         )
-        acc *= _dgelu(hp.to(tl.float32), EPILOGUE == 2)
+        acc *= _dgelu(hp.to(tl.float32), EPILOGUE - 1)
     if HAS_GAMMA:
         acc *= tl.load(gamma_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_DPS:
@@ -329,12 +337,15 @@ def gemm(
     return out
 
 
+_GELU_CODES = {"none": GELU_ERF, "tanh": GELU_TANH, "quick": GELU_QUICK}
+
+
 def _gelu_pro(approximate: str) -> int:
-    return PRO_GELU_TANH if approximate == "tanh" else PRO_GELU
+    return PRO_GELU + _GELU_CODES[approximate]
 
 
 def _dgelu_epi(approximate: str) -> int:
-    return EPI_DGELU_TANH if approximate == "tanh" else EPI_DGELU
+    return EPI_DGELU + _GELU_CODES[approximate]
 
 
 def _row_scale(t: Tensor, dps: Tensor | None, tokens_per_sample: int) -> Tensor:
@@ -609,15 +620,19 @@ _GEMM_VARIANTS = (
      ("stride_ak", "stride_bk", "stride_cn", "stride_rn")),
     ("gelutanh_res", PRO_GELU_TANH, EPI_NONE, ("HAS_BIAS", "HAS_GAMMA", "HAS_DPS", "HAS_RES"), False,
      ("stride_ak", "stride_bk", "stride_cn", "stride_rn")),
+    ("geluquick_res", PRO_GELU_QUICK, EPI_NONE, ("HAS_BIAS", "HAS_GAMMA", "HAS_DPS", "HAS_RES"), False,
+     ("stride_ak", "stride_bk", "stride_cn", "stride_rn")),
     ("bias_res", PRO_NONE, EPI_NONE, ("HAS_BIAS", "HAS_GAMMA", "HAS_DPS", "HAS_RES"), False,
      ("stride_ak", "stride_bk", "stride_cn", "stride_rn")),
     ("dgrad_dgelu", PRO_NONE, EPI_DGELU, (), False, ("stride_ak", "stride_bn", "stride_cn", "stride_xn")),
     ("dgrad_dgelutanh", PRO_NONE, EPI_DGELU_TANH, (), False, ("stride_ak", "stride_bn", "stride_cn", "stride_xn")),
+    ("dgrad_dgeluquick", PRO_NONE, EPI_DGELU_QUICK, (), False, ("stride_ak", "stride_bn", "stride_cn", "stride_xn")),
     ("dgrad_f32", PRO_NONE, EPI_NONE, (), True, ("stride_ak", "stride_bn", "stride_cn")),
     ("dgrad", PRO_NONE, EPI_NONE, (), False, ("stride_ak", "stride_bn", "stride_cn")),
     ("wgrad_ln", PRO_LN_COL, EPI_NONE, ("HAS_LNW", "HAS_LNB"), False, ("stride_am", "stride_bn", "stride_cm")),
     ("wgrad_gelu_f32", PRO_GELU, EPI_NONE, (), True, ("stride_am", "stride_bn", "stride_cm")),
     ("wgrad_gelutanh_f32", PRO_GELU_TANH, EPI_NONE, (), True, ("stride_am", "stride_bn", "stride_cm")),
+    ("wgrad_geluquick_f32", PRO_GELU_QUICK, EPI_NONE, (), True, ("stride_am", "stride_bn", "stride_cm")),
     ("wgrad_f32", PRO_NONE, EPI_NONE, (), True, ("stride_am", "stride_bn", "stride_cn")),
 )  # fmt: skip
 

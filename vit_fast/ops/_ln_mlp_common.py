@@ -117,8 +117,8 @@ def check_dps(dps: object, x: Tensor) -> Tensor | None:
 
 
 def check_approximate(approximate: object) -> str:
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    if approximate not in ("none", "tanh", "quick"):
+        raise ValueError(f"approximate must be 'none', 'tanh' or 'quick', got {approximate!r}")
     return str(approximate)
 
 

@@ -306,7 +306,7 @@ def layer_norm_mlp(
     x [B, T, D] (or [..., D] without drop_path_scale); ln_weight, ln_bias [D]; fc1_weight [F, D];
     fc1_bias [F]; fc2_weight [D, F]; fc2_bias [D]; gamma [D]; drop_path_scale [B] (any float
     dtype). All other tensors share x's dtype (fp32/fp16/bf16; the autocast dtype under
-    autocast). GELU is exact (erf) unless approximate='tanh'. Returns [..., D] in x's dtype.
+    autocast). GELU: exact (erf), 'tanh' or 'quick' (x * sigmoid(1.702 x)). Returns [..., D] in x's dtype.
     Saved for backward: x, mean [M] and rstd [M] (fp32), h_pre [M, F] (fc1 pre-activation) and
     the parameters; LN(x) and GELU(h_pre) are recomputed.
     """

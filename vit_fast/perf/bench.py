@@ -17,6 +17,7 @@ machine (vit_fast.perf.gemm_floor): kind "floor" rows, one per mode.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -736,3 +737,92 @@ def print_rich_table(results: list[BenchResult]) -> bool:
 
 def wall_clock() -> float:
     return time.perf_counter()
+
+
+# ----------------------------------------------------------------------------------------------
+# Zoo: a Hugging Face / torchvision / open_clip model, patched vs its stock self
+# ----------------------------------------------------------------------------------------------
+
+
+def _zoo_output(out: Any) -> Tensor:
+    """The main tensor of a zoo model's output (HF output objects, tuples or a tensor)."""
+    if isinstance(out, Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        t = getattr(out, key, None)
+        if isinstance(t, Tensor):
+            return t
+    return out[0]
+
+
+def bench_zoo(
+    name: str,
+    batch: int,
+    size: str = "base",
+    modes: Iterable[str] = ("inference", "train"),
+    device: torch.device | str = "cpu",
+    min_run_time: float = 0.5,
+    min_reps: int = 5,
+) -> list[BenchResult]:
+    """Model `name` of `vit_fast.integrations.zoo` (random weights, from its config) stock vs
+    `vit_fast.patch`ed, same process, fp32: inference (no-grad forward) and training step (forward,
+    mean-square loss on the main output, backward, SGD step). impl is 'stock' or 'patched'.
+    The two copies start from the same weights; per mode, stock is timed right before patched."""
+    from vit_fast.integrations import patch
+    from vit_fast.integrations.zoo import build
+
+    device = torch.device(device)
+    torch.manual_seed(0)
+    stock, img = build(name, size)
+    stock = stock.to(device)
+    patched = patch(copy.deepcopy(stock))
+    images = torch.randn(batch, 3, img, img, device=device)
+    steps = {}
+    for impl, model in (("stock", stock), ("patched", patched)):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+
+        def infer(model=model) -> None:
+            model.eval()
+            with torch.no_grad():
+                model(images)
+
+        def train_step(model=model, opt=opt) -> None:
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            _zoo_output(model(images)).float().square().mean().backward()
+            opt.step()
+
+        steps[impl] = {"inference": infer, "train": train_step}
+    results = []
+    # Per mode, stock then patched back to back: on a shared machine the pair sees similar load.
+    for mode in modes:
+        for impl in ("stock", "patched"):
+            error = ""
+            try:
+                med, iqr, reps = measure(steps[impl][mode], device, min_run_time, min_reps)
+            except Exception as err:
+                med, iqr, reps, error = math.nan, math.nan, 0, _error_text(err)
+            results.append(
+                BenchResult(
+                    "zoo", name, mode, impl, "eager" if impl == "stock" else "fused", device.type, "float32",
+                    batch, 0, 0, med * 1e3, iqr * 1e3, reps,
+                    samples_per_s=batch / med if not error else None, error=error,
+                )
+            )  # fmt: skip
+    return results
+
+
+def format_zoo(results: list[BenchResult]) -> str:
+    """stock ms, patched ms and stock / patched per (model, mode)."""
+    rows = [
+        f"{'model':<16} {'mode':<9} {'batch':>5} {'stock ms':>10} {'patched ms':>10} {'stock/patched':>13}"
+    ]
+    keys = dict.fromkeys((r.name, r.mode, r.batch) for r in results)
+    for name, mode, batch in keys:
+        got = {r.impl: r for r in results if (r.name, r.mode, r.batch) == (name, mode, batch)}
+        s, p = got.get("stock"), got.get("patched")
+        if s is None or p is None:
+            continue
+        ratio = s.median_ms / p.median_ms if p.median_ms > 0 else math.nan
+        rows.append(f"{name:<16} {mode:<9} {batch:>5} {s.median_ms:10.1f} {p.median_ms:10.1f} {ratio:13.2f}")
+    return "\n".join(rows)

@@ -1,0 +1,134 @@
+"""open_clip adapter of `vit_fast.patch`: `open_clip.transformer.VisionTransformer` (alone or as
+the `visual` tower of an open_clip CLIP model; the text tower stays stock).
+
+Blocks (`ResidualAttentionBlock`): `ln_1`, `attn` (batch-first nn.MultiheadAttention, packed
+`in_proj_weight`), `ls_1` (LayerScale `gamma` or Identity), `ln_2`, `mlp` = Sequential(`c_fc`,
+`gelu` (nn.GELU or QuickGELU), `c_proj`), `ls_2`; LN eps 1e-5. The image embedding (`conv1`
+without bias, `class_embedding` [D], `positional_embedding` [1 + N, D]) goes through the fused
+patch_embed op by an instance `_embeds`; patch dropout and `ln_pre` stay stock. A block call with
+`k_x`, `v_x` or `attn_mask` runs the stock block.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from vit_fast.integrations.patch import (
+    SPEC_ATTR,
+    BlockSpec,
+    PatchPlan,
+    fused_block,
+    gelu_variant,
+    layer_norm_blocker,
+    mha_qkv,
+    mha_spec_kwargs,
+)
+from vit_fast.nn.block import op_namespace
+
+
+def block_spec(block: nn.Module, impl: str) -> tuple[BlockSpec | None, list[str]]:
+    attn = getattr(block, "attn", None)
+    qkv, why = mha_qkv(attn)
+    if qkv is None:
+        return None, why
+    dim = attn.embed_dim
+    for name in ("ln_1", "ln_2"):
+        bad = layer_norm_blocker(getattr(block, name, None), name, dim)
+        if bad:
+            why.append(bad)
+    if hasattr(block, "ln_1_kv"):
+        why.append("block is a cross-attention block")
+    mlp = getattr(block, "mlp", None)
+    fc1, act, fc2 = (getattr(mlp, n, None) for n in ("c_fc", "gelu", "c_proj"))
+    if not isinstance(fc1, nn.Linear) or not isinstance(fc2, nn.Linear) or len(mlp) != 3:
+        return None, [*why, "mlp is not c_fc, gelu, c_proj"]
+    approximate = gelu_variant(act)
+    if approximate is None:
+        why.append(f"mlp activation is {type(act).__name__}, not a GELU")
+    gammas = []
+    for name in ("ls_1", "ls_2"):
+        ls = getattr(block, name, None)
+        if isinstance(ls, nn.Identity):
+            gammas.append(None)
+        elif isinstance(getattr(ls, "gamma", None), nn.Parameter):
+            gammas.append((ls, "gamma"))
+        else:
+            why.append(f"{name} is {type(ls).__name__}, not LayerScale")
+    if why:
+        return None, why
+    return BlockSpec(
+        norm1=block.ln_1,
+        norm2=block.ln_2,
+        fc1=fc1,
+        fc2=fc2,
+        approximate=approximate,
+        packed_qkv=qkv,
+        layer_scale1=gammas[0],
+        layer_scale2=gammas[1],
+        impl=impl,
+        **mha_spec_kwargs(attn),
+    ), []
+
+
+def _block_forward(self: nn.Module, q_x: Tensor, k_x=None, v_x=None, attn_mask=None) -> Tensor:
+    spec: BlockSpec = self.__dict__[SPEC_ATTR]
+    if k_x is not None or v_x is not None or attn_mask is not None or q_x.dim() != 3:
+        return type(self).forward(self, q_x, k_x, v_x, attn_mask)
+    return fused_block(spec, q_x, self.training)
+
+
+def _embeds(self: nn.Module, x: Tensor) -> Tensor:
+    """The stock `_embeds` with conv1 + class token + position embedding in one fused op."""
+    if x.dim() != 4 or tuple(x.shape[-2:]) != tuple(self.image_size):
+        return type(self)._embeds(self, x)
+    conv = self.conv1
+    x = op_namespace(self.__dict__[SPEC_ATTR]).patch_embed(
+        x.to(conv.weight.dtype),
+        conv.weight,
+        conv.bias,
+        self.positional_embedding.unsqueeze(0),
+        self.class_embedding.view(1, 1, -1),
+        None,
+        patch_size=conv.kernel_size[0],
+    )
+    return self.ln_pre(self.patch_dropout(x))
+
+
+def plan(model: nn.Module, impl: str) -> PatchPlan:
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+    out = PatchPlan()
+    found = False
+    for vname, vit in model.named_modules():
+        if not isinstance(vit, VisionTransformer):
+            continue
+        found = True
+        prefix = f"{vname}." if vname else ""
+        for i, block in enumerate(vit.transformer.resblocks):
+            where = f"{prefix}transformer.resblocks.{i}"
+            if type(block) is not ResidualAttentionBlock:
+                out.skipped.append(f"{where}: {type(block).__name__} is not ResidualAttentionBlock")
+                continue
+            spec, why = block_spec(block, impl)
+            if spec is None:
+                out.skipped.append(f"{where}: {'; '.join(why)}")
+            else:
+                out.overrides.append((block, "forward", _block_forward, spec))
+        conv, pos = vit.conv1, getattr(vit, "positional_embedding", None)
+        if (
+            hasattr(type(vit), "_embeds")
+            and isinstance(conv, nn.Conv2d)
+            and conv.kernel_size[0] == conv.kernel_size[1]
+            and conv.stride == conv.kernel_size
+            and conv.padding == (0, 0)
+            and conv.groups == 1
+            and isinstance(pos, Tensor)
+            and pos.dim() == 2
+            and pos.shape[0] == vit.grid_size[0] * vit.grid_size[1] + 1
+        ):
+            out.overrides.append((vit, "_embeds", _embeds, impl))
+        else:
+            out.skipped.append(f"{prefix}conv1: not the stock patch embedding")
+    if not found:
+        raise TypeError(f"vit_fast.patch: no open_clip VisionTransformer in {type(model).__name__}")
+    return out

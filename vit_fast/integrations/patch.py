@@ -1,0 +1,267 @@
+"""`vit_fast.patch(model)`: fuse the ViT of whichever library built `model`, in place, and back.
+
+Design: nothing in the module tree is replaced. Each transformer layer (and, where the layout is
+the stock one, the patch embedding) gets an *instance* `forward` that runs the fused ops on the
+layer's own parameters, described by a `BlockSpec`. So the `Parameter` objects, `state_dict` keys,
+module types, hooks and `train()`/`eval()` flags are the stock model's (the fused forward reads
+`self.training` of the very layer it replaces), and `unpatch` only deletes the instance attributes.
+A call the fused path cannot express (an attention mask, attention weights requested, dropout
+between the GEMM and the residual active in training, ...) runs the class's stock `forward` for
+that call. Parts that cannot be fused at all stay stock, with one warning naming them.
+
+Per layer the fused path is four launches, as in `vit_fast.nn.Block`:
+  layer_norm_linear (norm1 + packed qkv) -> attention -> linear_residual (proj, layer-scale,
+  drop-path, + x) -> layer_norm_mlp (norm2, fc1, GELU variant, fc2, layer-scale, drop-path, + x).
+Separate q/k/v projections (Hugging Face) are concatenated inside autograd (`torch.cat`, whose
+backward hands each Parameter its slice of the gradient): the block saves for backward what the
+timm-patched block saves (the packed weight is the same size as timm's qkv weight), at the cost of
+one [3D, D] copy per layer and call.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from vit_fast.nn.block import op_namespace
+from vit_fast.nn.mlp import drop_path_scale
+
+__all__ = ["BlockSpec", "is_patched", "patch", "unpatch"]
+
+#: Instance attribute on the patched root model: list of (module, attribute name) overridden.
+_PATCHED = "_vit_fast_patched"
+#: Instance attribute on each patched layer: its BlockSpec.
+SPEC_ATTR = "_vit_fast_spec"
+
+#: GELU modules by class name -> the `approximate` value of the fused MLP op. Matched by name so
+#: that the libraries need not be importable; each entry's formula is the op's variant:
+#: torch nn.GELU (its own `approximate`), HF GELUActivation (erf), GELUTanh / PytorchGELUTanh /
+#: NewGELUActivation (tanh form), HF QuickGELUActivation and open_clip QuickGELU (x*sigmoid(1.702x)).
+_GELU_BY_NAME = {
+    "GELUActivation": "none",
+    "GELUTanh": "tanh",
+    "PytorchGELUTanh": "tanh",
+    "NewGELUActivation": "tanh",
+    "QuickGELUActivation": "quick",
+    "QuickGELU": "quick",
+}
+
+
+def gelu_variant(act: nn.Module | Callable) -> str | None:
+    """The fused op's `approximate` for an activation module, or None if it is not a GELU we fuse."""
+    if isinstance(act, nn.GELU):
+        return act.approximate
+    name = type(act).__name__
+    if (
+        name == "GELUActivation"
+        and getattr(act, "act", torch.nn.functional.gelu) is not torch.nn.functional.gelu
+    ):
+        # HF's python erf formula (use_gelu_python): the same function
+        return "none"
+    return _GELU_BY_NAME.get(name)
+
+
+def layer_norm_blocker(norm: object, name: str, dim: int) -> str | None:
+    if not isinstance(norm, nn.LayerNorm):
+        return f"{name} is {type(norm).__name__}, not a LayerNorm"
+    if tuple(norm.normalized_shape) != (dim,):
+        return f"{name} normalises {tuple(norm.normalized_shape)}, not ({dim},)"
+    return None
+
+
+@dataclass(eq=False)
+class BlockSpec:
+    """Where a stock pre-LN block keeps its parameters: modules and attribute names, read at every
+    call (so a Parameter replaced later, e.g. by `load_state_dict(assign=True)`, is the one used).
+
+    The qkv projection is either a packed `nn.MultiheadAttention` (`in_proj_weight` [3D, D],
+    `in_proj_bias` [3D]) or three nn.Linear (q, k, v); `layer_scale1/2` are (module, attribute)
+    of a [D] layer-scale Parameter, or None; `stock_dropouts` are dropout modules
+    of the stock forward that sit where the fused ops have none: while any is active (training,
+    p > 0) the call runs the stock forward.
+    """
+
+    norm1: nn.LayerNorm
+    num_heads: int
+    scale: float
+    proj: nn.Linear
+    norm2: nn.LayerNorm
+    fc1: nn.Linear
+    fc2: nn.Linear
+    approximate: str
+    attn_dropout: Callable[[], float]
+    packed_qkv: nn.MultiheadAttention | None = None
+    separate_qkv: tuple[nn.Linear, nn.Linear, nn.Linear] | None = None
+    layer_scale1: tuple[nn.Module, str] | None = None
+    layer_scale2: tuple[nn.Module, str] | None = None
+    drop_path: float = 0.0
+    stock_dropouts: tuple[nn.Module, ...] = ()
+    impl: str = "fused"
+
+    def qkv_params(self) -> tuple[Tensor, Tensor | None]:
+        """The packed [3D, D] weight and [3D] bias (q rows, then k, then v: timm's layout)."""
+        if self.packed_qkv is not None:
+            return self.packed_qkv.in_proj_weight, self.packed_qkv.in_proj_bias
+        q, k, v = self.separate_qkv
+        # Differentiable: cat's backward splits the gradient back onto the three Parameters. Not
+        # cached across calls, even under no_grad: a cache keyed on the Parameters' version counters
+        # misses writes through `.data` (e.g. an EMA / DINO teacher update), a silently stale weight.
+        w = torch.cat([q.weight, k.weight, v.weight])
+        b = torch.cat([q.bias, k.bias, v.bias]) if q.bias is not None else None
+        return w, b
+
+    @staticmethod
+    def gamma(ls: tuple[nn.Module, str] | None) -> Tensor | None:
+        return None if ls is None else getattr(*ls)
+
+    def stock_dropout_active(self, training: bool) -> bool:
+        return training and any(getattr(d, "p", 0.0) > 0.0 for d in self.stock_dropouts)
+
+
+def fused_block(spec: BlockSpec, x: Tensor, training: bool) -> Tensor:
+    """x [B, T, D] -> [B, T, D]: the pre-LN block of `spec` through the fused ops."""
+    f = op_namespace(spec.impl)
+    n1, n2 = spec.norm1, spec.norm2
+    w_qkv, b_qkv = spec.qkv_params()
+    qkv = f.layer_norm_linear(x, n1.weight, n1.bias, w_qkv, b_qkv, n1.eps)
+    o = f.attention(qkv, spec.num_heads, scale=spec.scale, dropout_p=spec.attn_dropout() if training else 0.0)
+    dps = drop_path_scale(x.shape[0], spec.drop_path, training, x.device)
+    x = f.linear_residual(
+        o, spec.proj.weight, spec.proj.bias, x, gamma=spec.gamma(spec.layer_scale1), drop_path_scale=dps
+    )
+    dps = drop_path_scale(x.shape[0], spec.drop_path, training, x.device)
+    return f.layer_norm_mlp(
+        x,
+        n2.weight,
+        n2.bias,
+        spec.fc1.weight,
+        spec.fc1.bias,
+        spec.fc2.weight,
+        spec.fc2.bias,
+        n2.eps,
+        gamma=spec.gamma(spec.layer_scale2),
+        drop_path_scale=dps,
+        approximate=spec.approximate,
+    )
+
+
+@dataclass
+class PatchPlan:
+    """What a library adapter found: per module, the instance attribute to set and its function
+    (bound to the module as a method), plus the parts it leaves stock and why."""
+
+    overrides: list[tuple[nn.Module, str, Callable, object]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _library(model: nn.Module) -> str:
+    mod = type(model).__module__
+    for prefix, name in (
+        ("timm.", "timm"),
+        ("transformers.", "hf"),
+        ("torchvision.", "torchvision"),
+        ("open_clip.", "open_clip"),
+    ):
+        if mod.startswith(prefix):
+            return name
+    # A wrapper around a supported model (e.g. a user module holding a CLIP tower): look inside.
+    for sub in model.modules():
+        sub_mod = type(sub).__module__
+        if sub is not model and sub_mod.startswith(("transformers.", "torchvision.", "open_clip.")):
+            return _library(sub)
+    raise TypeError(
+        f"vit_fast.patch: {type(model).__module__}.{type(model).__name__} is not a model from timm, "
+        "Hugging Face transformers, torchvision or open_clip"
+    )
+
+
+def _plan(model: nn.Module, impl: str) -> PatchPlan:
+    lib = _library(model)
+    if lib == "timm":
+        raise TypeError(f"vit_fast.patch supports timm's VisionTransformer, got {type(model).__name__}")
+    if lib == "hf":
+        from vit_fast.integrations import hf as adapter
+    elif lib == "torchvision":
+        from vit_fast.integrations import torchvision as adapter
+    else:
+        from vit_fast.integrations import open_clip as adapter
+    return adapter.plan(model, impl)
+
+
+def patch(model: nn.Module, impl: str = "fused") -> nn.Module:
+    """Fuse a ViT from timm, Hugging Face transformers, torchvision or open_clip in place.
+
+    Returns the same object. Parameters, `state_dict` keys and module types are unchanged; each
+    supported transformer layer (and the stock patch embedding) runs the fused ops. `impl` is
+    'fused' (Triton on CUDA, C++ on CPU) or 'reference'. Unsupported parts stay stock, with one
+    warning naming them. Patching a patched model is a no-op; `unpatch` undoes it.
+    """
+    op_namespace(impl)  # validates impl
+    if _library(model) == "timm" and type(model).__name__ == "VisionTransformer":
+        from vit_fast.integrations.timm import patch_timm
+
+        return patch_timm(model, impl)
+    if is_patched(model):
+        return model
+    plan = _plan(model, impl)
+    done = []
+    for module, attr, fn, spec in plan.overrides:
+        if spec is not None:
+            object.__setattr__(module, SPEC_ATTR, spec)
+        object.__setattr__(module, attr, types.MethodType(fn, module))
+        done.append((module, attr))
+    if not done:
+        plan.skipped.insert(0, "nothing could be fused")
+    object.__setattr__(model, _PATCHED, done)
+    if plan.skipped:
+        warnings.warn("vit_fast.patch left these parts stock: " + " | ".join(plan.skipped), stacklevel=2)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo `patch`: every overridden method goes; the stock forwards run again (same parameters)."""
+    if _library(model) == "timm" and type(model).__name__ == "VisionTransformer":
+        from vit_fast.integrations.timm import unpatch_timm
+
+        return unpatch_timm(model)
+    done = model.__dict__.pop(_PATCHED, None)
+    for module, attr in done or ():
+        module.__dict__.pop(attr, None)
+        module.__dict__.pop(SPEC_ATTR, None)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether `patch` (or `patch_timm`) is in effect on `model`."""
+    from vit_fast.integrations.timm import is_patched as timm_is_patched
+
+    return _PATCHED in model.__dict__ or timm_is_patched(model)
+
+
+def mha_qkv(attn: object) -> tuple[nn.MultiheadAttention | None, list[str]]:
+    """A batch-first self-attention `nn.MultiheadAttention` with a packed in-projection
+    (`in_proj_weight` [3D, D]), or the reasons it cannot be fused (torchvision and open_clip)."""
+    if not isinstance(attn, nn.MultiheadAttention):
+        return None, [f"attention is {type(attn).__name__}, not nn.MultiheadAttention"]
+    why = []
+    if not attn._qkv_same_embed_dim or attn.in_proj_weight is None:
+        why.append("attention has separate k/v dims")
+    if attn.bias_k is not None or attn.bias_v is not None or attn.add_zero_attn:
+        why.append("attention has bias_k/bias_v/add_zero_attn")
+    if not attn.batch_first:
+        why.append("attention is not batch_first")
+    return (None if why else attn), why
+
+
+def mha_spec_kwargs(attn: nn.MultiheadAttention) -> dict:
+    return {
+        "num_heads": attn.num_heads,
+        "scale": attn.head_dim**-0.5,
+        "proj": attn.out_proj,
+        "attn_dropout": lambda: float(attn.dropout),
+    }
