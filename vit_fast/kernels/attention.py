@@ -56,11 +56,54 @@ def _mm(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 @triton.jit
 def _keep_mask(seed, bh, offs_m, offs_n, T, dropout_p):
     """Boolean [BLOCK_M, BLOCK_N] keep-mask of attention dropout for rows offs_m, cols offs_n of
-    head `bh` (= b*H + h). The head goes into the high 32 bits of the Philox key (the wrapper draws
-    seed < 2**31), the in-head position into the counter."""
+    head `bh` (= b*H + h) of a sequence of T tokens. The head goes into the high 32 bits of the
+    Philox key (the wrapper draws seed < 2**31), the in-head position into the counter."""
     head_seed = seed + bh.to(tl.int64) * 4294967296
     counter = offs_m[:, None] * T + offs_n[None, :]
     return tl.rand(head_seed, counter) >= dropout_p
+
+
+@triton.jit
+def _seq(SeqStart, SeqLen, s, T, VARLEN: tl.constexpr):
+    """(start, length) of sequence s. VARLEN: its first row (int64) and length from the tables.
+    Fixed length: start is the batch index s itself (offsets then go through the batch strides)."""
+    if VARLEN:
+        start = tl.load(SeqStart + s).to(tl.int64)
+        length = tl.load(SeqLen + s)
+    else:
+        start = s.to(tl.int64)
+        length = T
+    return start, length
+
+
+@triton.jit
+def _off(start, stride_b, stride_t, VARLEN: tl.constexpr):
+    """Element offset (int64) of the first row of a sequence in one tensor."""
+    if VARLEN:
+        off = start * stride_t
+    else:
+        off = start * stride_b
+    return off
+
+
+@triton.jit
+def _lse_off(start, h, H, T, stride_lh, VARLEN: tl.constexpr):
+    """Offset of (sequence, head) row 0 in lse / delta: [H, rows] for varlen, [B, H, T] otherwise."""
+    if VARLEN:
+        off = h.to(tl.int64) * stride_lh + start
+    else:
+        off = (start * H + h) * T
+    return off
+
+
+@triton.jit
+def _rows(offs, IDX64: tl.constexpr):
+    """Row indices as used in `rows * stride`: widened to int64 when an offset can pass 2**31."""
+    if IDX64:
+        r = offs.to(tl.int64)
+    else:
+        r = offs
+    return r
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,10 +118,13 @@ def _attn_fwd_kernel(
     QKV,
     Out,
     Lse,
+    SeqStart,
+    SeqLen,
     stride_qb,
     stride_qt,
     stride_ob,
     stride_ot,
+    stride_lh,
     T,
     H,
     D,
@@ -90,22 +136,28 @@ def _attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    IDX64: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     bh = tl.program_id(0)
     pid_m = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
     h = bh % H
+    start, L = _seq(SeqStart, SeqLen, bh // H, T, VARLEN)
+    # Varlen grids cover the longest sequence; tiles past this one's end have nothing to do.
+    if pid_m * BLOCK_M >= L:
+        return
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < T
+    m_valid = offs_m < L
     d_valid = offs_d < head_dim
+    rows_m = _rows(offs_m, IDX64)
 
-    base = QKV + b * stride_qb + h * head_dim
+    base = QKV + _off(start, stride_qb, stride_qt, VARLEN) + h * head_dim
     q = tl.load(
-        base + offs_m[:, None] * stride_qt + offs_d[None, :],
+        base + rows_m[:, None] * stride_qt + offs_d[None, :],
         mask=m_valid[:, None] & d_valid[None, :],
         other=0.0,
     )
@@ -116,15 +168,16 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     inv_keep = 1.0 / (1.0 - dropout_p)
 
-    for start_n in range(0, T, BLOCK_N):
+    for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < T
+        n_valid = offs_n < L
+        rows_n = _rows(offs_n, IDX64)
         kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(base + D + offs_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(base + 2 * D + offs_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(base + D + rows_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(base + 2 * D + rows_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
 
         s = _mm(q, tl.trans(k), UPCAST, IEEE) * scale_log2
-        # Every key block holds at least one valid column (start_n < T), so m_new stays finite.
+        # Every key block holds at least one valid column (start_n < L), so m_new stays finite.
         s = tl.where(n_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -132,15 +185,16 @@ def _attn_fwd_kernel(
         # The softmax denominator uses the probabilities before dropout (lse is pre-dropout).
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
-            keep = _keep_mask(seed, bh, offs_m, offs_n, T, dropout_p)
+            keep = _keep_mask(seed, bh, offs_m, offs_n, L, dropout_p)
             p = tl.where(keep, p * inv_keep, 0.0)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, IEEE)
         m_i = m_new
 
     acc = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * LN2
-    tl.store(Lse + bh.to(tl.int64) * T + offs_m, lse, mask=m_valid)
-    o_ptrs = Out + b * stride_ob + h * head_dim + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(Lse + _lse_off(start, h, H, T, stride_lh, VARLEN) + offs_m, lse, mask=m_valid)
+    o_base = Out + _off(start, stride_ob, stride_ot, VARLEN) + h * head_dim
+    o_ptrs = o_base + rows_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
 
 
@@ -153,30 +207,40 @@ def _attn_bwd_delta_kernel(
     Out,
     dOut,
     Delta,
+    SeqStart,
+    SeqLen,
     stride_ob,
     stride_ot,
     stride_gb,
     stride_gt,
+    stride_lh,
     T,
     H,
     head_dim,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr,
+    IDX64: tl.constexpr,
 ):
     """Delta[b, h, t] = sum_d dO * O (fp32): the softmax-backward row term, computed once so the
     dk/dv kernel (which walks over query rows) does not need whole rows of P."""
     bh = tl.program_id(0)
     pid_m = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
     h = bh % H
+    start, L = _seq(SeqStart, SeqLen, bh // H, T, VARLEN)
+    if pid_m * BLOCK_M >= L:
+        return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_m = _rows(offs_m, IDX64)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < T)[:, None] & (offs_d < head_dim)[None, :]
+    mask = (offs_m < L)[:, None] & (offs_d < head_dim)[None, :]
     cols = h * head_dim + offs_d[None, :]
-    o = tl.load(Out + b * stride_ob + offs_m[:, None] * stride_ot + cols, mask=mask, other=0.0)
-    do = tl.load(dOut + b * stride_gb + offs_m[:, None] * stride_gt + cols, mask=mask, other=0.0)
+    o_base = Out + _off(start, stride_ob, stride_ot, VARLEN)
+    g_base = dOut + _off(start, stride_gb, stride_gt, VARLEN)
+    o = tl.load(o_base + rows_m[:, None] * stride_ot + cols, mask=mask, other=0.0)
+    do = tl.load(g_base + rows_m[:, None] * stride_gt + cols, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+    tl.store(Delta + _lse_off(start, h, H, T, stride_lh, VARLEN) + offs_m, delta, mask=offs_m < L)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -186,12 +250,15 @@ def _attn_bwd_dkdv_kernel(
     Lse,
     Delta,
     dQKV,
+    SeqStart,
+    SeqLen,
     stride_qb,
     stride_qt,
     stride_gb,
     stride_gt,
     stride_db,
     stride_dt,
+    stride_lh,
     T,
     H,
     D,
@@ -204,6 +271,8 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    IDX64: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -211,31 +280,35 @@ def _attn_bwd_dkdv_kernel(
     over all query blocks, recomputing P from the saved lse."""
     bh = tl.program_id(0)
     pid_n = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
     h = bh % H
+    start, L = _seq(SeqStart, SeqLen, bh // H, T, VARLEN)
+    if pid_n * BLOCK_N >= L:
+        return
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_n = _rows(offs_n, IDX64)
     offs_d = tl.arange(0, BLOCK_D)
-    n_valid = offs_n < T
+    n_valid = offs_n < L
     d_valid = offs_d < head_dim
     kv_mask = n_valid[:, None] & d_valid[None, :]
 
-    base = QKV + b * stride_qb + h * head_dim
-    k = tl.load(base + D + offs_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(base + 2 * D + offs_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
-    g_base = dOut + b * stride_gb + h * head_dim
-    row_base = bh.to(tl.int64) * T
+    base = QKV + _off(start, stride_qb, stride_qt, VARLEN) + h * head_dim
+    k = tl.load(base + D + rows_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(base + 2 * D + rows_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
+    g_base = dOut + _off(start, stride_gb, stride_gt, VARLEN) + h * head_dim
+    row_base = _lse_off(start, h, H, T, stride_lh, VARLEN)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     inv_keep = 1.0 / (1.0 - dropout_p)
 
-    for start_m in range(0, T, BLOCK_M):
+    for start_m in range(0, L, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < T
+        rows_m = _rows(offs_m, IDX64)
+        m_valid = offs_m < L
         qm = m_valid[:, None] & d_valid[None, :]
-        q = tl.load(base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=qm, other=0.0)
-        do = tl.load(g_base + offs_m[:, None] * stride_gt + offs_d[None, :], mask=qm, other=0.0)
+        q = tl.load(base + rows_m[:, None] * stride_qt + offs_d[None, :], mask=qm, other=0.0)
+        do = tl.load(g_base + rows_m[:, None] * stride_gt + offs_d[None, :], mask=qm, other=0.0)
         lse = tl.load(Lse + row_base + offs_m, mask=m_valid, other=0.0)
         delta = tl.load(Delta + row_base + offs_m, mask=m_valid, other=0.0)
 
@@ -245,7 +318,7 @@ def _attn_bwd_dkdv_kernel(
         p = tl.where(m_valid[:, None] & n_valid[None, :], p, 0.0)
         dp = _mm(do, tl.trans(v), UPCAST, IEEE)
         if HAS_DROPOUT:
-            keep = _keep_mask(seed, bh, offs_m, offs_n, T, dropout_p)
+            keep = _keep_mask(seed, bh, offs_m, offs_n, L, dropout_p)
             pd = tl.where(keep, p * inv_keep, 0.0)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         else:
@@ -255,9 +328,10 @@ def _attn_bwd_dkdv_kernel(
         dk += _mm(tl.trans(ds).to(q.dtype), q, UPCAST, IEEE)
 
     dk = dk * scale
-    d_base = dQKV + b * stride_db + h * head_dim + offs_n[:, None] * stride_dt + offs_d[None, :]
-    tl.store(d_base + D, dk.to(dQKV.dtype.element_ty), mask=kv_mask)
-    tl.store(d_base + 2 * D, dv.to(dQKV.dtype.element_ty), mask=kv_mask)
+    d_base = dQKV + _off(start, stride_db, stride_dt, VARLEN) + h * head_dim
+    d_ptrs = d_base + rows_n[:, None] * stride_dt + offs_d[None, :]
+    tl.store(d_ptrs + D, dk.to(dQKV.dtype.element_ty), mask=kv_mask)
+    tl.store(d_ptrs + 2 * D, dv.to(dQKV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -267,12 +341,15 @@ def _attn_bwd_dq_kernel(
     Lse,
     Delta,
     dQKV,
+    SeqStart,
+    SeqLen,
     stride_qb,
     stride_qt,
     stride_gb,
     stride_gt,
     stride_db,
     stride_dt,
+    stride_lh,
     T,
     H,
     D,
@@ -285,55 +362,58 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    IDX64: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     """One program per (query block, head): walks over all key blocks accumulating dq on chip."""
     bh = tl.program_id(0)
     pid_m = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
     h = bh % H
+    start, L = _seq(SeqStart, SeqLen, bh // H, T, VARLEN)
+    if pid_m * BLOCK_M >= L:
+        return
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_m = _rows(offs_m, IDX64)
     offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < T
+    m_valid = offs_m < L
     d_valid = offs_d < head_dim
     qm = m_valid[:, None] & d_valid[None, :]
 
-    base = QKV + b * stride_qb + h * head_dim
-    q = tl.load(base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=qm, other=0.0)
-    do = tl.load(
-        dOut + b * stride_gb + h * head_dim + offs_m[:, None] * stride_gt + offs_d[None, :],
-        mask=qm,
-        other=0.0,
-    )
-    row_base = bh.to(tl.int64) * T
+    base = QKV + _off(start, stride_qb, stride_qt, VARLEN) + h * head_dim
+    q = tl.load(base + rows_m[:, None] * stride_qt + offs_d[None, :], mask=qm, other=0.0)
+    g_base = dOut + _off(start, stride_gb, stride_gt, VARLEN) + h * head_dim
+    do = tl.load(g_base + rows_m[:, None] * stride_gt + offs_d[None, :], mask=qm, other=0.0)
+    row_base = _lse_off(start, h, H, T, stride_lh, VARLEN)
     lse2 = tl.load(Lse + row_base + offs_m, mask=m_valid, other=0.0) * LOG2E
     delta = tl.load(Delta + row_base + offs_m, mask=m_valid, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     inv_keep = 1.0 / (1.0 - dropout_p)
 
-    for start_n in range(0, T, BLOCK_N):
+    for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < T
+        rows_n = _rows(offs_n, IDX64)
+        n_valid = offs_n < L
         kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(base + D + offs_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(base + 2 * D + offs_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(base + D + rows_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(base + 2 * D + rows_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
 
         s = _mm(q, tl.trans(k), UPCAST, IEEE) * scale_log2
         p = tl.exp2(s - lse2[:, None])
         p = tl.where(n_valid[None, :], p, 0.0)
         dp = _mm(do, tl.trans(v), UPCAST, IEEE)
         if HAS_DROPOUT:
-            keep = _keep_mask(seed, bh, offs_m, offs_n, T, dropout_p)
+            keep = _keep_mask(seed, bh, offs_m, offs_n, L, dropout_p)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         dq += _mm(ds.to(k.dtype), k, UPCAST, IEEE)
 
     dq = dq * scale
-    d_ptrs = dQKV + b * stride_db + h * head_dim + offs_m[:, None] * stride_dt + offs_d[None, :]
-    tl.store(d_ptrs, dq.to(dQKV.dtype.element_ty), mask=qm)
+    d_base = dQKV + _off(start, stride_db, stride_dt, VARLEN) + h * head_dim
+    tl.store(d_base + rows_m[:, None] * stride_dt + offs_d[None, :], dq.to(dQKV.dtype.element_ty), mask=qm)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -433,7 +513,7 @@ def tuned_kernel(kernel: str, block_d: int, capability: tuple[int, int] | None):
     key = (kernel, block_d, arch)
     if key not in _tuned:
         _tuned[key] = triton.autotune(
-            configs=configs_for(kernel, block_d, capability), key=["T", "HAS_DROPOUT"]
+            configs=configs_for(kernel, block_d, capability), key=["T", "HAS_DROPOUT", "VARLEN", "IDX64"]
         )(_KERNELS[kernel])
     return _tuned[key]
 
@@ -455,124 +535,98 @@ def delta_tile(block_d: int) -> tuple[int, int]:
 # ahead-of-time specs
 
 
+#: (VARLEN, IDX64) variants every config ships in: fixed / variable length, 32- / 64-bit offsets.
+_MODES = ((False, False), (True, False), (False, True), (True, True))
+
+
+def _mode_suffix(varlen: bool, idx64: bool) -> str:
+    return ("_varlen" if varlen else "") + ("_i64" if idx64 else "")
+
+
+def _signature(kernel: str, dt: str, idx64: bool) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Argument types of one kernel and the args the launcher keeps 16-divisible for ViT widths
+    (pointers, token strides, D). IDX64 launches come with batch strides past 2**31 (i64)."""
+    big = "i64" if idx64 else "i32"
+    tables = {"SeqStart": "*i32", "SeqLen": "*i32"}
+    if kernel == "fwd":
+        ptrs = {"QKV": f"*{dt}", "Out": f"*{dt}", "Lse": "*fp32"}
+        strides = {"stride_qb": big, "stride_qt": "i32", "stride_ob": big, "stride_ot": "i32"}
+        tail = {"scale_log2": "fp32", "dropout_p": "fp32", "seed": "i32"}
+    elif kernel == "delta":
+        ptrs = {"Out": f"*{dt}", "dOut": f"*{dt}", "Delta": "*fp32"}
+        strides = {"stride_ob": big, "stride_ot": "i32", "stride_gb": big, "stride_gt": "i32"}
+        tail = {}
+    else:
+        ptrs = {"QKV": f"*{dt}", "dOut": f"*{dt}", "Lse": "*fp32", "Delta": "*fp32", "dQKV": f"*{dt}"}
+        strides = {
+            "stride_qb": big,
+            "stride_qt": "i32",
+            "stride_gb": big,
+            "stride_gt": "i32",
+            "stride_db": big,
+            "stride_dt": "i32",
+        }
+        tail = {"scale": "fp32", "scale_log2": "fp32", "dropout_p": "fp32", "seed": "i32"}
+    dims = {"stride_lh": "i32", "T": "i32", "H": "i32"} | ({} if kernel == "delta" else {"D": "i32"})
+    sig = {**ptrs, **tables, **strides, **dims, "head_dim": "i32", **tail}
+    div16 = (*ptrs, *tables, *[k for k, t in strides.items() if t == "i32"]) + (
+        () if kernel == "delta" else ("D",)
+    )
+    return sig, div16
+
+
 def aot_specs() -> list:
-    """Every shipped (kernel, dtype, BLOCK_D, tile, arch) config, for `python -m vit_fast.perf.aot`.
+    """Every shipped (kernel, dtype, BLOCK_D, tile, arch, mode) config, for `python -m vit_fast.perf.aot`.
 
     fp16 and bf16 at BLOCK_D 64 (head dims 33..64) and 128 (65..128: 72, 80, 88, 96, 112), fp16 also
     at BLOCK_D 32 and 256; every tile of GPU_CONFIGS for those, with and without dropout, for the
-    forward, dk/dv and dq kernels; plus the delta pre-pass. (fp32 runs the same tiles with IEEE dots
-    and is not part of the shipped report.)"""
+    forward, dk/dv and dq kernels, each in the four (VARLEN, IDX64) modes; plus the delta pre-pass.
+    (fp32 runs the same tiles with IEEE dots and is not part of the shipped report.)"""
     from vit_fast.perf.aot import KernelSpec
 
     specs: list[KernelSpec] = []
-    scalars_fwd = {
-        "stride_qb": "i32",
-        "stride_qt": "i32",
-        "stride_ob": "i32",
-        "stride_ot": "i32",
-        "T": "i32",
-        "H": "i32",
-        "D": "i32",
-        "head_dim": "i32",
-        "scale_log2": "fp32",
-        "dropout_p": "fp32",
-        "seed": "i32",
-    }
-    scalars_bwd = {
-        "stride_qb": "i32",
-        "stride_qt": "i32",
-        "stride_gb": "i32",
-        "stride_gt": "i32",
-        "stride_db": "i32",
-        "stride_dt": "i32",
-        "T": "i32",
-        "H": "i32",
-        "D": "i32",
-        "head_dim": "i32",
-        "scale": "fp32",
-        "scale_log2": "fp32",
-        "dropout_p": "fp32",
-        "seed": "i32",
-    }
-    consts = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HAS_DROPOUT", "UPCAST", "IEEE")
     shipped = [("fp16", bd) for bd in (32, 64, 128, 256)] + [("bf16", bd) for bd in (64, 128)]
-    for dt in ("fp16", "bf16"):
-        for block_d in [bd for d, bd in shipped if d == dt]:
+    for dt, block_d in shipped:
+        for varlen, idx64 in _MODES:
+            mode = _mode_suffix(varlen, idx64)
             for arch in _ARCHS:
                 for kernel in ("fwd", "dkdv", "dq"):
-                    for bm, bn, w, s in GPU_CONFIGS[kernel][block_d][arch]:
+                    sig, div16 = _signature(kernel, dt, idx64)
+                    for bm, bn, w, st in GPU_CONFIGS[kernel][block_d][arch]:
                         for dropout in (False, True):
-                            strides = [
-                                a
-                                for a in (scalars_fwd if kernel == "fwd" else scalars_bwd)
-                                if a.startswith("stride")
-                            ]
-                            if kernel == "fwd":
-                                ptrs = {"QKV": f"*{dt}", "Out": f"*{dt}", "Lse": "*fp32"}
-                                sig = {**ptrs, **scalars_fwd}
-                            else:
-                                ptrs = {
-                                    "QKV": f"*{dt}",
-                                    "dOut": f"*{dt}",
-                                    "Lse": "*fp32",
-                                    "Delta": "*fp32",
-                                    "dQKV": f"*{dt}",
-                                }
-                                sig = {**ptrs, **scalars_bwd}
-                            sig.update(dict.fromkeys(consts, "constexpr"))
                             cx = {
                                 "BLOCK_M": bm,
                                 "BLOCK_N": bn,
                                 "BLOCK_D": block_d,
                                 "HAS_DROPOUT": dropout,
+                                "VARLEN": varlen,
+                                "IDX64": idx64,
                                 "UPCAST": False,
                                 "IEEE": False,
                             }
                             specs.append(
                                 KernelSpec(
-                                    name=f"attention_{kernel}_{dt}_d{block_d}_m{bm}n{bn}{'_drop' if dropout else ''}",
+                                    name=f"attention_{kernel}_{dt}_d{block_d}_m{bm}n{bn}{'_drop' if dropout else ''}{mode}",
                                     fn=_KERNELS[kernel],
-                                    signature=sig,
+                                    signature={**sig, **dict.fromkeys(cx, "constexpr")},
                                     constexprs=cx,
                                     num_warps=w,
-                                    num_stages=s,
-                                    # What the JIT sees for ViT widths (D % 16 == 0): aligned
-                                    # pointers and token/batch strides; T and head_dim stay free.
-                                    divisible_by_16=(*ptrs, *strides, "D"),
+                                    num_stages=st,
+                                    divisible_by_16=div16,
                                     archs=(arch,),
                                 )
                             )
-        for block_d in [bd for d, bd in shipped if d == dt]:
             bm, w = _gpu_delta_tile(block_d)
+            sig, div16 = _signature("delta", dt, idx64)
+            cx = {"BLOCK_M": bm, "BLOCK_D": block_d, "VARLEN": varlen, "IDX64": idx64}
             specs.append(
                 KernelSpec(
-                    name=f"attention_delta_{dt}_d{block_d}",
+                    name=f"attention_delta_{dt}_d{block_d}{mode}",
                     fn=_attn_bwd_delta_kernel,
-                    signature={
-                        "Out": f"*{dt}",
-                        "dOut": f"*{dt}",
-                        "Delta": "*fp32",
-                        "stride_ob": "i32",
-                        "stride_ot": "i32",
-                        "stride_gb": "i32",
-                        "stride_gt": "i32",
-                        "T": "i32",
-                        "H": "i32",
-                        "head_dim": "i32",
-                        "BLOCK_M": "constexpr",
-                        "BLOCK_D": "constexpr",
-                    },
-                    constexprs={"BLOCK_M": bm, "BLOCK_D": block_d},
+                    signature={**sig, **dict.fromkeys(cx, "constexpr")},
+                    constexprs=cx,
                     num_warps=w,
-                    divisible_by_16=(
-                        "Out",
-                        "dOut",
-                        "Delta",
-                        "stride_ob",
-                        "stride_ot",
-                        "stride_gb",
-                        "stride_gt",
-                    ),
+                    divisible_by_16=div16,
                 )
             )
     return specs
