@@ -8,14 +8,24 @@ dq kernel own disjoint columns, so nothing is zeroed first and no atomics are ne
 gradients run to run).
 
 Every kernel runs on a 2-D grid: axis 0 is `b * H + h` (axis 0 has no 65535 limit, so large
-batches are fine), axis 1 tiles the tokens. Head dims that are not powers of two (72, 80, 96, ...)
-are padded to `BLOCK_D` with masked loads (zeros add nothing to the dot products); token tails are
-masked to `-inf` scores (forward) or zero probabilities (backward).
+batches are fine), axis 1 tiles the tokens. The head dim runs as a power-of-two main part BLOCK_D
+plus an optional 16/32-wide tail TAIL_D (80 = 64 + 16, 88 and 96 = 64 + 32; see `head_split`), each
+with its own dots, and masked loads cover what is left (72 in 64 + 16); token tails are masked to
+`-inf` scores (forward) or zero probabilities (backward).
+
+Variable length (VARLEN): qkv is rows [R, 3*D] and two int32 tables give each sequence's first row
+and length; axis 0 is then `n * H + h` over sequences, axis 1 covers the longest sequence and tiles
+past a sequence's end return at once, so the work is sum(len^2). lse/delta are [H, R] there.
+
+64-bit offsets (IDX64): `row * stride` products are int32 unless the launcher sees an element
+offset that can reach 2**31 (then rows are widened to int64 first); batch and sequence bases are
+always int64.
 
 Dropout. The keep-mask element for (b, h, query i, key j) is `rand(seed + (b*H + h) * 2**32,
 i*T + j) >= p`: the Philox key carries the head and the counter the position, so masks are
 regenerated identically in the forward, both backward kernels and the debug mask kernel
-(`_keep_mask` is the one place that formula lives). Counters are 32-bit, so T*T must fit in int32.
+(`_keep_mask` is the one place that formula lives). In varlen mode b is the sequence index and T its
+length. Counters are 32-bit, so T*T must fit in int32.
 
 This module only holds kernels, their launch-config tables and `aot_specs()`; validation, backend
 choice and autograd live in `vit_fast.ops.attention`.
@@ -106,11 +116,31 @@ def _rows(offs, IDX64: tl.constexpr):
     return r
 
 
+@triton.jit
+def _ld(base, rows, stride, row_valid, COL0: tl.constexpr, WIDTH: tl.constexpr, head_dim):
+    """[rows, WIDTH] head-dim columns COL0.. of a row-major operand; rows and columns past the end
+    (row_valid false, column >= head_dim) read as zero, which adds nothing to any dot product."""
+    cols = COL0 + tl.arange(0, WIDTH)
+    mask = row_valid[:, None] & (cols < head_dim)[None, :]
+    return tl.load(base + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _st(base, rows, stride, row_valid, COL0: tl.constexpr, WIDTH: tl.constexpr, head_dim, value):
+    cols = COL0 + tl.arange(0, WIDTH)
+    mask = row_valid[:, None] & (cols < head_dim)[None, :]
+    tl.store(base + rows[:, None] * stride + cols[None, :], value.to(base.dtype.element_ty), mask=mask)
+
+
 # --------------------------------------------------------------------------------------------------
 # forward
 #
 # `seed` is excluded from value specialisation: a fresh seed every step must not pick a different
 # compiled variant (seed == 1, seed % 16 == 0) and trigger a recompile.
+#
+# Head dim split: columns [0, BLOCK_D) are the power-of-two main part, [BLOCK_D, BLOCK_D + TAIL_D)
+# an optional 16- or 32-wide tail (TAIL_D = 0: none), each with its own dots and accumulators, so
+# head dim 80 runs 64 + 16 columns instead of 128.
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -135,6 +165,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    TAIL_D: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr,
     IDX64: tl.constexpr,
@@ -150,33 +181,31 @@ def _attn_fwd_kernel(
         return
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < L
-    d_valid = offs_d < head_dim
     rows_m = _rows(offs_m, IDX64)
 
     base = QKV + _off(start, stride_qb, stride_qt, VARLEN) + h * head_dim
-    q = tl.load(
-        base + rows_m[:, None] * stride_qt + offs_d[None, :],
-        mask=m_valid[:, None] & d_valid[None, :],
-        other=0.0,
-    )
-
+    q = _ld(base, rows_m, stride_qt, m_valid, 0, BLOCK_D, head_dim)
     # Running max (log2 units), running denominator, unnormalised output: all fp32.
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if TAIL_D > 0:
+        q_t = _ld(base, rows_m, stride_qt, m_valid, BLOCK_D, TAIL_D, head_dim)
+        acc_t = tl.zeros([BLOCK_M, TAIL_D], tl.float32)
     inv_keep = 1.0 / (1.0 - dropout_p)
 
     for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < L
         rows_n = _rows(offs_n, IDX64)
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(base + D + rows_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(base + 2 * D + rows_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
-
-        s = _mm(q, tl.trans(k), UPCAST, IEEE) * scale_log2
+        k = _ld(base + D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
+        v = _ld(base + 2 * D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
+        s = _mm(q, tl.trans(k), UPCAST, IEEE)
+        if TAIL_D > 0:
+            k_t = _ld(base + D, rows_n, stride_qt, n_valid, BLOCK_D, TAIL_D, head_dim)
+            s += _mm(q_t, tl.trans(k_t), UPCAST, IEEE)
+        s = s * scale_log2
         # Every key block holds at least one valid column (start_n < L), so m_new stays finite.
         s = tl.where(n_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -187,15 +216,19 @@ def _attn_fwd_kernel(
         if HAS_DROPOUT:
             keep = _keep_mask(seed, bh, offs_m, offs_n, L, dropout_p)
             p = tl.where(keep, p * inv_keep, 0.0)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, IEEE)
+        p = p.to(v.dtype)
+        acc = acc * alpha[:, None] + _mm(p, v, UPCAST, IEEE)
+        if TAIL_D > 0:
+            v_t = _ld(base + 2 * D, rows_n, stride_qt, n_valid, BLOCK_D, TAIL_D, head_dim)
+            acc_t = acc_t * alpha[:, None] + _mm(p, v_t, UPCAST, IEEE)
         m_i = m_new
 
-    acc = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * LN2
     tl.store(Lse + _lse_off(start, h, H, T, stride_lh, VARLEN) + offs_m, lse, mask=m_valid)
     o_base = Out + _off(start, stride_ob, stride_ot, VARLEN) + h * head_dim
-    o_ptrs = o_base + rows_m[:, None] * stride_ot + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+    _st(o_base, rows_m, stride_ot, m_valid, 0, BLOCK_D, head_dim, acc / l_i[:, None])
+    if TAIL_D > 0:
+        _st(o_base, rows_m, stride_ot, m_valid, BLOCK_D, TAIL_D, head_dim, acc_t / l_i[:, None])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,6 +252,7 @@ def _attn_bwd_delta_kernel(
     head_dim,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    TAIL_D: tl.constexpr,
     VARLEN: tl.constexpr,
     IDX64: tl.constexpr,
 ):
@@ -231,16 +265,18 @@ def _attn_bwd_delta_kernel(
     if pid_m * BLOCK_M >= L:
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < L
     rows_m = _rows(offs_m, IDX64)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < L)[:, None] & (offs_d < head_dim)[None, :]
-    cols = h * head_dim + offs_d[None, :]
-    o_base = Out + _off(start, stride_ob, stride_ot, VARLEN)
-    g_base = dOut + _off(start, stride_gb, stride_gt, VARLEN)
-    o = tl.load(o_base + rows_m[:, None] * stride_ot + cols, mask=mask, other=0.0)
-    do = tl.load(g_base + rows_m[:, None] * stride_gt + cols, mask=mask, other=0.0)
+    o_base = Out + _off(start, stride_ob, stride_ot, VARLEN) + h * head_dim
+    g_base = dOut + _off(start, stride_gb, stride_gt, VARLEN) + h * head_dim
+    o = _ld(o_base, rows_m, stride_ot, m_valid, 0, BLOCK_D, head_dim)
+    do = _ld(g_base, rows_m, stride_gt, m_valid, 0, BLOCK_D, head_dim)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + _lse_off(start, h, H, T, stride_lh, VARLEN) + offs_m, delta, mask=offs_m < L)
+    if TAIL_D > 0:
+        o_t = _ld(o_base, rows_m, stride_ot, m_valid, BLOCK_D, TAIL_D, head_dim)
+        do_t = _ld(g_base, rows_m, stride_gt, m_valid, BLOCK_D, TAIL_D, head_dim)
+        delta += tl.sum(o_t.to(tl.float32) * do_t.to(tl.float32), 1)
+    tl.store(Delta + _lse_off(start, h, H, T, stride_lh, VARLEN) + offs_m, delta, mask=m_valid)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -270,6 +306,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    TAIL_D: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr,
     IDX64: tl.constexpr,
@@ -287,51 +324,61 @@ def _attn_bwd_dkdv_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_n = _rows(offs_n, IDX64)
-    offs_d = tl.arange(0, BLOCK_D)
     n_valid = offs_n < L
-    d_valid = offs_d < head_dim
-    kv_mask = n_valid[:, None] & d_valid[None, :]
 
     base = QKV + _off(start, stride_qb, stride_qt, VARLEN) + h * head_dim
-    k = tl.load(base + D + rows_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(base + 2 * D + rows_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
     g_base = dOut + _off(start, stride_gb, stride_gt, VARLEN) + h * head_dim
     row_base = _lse_off(start, h, H, T, stride_lh, VARLEN)
-
+    k = _ld(base + D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
+    v = _ld(base + 2 * D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if TAIL_D > 0:
+        k_t = _ld(base + D, rows_n, stride_qt, n_valid, BLOCK_D, TAIL_D, head_dim)
+        v_t = _ld(base + 2 * D, rows_n, stride_qt, n_valid, BLOCK_D, TAIL_D, head_dim)
+        dk_t = tl.zeros([BLOCK_N, TAIL_D], tl.float32)
+        dv_t = tl.zeros([BLOCK_N, TAIL_D], tl.float32)
     inv_keep = 1.0 / (1.0 - dropout_p)
 
     for start_m in range(0, L, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         rows_m = _rows(offs_m, IDX64)
         m_valid = offs_m < L
-        qm = m_valid[:, None] & d_valid[None, :]
-        q = tl.load(base + rows_m[:, None] * stride_qt + offs_d[None, :], mask=qm, other=0.0)
-        do = tl.load(g_base + rows_m[:, None] * stride_gt + offs_d[None, :], mask=qm, other=0.0)
+        q = _ld(base, rows_m, stride_qt, m_valid, 0, BLOCK_D, head_dim)
+        do = _ld(g_base, rows_m, stride_gt, m_valid, 0, BLOCK_D, head_dim)
         lse = tl.load(Lse + row_base + offs_m, mask=m_valid, other=0.0)
         delta = tl.load(Delta + row_base + offs_m, mask=m_valid, other=0.0)
 
-        s = _mm(q, tl.trans(k), UPCAST, IEEE) * scale_log2
-        p = tl.exp2(s - (lse * LOG2E)[:, None])
+        s = _mm(q, tl.trans(k), UPCAST, IEEE)
+        dp = _mm(do, tl.trans(v), UPCAST, IEEE)
+        if TAIL_D > 0:
+            q_t = _ld(base, rows_m, stride_qt, m_valid, BLOCK_D, TAIL_D, head_dim)
+            do_t = _ld(g_base, rows_m, stride_gt, m_valid, BLOCK_D, TAIL_D, head_dim)
+            s += _mm(q_t, tl.trans(k_t), UPCAST, IEEE)
+            dp += _mm(do_t, tl.trans(v_t), UPCAST, IEEE)
+        p = tl.exp2(s * scale_log2 - (lse * LOG2E)[:, None])
         # Padded rows/cols must contribute exactly nothing.
         p = tl.where(m_valid[:, None] & n_valid[None, :], p, 0.0)
-        dp = _mm(do, tl.trans(v), UPCAST, IEEE)
         if HAS_DROPOUT:
             keep = _keep_mask(seed, bh, offs_m, offs_n, L, dropout_p)
             pd = tl.where(keep, p * inv_keep, 0.0)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         else:
             pd = p
-        dv += _mm(tl.trans(pd).to(do.dtype), do, UPCAST, IEEE)
-        ds = p * (dp - delta[:, None])
-        dk += _mm(tl.trans(ds).to(q.dtype), q, UPCAST, IEEE)
+        pd_t = tl.trans(pd).to(do.dtype)
+        ds_t = tl.trans(p * (dp - delta[:, None])).to(q.dtype)
+        dv += _mm(pd_t, do, UPCAST, IEEE)
+        dk += _mm(ds_t, q, UPCAST, IEEE)
+        if TAIL_D > 0:
+            dv_t += _mm(pd_t, do_t, UPCAST, IEEE)
+            dk_t += _mm(ds_t, q_t, UPCAST, IEEE)
 
-    dk = dk * scale
     d_base = dQKV + _off(start, stride_db, stride_dt, VARLEN) + h * head_dim
-    d_ptrs = d_base + rows_n[:, None] * stride_dt + offs_d[None, :]
-    tl.store(d_ptrs + D, dk.to(dQKV.dtype.element_ty), mask=kv_mask)
-    tl.store(d_ptrs + 2 * D, dv.to(dQKV.dtype.element_ty), mask=kv_mask)
+    _st(d_base + D, rows_n, stride_dt, n_valid, 0, BLOCK_D, head_dim, dk * scale)
+    _st(d_base + 2 * D, rows_n, stride_dt, n_valid, 0, BLOCK_D, head_dim, dv)
+    if TAIL_D > 0:
+        _st(d_base + D, rows_n, stride_dt, n_valid, BLOCK_D, TAIL_D, head_dim, dk_t * scale)
+        _st(d_base + 2 * D, rows_n, stride_dt, n_valid, BLOCK_D, TAIL_D, head_dim, dv_t)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -361,6 +408,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    TAIL_D: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr,
     IDX64: tl.constexpr,
@@ -377,43 +425,49 @@ def _attn_bwd_dq_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_m = _rows(offs_m, IDX64)
-    offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < L
-    d_valid = offs_d < head_dim
-    qm = m_valid[:, None] & d_valid[None, :]
 
     base = QKV + _off(start, stride_qb, stride_qt, VARLEN) + h * head_dim
-    q = tl.load(base + rows_m[:, None] * stride_qt + offs_d[None, :], mask=qm, other=0.0)
     g_base = dOut + _off(start, stride_gb, stride_gt, VARLEN) + h * head_dim
-    do = tl.load(g_base + rows_m[:, None] * stride_gt + offs_d[None, :], mask=qm, other=0.0)
+    q = _ld(base, rows_m, stride_qt, m_valid, 0, BLOCK_D, head_dim)
+    do = _ld(g_base, rows_m, stride_gt, m_valid, 0, BLOCK_D, head_dim)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if TAIL_D > 0:
+        q_t = _ld(base, rows_m, stride_qt, m_valid, BLOCK_D, TAIL_D, head_dim)
+        do_t = _ld(g_base, rows_m, stride_gt, m_valid, BLOCK_D, TAIL_D, head_dim)
+        dq_t = tl.zeros([BLOCK_M, TAIL_D], tl.float32)
     row_base = _lse_off(start, h, H, T, stride_lh, VARLEN)
     lse2 = tl.load(Lse + row_base + offs_m, mask=m_valid, other=0.0) * LOG2E
     delta = tl.load(Delta + row_base + offs_m, mask=m_valid, other=0.0)
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     inv_keep = 1.0 / (1.0 - dropout_p)
 
     for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         rows_n = _rows(offs_n, IDX64)
         n_valid = offs_n < L
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(base + D + rows_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(base + 2 * D + rows_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
-
-        s = _mm(q, tl.trans(k), UPCAST, IEEE) * scale_log2
-        p = tl.exp2(s - lse2[:, None])
-        p = tl.where(n_valid[None, :], p, 0.0)
+        k = _ld(base + D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
+        v = _ld(base + 2 * D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
+        s = _mm(q, tl.trans(k), UPCAST, IEEE)
         dp = _mm(do, tl.trans(v), UPCAST, IEEE)
+        if TAIL_D > 0:
+            k_t = _ld(base + D, rows_n, stride_qt, n_valid, BLOCK_D, TAIL_D, head_dim)
+            v_t = _ld(base + 2 * D, rows_n, stride_qt, n_valid, BLOCK_D, TAIL_D, head_dim)
+            s += _mm(q_t, tl.trans(k_t), UPCAST, IEEE)
+            dp += _mm(do_t, tl.trans(v_t), UPCAST, IEEE)
+        p = tl.exp2(s * scale_log2 - lse2[:, None])
+        p = tl.where(n_valid[None, :], p, 0.0)
         if HAS_DROPOUT:
             keep = _keep_mask(seed, bh, offs_m, offs_n, L, dropout_p)
             dp = tl.where(keep, dp * inv_keep, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, UPCAST, IEEE)
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        dq += _mm(ds, k, UPCAST, IEEE)
+        if TAIL_D > 0:
+            dq_t += _mm(ds, k_t, UPCAST, IEEE)
 
-    dq = dq * scale
     d_base = dQKV + _off(start, stride_db, stride_dt, VARLEN) + h * head_dim
-    tl.store(d_base + rows_m[:, None] * stride_dt + offs_d[None, :], dq.to(dQKV.dtype.element_ty), mask=qm)
+    _st(d_base, rows_m, stride_dt, m_valid, 0, BLOCK_D, head_dim, dq * scale)
+    if TAIL_D > 0:
+        _st(d_base, rows_m, stride_dt, m_valid, BLOCK_D, TAIL_D, head_dim, dq_t * scale)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -477,10 +531,31 @@ INTERPRET_TILE: _Tile = (64, 64, 1, 1)
 _ARCHS = (80, 90)
 
 
+def head_split(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, TAIL_D): the head dim as a power-of-two main part plus a 0/16/32-wide tail.
+
+    At least 32 (tl.dot needs K >= 16, and one shipped table for head dims <= 32 keeps the AOT matrix
+    small). 65..80 -> 64 + 16 and 81..96 -> 64 + 32 instead of 128: the padded columns cost at most
+    15% of the attention FLOPs for 64, 72, 80, 88, 96, 112 and 128 (112 pads to 128: 12.5%)."""
+    if 64 < head_dim <= 96:
+        return 64, 16 if head_dim <= 80 else 32
+    return max(32, triton.next_power_of_2(head_dim)), 0
+
+
 def block_d_for(head_dim: int) -> int:
-    """Head dim padded to the next power of two, at least 32: tl.dot needs K >= 16, and one shipped
-    table for head dims <= 32 keeps the AOT matrix small (head dim 16 is rare in ViTs)."""
-    return max(32, triton.next_power_of_2(head_dim))
+    """Head-dim columns the kernels execute (main part + tail), >= head_dim."""
+    return sum(head_split(head_dim))
+
+
+def attention_flops(head_dim: int) -> tuple[int, int]:
+    """(executed, useful) head-dim columns per head: the FLOPs of all four attention GEMMs (and of
+    the backward's five) scale with these, so executed / useful is the head-dim padding overhead."""
+    return block_d_for(head_dim), head_dim
+
+
+def _table_key(block_d: int, tail_d: int) -> int:
+    # Split head dims (64 + 16, 64 + 32) run the BLOCK_D = 128 tiles: fewer columns, same shape.
+    return block_d if tail_d == 0 else 128
 
 
 def _arch_key(capability: tuple[int, int]) -> int:
@@ -488,13 +563,15 @@ def _arch_key(capability: tuple[int, int]) -> int:
     return 90 if cc >= 90 else 80
 
 
-def configs_for(kernel: str, block_d: int, capability: tuple[int, int] | None) -> list[triton.Config]:
+def configs_for(
+    kernel: str, block_d: int, capability: tuple[int, int] | None, tail_d: int = 0
+) -> list[triton.Config]:
     """The autotune candidates for one launch: the single interpreter tile, or the shipped tiles for
-    (kernel, BLOCK_D, arch)."""
+    (kernel, BLOCK_D + tail, arch)."""
     if capability is None or triton_interpreting():
         tiles = [INTERPRET_TILE]
     else:
-        tiles = GPU_CONFIGS[kernel][block_d][_arch_key(capability)]
+        tiles = GPU_CONFIGS[kernel][_table_key(block_d, tail_d)][_arch_key(capability)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles
     ]
@@ -504,16 +581,17 @@ _tuned: dict[tuple[str, int, int], object] = {}
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
 
 
-def tuned_kernel(kernel: str, block_d: int, capability: tuple[int, int] | None):
-    """The autotuned launcher of `kernel` for one BLOCK_D and arch (built once, then cached).
+def tuned_kernel(kernel: str, block_d: int, capability: tuple[int, int] | None, tail_d: int = 0):
+    """The autotuned launcher of `kernel` for one (BLOCK_D, TAIL_D) and arch (built once, cached).
 
-    One autotuner per (kernel, BLOCK_D, arch) because the candidate tiles depend on them; the tuning
-    key adds T (sequence length) and, implicitly, the tensor dtypes."""
+    One autotuner per (kernel, BLOCK_D, TAIL_D, arch) because the candidate tiles depend on them; the
+    tuning key adds T (the longest sequence) and the variant flags (and, implicitly, the dtypes)."""
     arch = 0 if capability is None or triton_interpreting() else _arch_key(capability)
-    key = (kernel, block_d, arch)
+    key = (kernel, block_d, tail_d, arch)
     if key not in _tuned:
         _tuned[key] = triton.autotune(
-            configs=configs_for(kernel, block_d, capability), key=["T", "HAS_DROPOUT", "VARLEN", "IDX64"]
+            configs=configs_for(kernel, block_d, capability, tail_d),
+            key=["T", "HAS_DROPOUT", "VARLEN", "IDX64"],
         )(_KERNELS[kernel])
     return _tuned[key]
 
@@ -578,26 +656,30 @@ def _signature(kernel: str, dt: str, idx64: bool) -> tuple[dict[str, str], tuple
 def aot_specs() -> list:
     """Every shipped (kernel, dtype, BLOCK_D, tile, arch, mode) config, for `python -m vit_fast.perf.aot`.
 
-    fp16 and bf16 at BLOCK_D 64 (head dims 33..64) and 128 (65..128: 72, 80, 88, 96, 112), fp16 also
-    at BLOCK_D 32 and 256; every tile of GPU_CONFIGS for those, with and without dropout, for the
+    fp16 and bf16 at BLOCK_D 64 (head dims 33..64), 64 + 16 (65..80), 64 + 32 (81..96) and 128
+    (97..128), fp16 also at BLOCK_D 32 and 256; every tile of GPU_CONFIGS for those, with and without dropout, for the
     forward, dk/dv and dq kernels, each in the four (VARLEN, IDX64) modes; plus the delta pre-pass.
     (fp32 runs the same tiles with IEEE dots and is not part of the shipped report.)"""
     from vit_fast.perf.aot import KernelSpec
 
     specs: list[KernelSpec] = []
-    shipped = [("fp16", bd) for bd in (32, 64, 128, 256)] + [("bf16", bd) for bd in (64, 128)]
-    for dt, block_d in shipped:
+    shipped = [("fp16", bd, 0) for bd in (32, 64, 128, 256)] + [("bf16", bd, 0) for bd in (64, 128)]
+    shipped += [(dt, 64, tail) for dt in ("fp16", "bf16") for tail in (16, 32)]
+    for dt, block_d, tail_d in shipped:
+        table = _table_key(block_d, tail_d)
+        dname = f"d{block_d}" + (f"t{tail_d}" if tail_d else "")
         for varlen, idx64 in _MODES:
             mode = _mode_suffix(varlen, idx64)
             for arch in _ARCHS:
                 for kernel in ("fwd", "dkdv", "dq"):
                     sig, div16 = _signature(kernel, dt, idx64)
-                    for bm, bn, w, st in GPU_CONFIGS[kernel][block_d][arch]:
+                    for bm, bn, w, st in GPU_CONFIGS[kernel][table][arch]:
                         for dropout in (False, True):
                             cx = {
                                 "BLOCK_M": bm,
                                 "BLOCK_N": bn,
                                 "BLOCK_D": block_d,
+                                "TAIL_D": tail_d,
                                 "HAS_DROPOUT": dropout,
                                 "VARLEN": varlen,
                                 "IDX64": idx64,
@@ -606,7 +688,7 @@ def aot_specs() -> list:
                             }
                             specs.append(
                                 KernelSpec(
-                                    name=f"attention_{kernel}_{dt}_d{block_d}_m{bm}n{bn}{'_drop' if dropout else ''}{mode}",
+                                    name=f"attention_{kernel}_{dt}_{dname}_m{bm}n{bn}{'_drop' if dropout else ''}{mode}",
                                     fn=_KERNELS[kernel],
                                     signature={**sig, **dict.fromkeys(cx, "constexpr")},
                                     constexprs=cx,
@@ -616,12 +698,12 @@ def aot_specs() -> list:
                                     archs=(arch,),
                                 )
                             )
-            bm, w = _gpu_delta_tile(block_d)
+            bm, w = _gpu_delta_tile(block_d + tail_d)
             sig, div16 = _signature("delta", dt, idx64)
-            cx = {"BLOCK_M": bm, "BLOCK_D": block_d, "VARLEN": varlen, "IDX64": idx64}
+            cx = {"BLOCK_M": bm, "BLOCK_D": block_d, "TAIL_D": tail_d, "VARLEN": varlen, "IDX64": idx64}
             specs.append(
                 KernelSpec(
-                    name=f"attention_delta_{dt}_d{block_d}{mode}",
+                    name=f"attention_delta_{dt}_{dname}{mode}",
                     fn=_attn_bwd_delta_kernel,
                     signature={**sig, **dict.fromkeys(cx, "constexpr")},
                     constexprs=cx,

@@ -38,6 +38,8 @@ __all__ = [
     "attention_varlen_forward",
     "dropout_keep_mask",
     "force_int64_indexing",
+    "format_head_dim_flops",
+    "head_dim_flops_report",
     "needs_int64",
     "reference_attention_backward",
     "reference_attention_forward",
@@ -158,10 +160,10 @@ def attention_forward(
     batch, tokens, width3 = qkv.shape
     _check_dropout_size(tokens, dropout_p)
     width = width3 // 3
-    block_d = K.block_d_for(head_dim)
+    block_d, tail_d = K.head_split(head_dim)
     out = torch.empty((batch, tokens, width), dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty((batch, num_heads, tokens), dtype=torch.float32, device=qkv.device)
-    kernel = K.tuned_kernel("fwd", block_d, _capability(qkv.device))
+    kernel = K.tuned_kernel("fwd", block_d, _capability(qkv.device), tail_d)
     grid = lambda meta: (batch * num_heads, triton.cdiv(tokens, meta["BLOCK_M"]))
     with torch.cuda.device(qkv.device) if qkv.is_cuda else contextlib.nullcontext():
         table = _dummy_table(qkv.device)
@@ -184,6 +186,7 @@ def attention_forward(
             float(dropout_p),
             int(seed),
             BLOCK_D=block_d,
+            TAIL_D=tail_d,
             HAS_DROPOUT=dropout_p > 0.0,
             VARLEN=False,
             IDX64=_idx64(qkv, out),
@@ -235,7 +238,7 @@ def attention_backward(
         grad_out = grad_out.contiguous()
     lse = lse.contiguous()
 
-    block_d = K.block_d_for(head_dim)
+    block_d, tail_d = K.head_split(head_dim)
     cap = _capability(qkv.device)
     delta = torch.empty((batch, num_heads, tokens), dtype=torch.float32, device=qkv.device)
     dqkv = torch.empty((batch, tokens, width3), dtype=qkv.dtype, device=qkv.device)
@@ -263,6 +266,7 @@ def attention_backward(
     )
     flags = {
         "BLOCK_D": block_d,
+        "TAIL_D": tail_d,
         "HAS_DROPOUT": dropout_p > 0.0,
         "VARLEN": False,
         "IDX64": idx64,
@@ -270,7 +274,7 @@ def attention_backward(
         "IEEE": qkv.dtype == torch.float32,
     }
     with torch.cuda.device(qkv.device) if qkv.is_cuda else contextlib.nullcontext():
-        bm, warps = K.delta_tile(block_d)
+        bm, warps = K.delta_tile(block_d + tail_d)
         K._attn_bwd_delta_kernel[(bh, triton.cdiv(tokens, bm))](
             out,
             grad_out,
@@ -287,14 +291,15 @@ def attention_backward(
             head_dim,
             BLOCK_M=bm,
             BLOCK_D=block_d,
+            TAIL_D=tail_d,
             VARLEN=False,
             IDX64=idx64,
             num_warps=warps,
         )
-        K.tuned_kernel("dkdv", block_d, cap)[lambda meta: (bh, triton.cdiv(tokens, meta["BLOCK_N"]))](
+        K.tuned_kernel("dkdv", block_d, cap, tail_d)[lambda meta: (bh, triton.cdiv(tokens, meta["BLOCK_N"]))](
             qkv, grad_out, lse, delta, dqkv, *common, **flags
         )
-        K.tuned_kernel("dq", block_d, cap)[lambda meta: (bh, triton.cdiv(tokens, meta["BLOCK_M"]))](
+        K.tuned_kernel("dq", block_d, cap, tail_d)[lambda meta: (bh, triton.cdiv(tokens, meta["BLOCK_M"]))](
             qkv, grad_out, lse, delta, dqkv, *common, **flags
         )
     return dqkv
@@ -605,8 +610,8 @@ def attention_varlen_forward(
     lse = alloc((num_heads, rows), dtype=torch.float32, device=qkv.device)
     if max_len == 0:
         return out, lse
-    block_d = K.block_d_for(head_dim)
-    kernel = K.tuned_kernel("fwd", block_d, _capability(qkv.device))
+    block_d, tail_d = K.head_split(head_dim)
+    kernel = K.tuned_kernel("fwd", block_d, _capability(qkv.device), tail_d)
     grid = lambda meta: (n_seq * num_heads, triton.cdiv(max_len, meta["BLOCK_M"]))
     with torch.cuda.device(qkv.device) if qkv.is_cuda else contextlib.nullcontext():
         kernel[grid](
@@ -628,6 +633,7 @@ def attention_varlen_forward(
             float(dropout_p),
             int(seed),
             BLOCK_D=block_d,
+            TAIL_D=tail_d,
             HAS_DROPOUT=dropout_p > 0.0,
             VARLEN=True,
             IDX64=_idx64(qkv, out),
@@ -667,7 +673,7 @@ def attention_varlen_backward(
     dqkv = (torch.zeros if zero_fill else torch.empty)((rows, width3), dtype=qkv.dtype, device=qkv.device)
     if max_len == 0:
         return dqkv
-    block_d = K.block_d_for(head_dim)
+    block_d, tail_d = K.head_split(head_dim)
     cap = _capability(qkv.device)
     delta = torch.empty((num_heads, rows), dtype=torch.float32, device=qkv.device)
     idx64 = _idx64(qkv, out, grad_out, dqkv)
@@ -693,6 +699,7 @@ def attention_varlen_backward(
     )
     flags = {
         "BLOCK_D": block_d,
+        "TAIL_D": tail_d,
         "HAS_DROPOUT": dropout_p > 0.0,
         "VARLEN": True,
         "IDX64": idx64,
@@ -700,7 +707,7 @@ def attention_varlen_backward(
         "IEEE": qkv.dtype == torch.float32,
     }
     with torch.cuda.device(qkv.device) if qkv.is_cuda else contextlib.nullcontext():
-        bm, warps = K.delta_tile(block_d)
+        bm, warps = K.delta_tile(block_d + tail_d)
         K._attn_bwd_delta_kernel[(nh, triton.cdiv(max_len, bm))](
             out,
             grad_out,
@@ -717,14 +724,15 @@ def attention_varlen_backward(
             head_dim,
             BLOCK_M=bm,
             BLOCK_D=block_d,
+            TAIL_D=tail_d,
             VARLEN=True,
             IDX64=idx64,
             num_warps=warps,
         )
-        K.tuned_kernel("dkdv", block_d, cap)[lambda meta: (nh, triton.cdiv(max_len, meta["BLOCK_N"]))](
-            qkv, grad_out, lse, delta, dqkv, *common, **flags
-        )
-        K.tuned_kernel("dq", block_d, cap)[lambda meta: (nh, triton.cdiv(max_len, meta["BLOCK_M"]))](
+        K.tuned_kernel("dkdv", block_d, cap, tail_d)[
+            lambda meta: (nh, triton.cdiv(max_len, meta["BLOCK_N"]))
+        ](qkv, grad_out, lse, delta, dqkv, *common, **flags)
+        K.tuned_kernel("dq", block_d, cap, tail_d)[lambda meta: (nh, triton.cdiv(max_len, meta["BLOCK_M"]))](
             qkv, grad_out, lse, delta, dqkv, *common, **flags
         )
     return dqkv
@@ -918,6 +926,47 @@ def _varlen_backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):  # type: i
 torch.library.register_autograd(
     "vit_fast::attention_varlen_fwd", _varlen_backward, setup_context=_varlen_setup_context
 )
+
+
+# --------------------------------------------------------------------------------------------------
+# head-dim padding report (for `vit-fast check`)
+
+#: Head dims of common ViTs: B/L (64), SO400M (72), H (80), g (88), 96, 112, 128.
+REPORT_HEAD_DIMS = (16, 32, 64, 72, 80, 88, 96, 112, 128)
+
+
+def head_dim_flops_report(head_dims: tuple[int, ...] = REPORT_HEAD_DIMS) -> list[dict[str, object]]:
+    """Executed vs useful attention FLOPs per head dim on the Triton kernels.
+
+    Each row: head_dim, the executed columns as "main+tail" (e.g. "64+16"), executed/useful (the
+    FLOP ratio of every attention GEMM: they all scale with the executed head-dim columns) and the
+    wasted fraction of executed FLOPs."""
+    from vit_fast.kernels import attention as K
+
+    rows: list[dict[str, object]] = []
+    for hd in head_dims:
+        block_d, tail_d = K.head_split(hd)
+        executed = block_d + tail_d
+        rows.append(
+            {
+                "head_dim": hd,
+                "executed": f"{block_d}+{tail_d}" if tail_d else str(block_d),
+                "executed_over_useful": executed / hd,
+                "wasted": 1.0 - hd / executed,
+            }
+        )
+    return rows
+
+
+def format_head_dim_flops(rows: list[dict[str, object]] | None = None) -> str:
+    """`head_dim_flops_report` as a small text table."""
+    rows = head_dim_flops_report() if rows is None else rows
+    lines = ["attention head-dim padding (Triton): head_dim  executed  executed/useful  wasted"]
+    for r in rows:
+        lines.append(
+            f"  {r['head_dim']:>8}  {r['executed']:>8}  {r['executed_over_useful']:>15.3f}  {r['wasted']:>6.1%}"
+        )
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
