@@ -385,3 +385,16 @@ def test_head_dim_padding_at_most_15_percent():
     assert rows[80]["executed"] == "64+16" and rows[88]["executed"] == "64+32"
     # Before the split, 80 ran 128 columns (37.5% wasted); the table says what runs now.
     assert "64+16" in attn_mod.format_head_dim_flops()
+
+
+def test_cost_model_counts_only_real_tokens():
+    from vit_fast.perf import cost
+
+    qkv, cu = torch.randn(1 + 20 + 5, 3 * 32), _cu([1, 20, 5])
+    args = (qkv, cu, False, 2, 0.25, 0.0, None)
+    fwd = cost.count_flops(torch.ops.vit_fast.attention_varlen_fwd.default, args, {}, None)
+    assert fwd == 4 * (1 + 400 + 25) * 32
+    padded = (torch.randn(2, 10, 96), torch.tensor([3, 10]), True, 2, 0.25, 0.0, None)
+    assert cost.count_flops(torch.ops.vit_fast.attention_varlen_fwd.default, padded, {}, None) == 4 * 109 * 32
+    bwd_args = (None, qkv, None, None, cu, False, 2, 0.25, 0.0, None, "triton")
+    assert cost.count_flops(torch.ops.vit_fast.attention_varlen_bwd.default, bwd_args, {}, None) == fwd * 5 // 2

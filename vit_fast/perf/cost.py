@@ -200,6 +200,37 @@ def _attn_bwd(args: tuple, kwargs: dict, out: Any) -> int:
     return _attention_fwd_flops(qkv) * 5 // 2
 
 
+def _varlen_sum_sq(qkv: Tensor, lengths: Tensor, padded: bool) -> int:
+    """sum(len^2) of a varlen attention call. Fake/meta length tables have no values: then each
+    sequence is taken as equally long (packed: total^2 / N; padded: B * T^2, the masked cost)."""
+    try:
+        host = lengths.detach().to("cpu", torch.int64)
+        lens = host if padded else host[1:] - host[:-1]
+        return int((lens * lens).sum())
+    except Exception:  # FakeTensor / meta: data-dependent values are not available
+        if padded:
+            return qkv.shape[0] * qkv.shape[1] ** 2
+        n = max(1, lengths.shape[0] - 1)
+        return qkv.shape[0] ** 2 // n
+
+
+@register_flops("vit_fast::attention_varlen_fwd")
+def _attn_varlen_fwd(args: tuple, kwargs: dict, out: Any) -> int:
+    # Per sequence 4 * len^2 * D (QK^T and PV), so 4 * sum(len^2) * D: no work on padding.
+    qkv, lengths, padded = (_arg(args, kwargs, i, n) for i, n in enumerate(("qkv", "lengths", "padded")))
+    return 4 * _varlen_sum_sq(qkv, lengths, padded) * (qkv.shape[-1] // 3)
+
+
+@register_flops("vit_fast::attention_varlen_bwd")
+def _attn_varlen_bwd(args: tuple, kwargs: dict, out: Any) -> int:
+    qkv, lengths, padded = (
+        _arg(args, kwargs, 1, "qkv"),
+        _arg(args, kwargs, 4, "lengths"),
+        _arg(args, kwargs, 5, "padded"),
+    )
+    return 10 * _varlen_sum_sq(qkv, lengths, padded) * (qkv.shape[-1] // 3)
+
+
 def _ln_linear_fwd(args: tuple, kwargs: dict, out: Any) -> int:
     x, weight = _arg(args, kwargs, 0, "x"), _arg(args, kwargs, 3, "weight")
     return _gemm_flops(_rows(x), weight.shape[0], weight.shape[1])
