@@ -397,4 +397,6 @@ def test_cost_model_counts_only_real_tokens():
     padded = (torch.randn(2, 10, 96), torch.tensor([3, 10]), True, 2, 0.25, 0.0, None)
     assert cost.count_flops(torch.ops.vit_fast.attention_varlen_fwd.default, padded, {}, None) == 4 * 109 * 32
     bwd_args = (None, qkv, None, None, cu, False, 2, 0.25, 0.0, None, "triton")
-    assert cost.count_flops(torch.ops.vit_fast.attention_varlen_bwd.default, bwd_args, {}, None) == fwd * 5 // 2
+    assert (
+        cost.count_flops(torch.ops.vit_fast.attention_varlen_bwd.default, bwd_args, {}, None) == fwd * 5 // 2
+    )

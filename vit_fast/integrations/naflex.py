@@ -30,7 +30,14 @@ from vit_fast.nn.attention import normalize_qk
 from vit_fast.nn.block import Block, op_namespace
 from vit_fast.nn.mlp import drop_path_scale
 
-__all__ = ["NaFlexBlock", "is_naflex", "patch_naflex", "prefix_lengths", "unpatch_naflex"]
+__all__ = [
+    "NaFlexBlock",
+    "is_naflex",
+    "patch_naflex",
+    "prefix_lengths",
+    "unpatch_naflex",
+    "varlen_block_forward",
+]
 
 _ORIGINAL_BLOCKS = "_vit_fast_original_blocks"
 _PATCHED_FEATURES = "_vit_fast_patched_features"
@@ -55,46 +62,56 @@ class NaFlexBlock(Block):
             return self._stock(x, attn_mask=attn_mask)
         if seq_lens is None:
             return super().forward(x)
-        # Block.forward with seq_lens passed to attention (same launches, same fusions).
-        f = op_namespace(self.impl)
-        attn, mlp = self.attn, self.mlp
-        batch = x.shape[0]
-        dropout_active = self.training and attn.proj_drop.p > 0.0
-        qkv = f.layer_norm_linear(
-            x, self.norm1.weight, self.norm1.bias, attn.qkv.weight, attn.qkv.bias, self.norm1.eps
+        return varlen_block_forward(self, x, seq_lens=seq_lens)
+
+
+def varlen_block_forward(
+    block: Block, x: Tensor, *, seq_lens: Tensor | None = None, cu_seqlens: Tensor | None = None
+) -> Tensor:
+    """`Block.forward` with variable-length attention (the same launches and fusions).
+
+    seq_lens [B]: x [B, T, D] is a padded batch. cu_seqlens [N+1]: x [1, total, D] holds N packed
+    sequences (drop-path then needs one draw per sequence, which this path does not do: it is
+    rejected in training)."""
+    f = op_namespace(block.impl)
+    attn, mlp = block.attn, block.mlp
+    batch = x.shape[0]
+    if cu_seqlens is not None and block.training and block.drop_path > 0.0:
+        raise ValueError("packed (cu_seqlens) blocks do not support drop_path in training")
+    dropout_active = block.training and attn.proj_drop.p > 0.0
+    qkv = f.layer_norm_linear(
+        x, block.norm1.weight, block.norm1.bias, attn.qkv.weight, attn.qkv.bias, block.norm1.eps
+    )
+    qkv = normalize_qk(attn, qkv)
+    p = attn.attn_drop.p if block.training else 0.0
+    if cu_seqlens is not None:
+        o = f.attention(qkv[0], attn.num_heads, scale=attn.scale, dropout_p=p, cu_seqlens=cu_seqlens)[None]
+    else:
+        o = f.attention(qkv, attn.num_heads, scale=attn.scale, dropout_p=p, seq_lens=seq_lens)
+    dps = drop_path_scale(batch, block.drop_path, block.training, x.device)
+    if dropout_active:
+        o = attn.proj_drop(F.linear(o, attn.proj.weight, attn.proj.bias))
+        x = reference.scale_residual(o, x, block._gamma(block.ls1), dps)
+    else:
+        x = f.linear_residual(
+            o, attn.proj.weight, attn.proj.bias, x, gamma=block._gamma(block.ls1), drop_path_scale=dps
         )
-        qkv = normalize_qk(attn, qkv)
-        o = f.attention(
-            qkv,
-            attn.num_heads,
-            scale=attn.scale,
-            dropout_p=attn.attn_drop.p if self.training else 0.0,
-            seq_lens=seq_lens,
-        )
-        dps = drop_path_scale(batch, self.drop_path, self.training, x.device)
-        if dropout_active:
-            o = attn.proj_drop(F.linear(o, attn.proj.weight, attn.proj.bias))
-            x = reference.scale_residual(o, x, self._gamma(self.ls1), dps)
-        else:
-            x = f.linear_residual(
-                o, attn.proj.weight, attn.proj.bias, x, gamma=self._gamma(self.ls1), drop_path_scale=dps
-            )
-        dps = drop_path_scale(batch, self.drop_path, self.training, x.device)
-        if dropout_active:
-            return reference.scale_residual(mlp(self.norm2(x)), x, self._gamma(self.ls2), dps)
-        return f.layer_norm_mlp(
-            x,
-            self.norm2.weight,
-            self.norm2.bias,
-            mlp.fc1.weight,
-            mlp.fc1.bias,
-            mlp.fc2.weight,
-            mlp.fc2.bias,
-            self.norm2.eps,
-            gamma=self._gamma(self.ls2),
-            drop_path_scale=dps,
-            approximate=getattr(mlp.act, "approximate", "none"),
-        )
+    dps = drop_path_scale(batch, block.drop_path, block.training, x.device)
+    if dropout_active:
+        return reference.scale_residual(mlp(block.norm2(x)), x, block._gamma(block.ls2), dps)
+    return f.layer_norm_mlp(
+        x,
+        block.norm2.weight,
+        block.norm2.bias,
+        mlp.fc1.weight,
+        mlp.fc1.bias,
+        mlp.fc2.weight,
+        mlp.fc2.bias,
+        block.norm2.eps,
+        gamma=block._gamma(block.ls2),
+        drop_path_scale=dps,
+        approximate=getattr(mlp.act, "approximate", "none"),
+    )
 
 
 def prefix_lengths(patch_valid: Tensor, num_prefix_tokens: int) -> Tensor | None:

@@ -547,12 +547,6 @@ def block_d_for(head_dim: int) -> int:
     return sum(head_split(head_dim))
 
 
-def attention_flops(head_dim: int) -> tuple[int, int]:
-    """(executed, useful) head-dim columns per head: the FLOPs of all four attention GEMMs (and of
-    the backward's five) scale with these, so executed / useful is the head-dim padding overhead."""
-    return block_d_for(head_dim), head_dim
-
-
 def _table_key(block_d: int, tail_d: int) -> int:
     # Split head dims (64 + 16, 64 + 32) run the BLOCK_D = 128 tiles: fewer columns, same shape.
     return block_d if tail_d == 0 else 128
