@@ -15,6 +15,16 @@ same RNG.
 
 Saved for backward: qkv (the input itself, no copy), out [B, T, D], lse [B, H, T] fp32 and the
 one-element seed tensor; never a T x T tensor (the triton and cpu backends recompute P from lse).
+
+Variable length: `attention(..., cu_seqlens=...)` (packed qkv [total, 3*D]) or `seq_lens=...`
+(padded [B, T, 3*D]) calls `vit_fast::attention_varlen_fwd` / `_bwd`. The op bodies check the
+tables' values on the host (`_seq_tables`, before any launch) and turn them into one (first row,
+length) table over the rows of qkv; backends: `attention_varlen_forward` / `_backward` below,
+`vit_fast._C.attention_varlen_forward` / `_backward`, or the per-sequence reference. Saved: qkv,
+out, lse [H, rows], the length tensor and the seed.
+
+Offsets: kernels compute `row * stride` in int32 unless `needs_int64` sees an element offset that
+can reach 2**31 (or `force_int64_indexing()` is active): then the IDX64 variant runs.
 """
 
 from __future__ import annotations
@@ -541,6 +551,10 @@ def _seq_tables(
     Returns (table, max_len): table int64 CPU [2, N] = (first row, length) of each sequence in the
     rows of qkv flattened to [R, 3*D], and the longest length."""
     host = lengths.detach().to("cpu", torch.int64)
+    rows = qkv_shape[0] * (qkv_shape[1] if padded else 1)
+    if rows >= 2**31:
+        # The device tables are int32 row indices.
+        raise ValueError(f"varlen attention supports fewer than 2**31 rows of qkv, got {rows}")
     if padded:
         batch, tokens = qkv_shape[0], qkv_shape[1]
         bad = (host < 0) | (host > tokens)
