@@ -303,6 +303,20 @@ def test_compile_fullgraph_varlen(backend):
     assert torch._dynamo.explain(model)(x, cu).graph_break_count == 0
 
 
+def test_compile_fullgraph_padded_dynamic(backend):
+    # seq_lens under dynamic shapes: new batch sizes and lengths reuse the graph without breaks.
+    torch._dynamo.reset()
+    qkv_proj = nn.Linear(32, 96)
+
+    def fn(x, lens):
+        return attention(qkv_proj(x), 2, seq_lens=lens)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=True)
+    for batch, tokens, lens in ((2, 9, [9, 3]), (3, 12, [1, 12, 0])):
+        x, lens_t = torch.randn(batch, tokens, 32), torch.tensor(lens)
+        torch.testing.assert_close(compiled(x, lens_t), fn(x, lens_t))
+
+
 # --------------------------------------------------------------------------------------------------
 # 64-bit offsets (issue #12): forced at small shapes, selected automatically past 2**31
 
