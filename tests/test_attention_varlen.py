@@ -30,9 +30,10 @@ def _has_cpu_varlen() -> bool:
     return has_cpu_kernel("attention") and hasattr(attn_mod.cpu_extension(), "attention_varlen_forward")
 
 
-@pytest.fixture(params=["triton", "cpu"])
+@pytest.fixture(params=["triton", "cpu", "reference"])
 def backend(request):
-    """Each test runs on the interpreted Triton kernels and on the C++ extension."""
+    """Each test runs on the interpreted Triton kernels, the C++ extension and the plain-PyTorch
+    reference backend of the custom op."""
     if request.param == "cpu" and not _has_cpu_varlen():
         pytest.skip("vit_fast._C has no varlen attention kernels in this build")
     with use_backend(request.param):
