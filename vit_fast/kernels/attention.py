@@ -506,11 +506,14 @@ _DQ_64 = {80: [(64, 64, 4, 2), (128, 32, 8, 2)], 90: [(64, 64, 8, 2), (128, 32, 
 # ptxas caps (128, 32, 8 warps) at 128 registers for BLOCK_D = 32 on sm_80 and spills 8 bytes.
 _DQ_32 = {80: [(64, 64, 4, 2), (64, 32, 4, 2)], 90: _DQ_64[90]}
 
-# Head dims 81..96 (64 + 32): the BLOCK_D = 128 dq tile (64, 32, 4 warps) spills 8-32 bytes with
-# dropout (AOT sweep), 8 warps compile clean on both archs.
+# Split head dims (64 + 16, 64 + 32) start from the BLOCK_D = 128 tiles (fewer columns, same shape);
+# the AOT sweep moved two of them: the forward's (64, 64, 4 warps) spills 8-16 bytes with dropout
+# and 64-bit offsets, and dq's (64, 32, 4 warps) spills 8-32 bytes at 64 + 32 with dropout.
+_FWD_TAIL = {80: [(64, 32, 4, 2)], 90: [(128, 64, 8, 2)]}
 _DQ_TAIL32 = {80: [(64, 64, 8, 2), (64, 32, 8, 2)], 90: [(64, 64, 8, 2), (64, 32, 8, 2)]}
 
-#: kernel -> table key (BLOCK_D, or 96 for 64 + 32) -> arch -> tiles (BLOCK_M, BLOCK_N, num_warps, num_stages)
+#: kernel -> table key (BLOCK_D; 80 for 64 + 16, 96 for 64 + 32) -> arch -> tiles
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages)
 GPU_CONFIGS: dict[str, dict[int, dict[int, list[_Tile]]]] = {
     "fwd": {
         **{bd: {80: _FWD_64, 90: _FWD_64} for bd in (32, 64)},
@@ -529,8 +532,10 @@ GPU_CONFIGS: dict[str, dict[int, dict[int, list[_Tile]]]] = {
         256: {80: [(32, 32, 8, 1), (16, 32, 4, 1)], 90: [(32, 32, 8, 1), (32, 64, 8, 1)]},
     },
 }
-GPU_CONFIGS["fwd"][96] = GPU_CONFIGS["fwd"][128]
-GPU_CONFIGS["dkdv"][96] = GPU_CONFIGS["dkdv"][128]
+for _key in (80, 96):
+    GPU_CONFIGS["fwd"][_key] = _FWD_TAIL
+    GPU_CONFIGS["dkdv"][_key] = GPU_CONFIGS["dkdv"][128]
+GPU_CONFIGS["dq"][80] = GPU_CONFIGS["dq"][128]
 GPU_CONFIGS["dq"][96] = _DQ_TAIL32
 #: Tile used when interpreting: small enough that T = 197 runs in seconds on a CPU core.
 INTERPRET_TILE: _Tile = (64, 64, 1, 1)
@@ -555,11 +560,8 @@ def block_d_for(head_dim: int) -> int:
 
 
 def _table_key(block_d: int, tail_d: int) -> int:
-    # Split head dims run the BLOCK_D = 128 tiles (fewer columns, same shape), except dq at 64 + 32
-    # (its own table under key 96).
-    if tail_d == 0:
-        return block_d
-    return 96 if tail_d == 32 else 128
+    # Split head dims have their own entries, keyed by the executed width (80 or 96).
+    return block_d + tail_d
 
 
 def _arch_key(capability: tuple[int, int]) -> int:
