@@ -537,6 +537,34 @@ for _key in (80, 96):
     GPU_CONFIGS["dkdv"][_key] = GPU_CONFIGS["dkdv"][128]
 GPU_CONFIGS["dq"][80] = GPU_CONFIGS["dq"][128]
 GPU_CONFIGS["dq"][96] = _DQ_TAIL32
+# Variant overrides from the AOT sweep (kernel, table key, arch) -> tiles. The IDX64 variants hold
+# int64 row offsets (more registers): tiles that spill there are replaced; three tiles spill
+# 8-16 bytes in the VARLEN variant (sequence-table loads) on sm_80 and are dropped there.
+_IDX64_TILES: dict[tuple[str, int, int], list[_Tile]] = {
+    ("fwd", 128, 80): [(64, 64, 8, 2)],
+    ("fwd", 128, 90): [(64, 32, 8, 2), (32, 32, 4, 2)],
+    ("fwd", 256, 80): [(32, 32, 4, 1)],
+    ("dq", 128, 80): [(64, 64, 8, 2)],
+    ("dq", 256, 80): [(16, 32, 4, 1)],
+    ("dq", 256, 90): [(32, 32, 8, 1)],
+    **{("dkdv", key, arch): [(32, 64, 8, 2)] for key in (80, 96) for arch in (80, 90)},
+}
+_VARLEN_TILES: dict[tuple[str, int, int], list[_Tile]] = {
+    ("fwd", 128, 80): [(64, 32, 4, 2)],
+    ("fwd", 256, 80): [(64, 32, 8, 1)],
+    ("dkdv", 64, 80): [(32, 64, 8, 2)],
+}
+
+
+def tiles_for(kernel: str, key: int, arch: int, varlen: bool = False, idx64: bool = False) -> list[_Tile]:
+    """The shipped tiles of one (kernel, table key, arch) in one (VARLEN, IDX64) variant."""
+    if idx64 and (kernel, key, arch) in _IDX64_TILES:
+        return _IDX64_TILES[(kernel, key, arch)]
+    if varlen and not idx64 and (kernel, key, arch) in _VARLEN_TILES:
+        return _VARLEN_TILES[(kernel, key, arch)]
+    return GPU_CONFIGS[kernel][key][arch]
+
+
 #: Tile used when interpreting: small enough that T = 197 runs in seconds on a CPU core.
 INTERPRET_TILE: _Tile = (64, 64, 1, 1)
 #: Architectures with their own tables; newer GPUs use the sm_90 table, older ones sm_80's.
@@ -570,34 +598,45 @@ def _arch_key(capability: tuple[int, int]) -> int:
 
 
 def configs_for(
-    kernel: str, block_d: int, capability: tuple[int, int] | None, tail_d: int = 0
+    kernel: str,
+    block_d: int,
+    capability: tuple[int, int] | None,
+    tail_d: int = 0,
+    varlen: bool = False,
+    idx64: bool = False,
 ) -> list[triton.Config]:
     """The autotune candidates for one launch: the single interpreter tile, or the shipped tiles for
     (kernel, BLOCK_D + tail, arch)."""
     if capability is None or triton_interpreting():
         tiles = [INTERPRET_TILE]
     else:
-        tiles = GPU_CONFIGS[kernel][_table_key(block_d, tail_d)][_arch_key(capability)]
+        tiles = tiles_for(kernel, _table_key(block_d, tail_d), _arch_key(capability), varlen, idx64)
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles
     ]
 
 
-_tuned: dict[tuple[str, int, int], object] = {}
+_tuned: dict[tuple[str, int, int, int, bool, bool], object] = {}
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
 
 
-def tuned_kernel(kernel: str, block_d: int, capability: tuple[int, int] | None, tail_d: int = 0):
+def tuned_kernel(
+    kernel: str,
+    block_d: int,
+    capability: tuple[int, int] | None,
+    tail_d: int = 0,
+    varlen: bool = False,
+    idx64: bool = False,
+):
     """The autotuned launcher of `kernel` for one (BLOCK_D, TAIL_D) and arch (built once, cached).
 
-    One autotuner per (kernel, BLOCK_D, TAIL_D, arch) because the candidate tiles depend on them; the
-    tuning key adds T (the longest sequence) and the variant flags (and, implicitly, the dtypes)."""
+    One autotuner per (kernel, BLOCK_D, TAIL_D, arch, VARLEN, IDX64) because the candidate tiles
+    depend on them; the tuning key adds T (the longest sequence) and dropout (and the dtypes)."""
     arch = 0 if capability is None or triton_interpreting() else _arch_key(capability)
-    key = (kernel, block_d, tail_d, arch)
+    key = (kernel, block_d, tail_d, arch, varlen, idx64)
     if key not in _tuned:
         _tuned[key] = triton.autotune(
-            configs=configs_for(kernel, block_d, capability, tail_d),
-            key=["T", "HAS_DROPOUT", "VARLEN", "IDX64"],
+            configs=configs_for(kernel, block_d, capability, tail_d, varlen, idx64), key=["T", "HAS_DROPOUT"]
         )(_KERNELS[kernel])
     return _tuned[key]
 
@@ -679,7 +718,7 @@ def aot_specs() -> list:
             for arch in _ARCHS:
                 for kernel in ("fwd", "dkdv", "dq"):
                     sig, div16 = _signature(kernel, dt, idx64)
-                    for bm, bn, w, st in GPU_CONFIGS[kernel][table][arch]:
+                    for bm, bn, w, st in tiles_for(kernel, table, arch, varlen, idx64):
                         for dropout in (False, True):
                             cx = {
                                 "BLOCK_M": bm,

@@ -133,7 +133,15 @@ def needs_int64(*tensors: Tensor) -> bool:
 
 
 def _idx64(*tensors: Tensor) -> bool:
-    return bool(_force_int64) or needs_int64(*tensors)
+    if not (_force_int64 or needs_int64(*tensors)):
+        return False
+    # The IDX64 kernels keep in-tile offsets (row < 256) * token stride in int32.
+    for t in tensors:
+        if t.dim() >= 2 and abs(t.stride(-2)) >= 2**23:
+            raise ValueError(
+                f"attention supports token strides below 2**23 elements, got strides {t.stride()}"
+            )
+    return True
 
 
 def _dummy_table(device: torch.device) -> Tensor:
@@ -173,7 +181,7 @@ def attention_forward(
     block_d, tail_d = K.head_split(head_dim)
     out = torch.empty((batch, tokens, width), dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty((batch, num_heads, tokens), dtype=torch.float32, device=qkv.device)
-    kernel = K.tuned_kernel("fwd", block_d, _capability(qkv.device), tail_d)
+    kernel = K.tuned_kernel("fwd", block_d, _capability(qkv.device), tail_d, False, _idx64(qkv, out))
     grid = lambda meta: (batch * num_heads, triton.cdiv(tokens, meta["BLOCK_M"]))
     with torch.cuda.device(qkv.device) if qkv.is_cuda else contextlib.nullcontext():
         table = _dummy_table(qkv.device)
@@ -306,12 +314,12 @@ def attention_backward(
             IDX64=idx64,
             num_warps=warps,
         )
-        K.tuned_kernel("dkdv", block_d, cap, tail_d)[lambda meta: (bh, triton.cdiv(tokens, meta["BLOCK_N"]))](
-            qkv, grad_out, lse, delta, dqkv, *common, **flags
-        )
-        K.tuned_kernel("dq", block_d, cap, tail_d)[lambda meta: (bh, triton.cdiv(tokens, meta["BLOCK_M"]))](
-            qkv, grad_out, lse, delta, dqkv, *common, **flags
-        )
+        K.tuned_kernel("dkdv", block_d, cap, tail_d, False, idx64)[
+            lambda meta: (bh, triton.cdiv(tokens, meta["BLOCK_N"]))
+        ](qkv, grad_out, lse, delta, dqkv, *common, **flags)
+        K.tuned_kernel("dq", block_d, cap, tail_d, False, idx64)[
+            lambda meta: (bh, triton.cdiv(tokens, meta["BLOCK_M"]))
+        ](qkv, grad_out, lse, delta, dqkv, *common, **flags)
     return dqkv
 
 
@@ -625,7 +633,7 @@ def attention_varlen_forward(
     if max_len == 0:
         return out, lse
     block_d, tail_d = K.head_split(head_dim)
-    kernel = K.tuned_kernel("fwd", block_d, _capability(qkv.device), tail_d)
+    kernel = K.tuned_kernel("fwd", block_d, _capability(qkv.device), tail_d, True, _idx64(qkv, out))
     grid = lambda meta: (n_seq * num_heads, triton.cdiv(max_len, meta["BLOCK_M"]))
     with torch.cuda.device(qkv.device) if qkv.is_cuda else contextlib.nullcontext():
         kernel[grid](
@@ -743,12 +751,12 @@ def attention_varlen_backward(
             IDX64=idx64,
             num_warps=warps,
         )
-        K.tuned_kernel("dkdv", block_d, cap, tail_d)[
+        K.tuned_kernel("dkdv", block_d, cap, tail_d, True, idx64)[
             lambda meta: (nh, triton.cdiv(max_len, meta["BLOCK_N"]))
         ](qkv, grad_out, lse, delta, dqkv, *common, **flags)
-        K.tuned_kernel("dq", block_d, cap, tail_d)[lambda meta: (nh, triton.cdiv(max_len, meta["BLOCK_M"]))](
-            qkv, grad_out, lse, delta, dqkv, *common, **flags
-        )
+        K.tuned_kernel("dq", block_d, cap, tail_d, True, idx64)[
+            lambda meta: (nh, triton.cdiv(max_len, meta["BLOCK_M"]))
+        ](qkv, grad_out, lse, delta, dqkv, *common, **flags)
     return dqkv
 
 
