@@ -501,7 +501,9 @@ _Tile = tuple[int, int, int, int]
 # (kernel, BLOCK_D, arch) the tiles that compile with 0 spills, larger tiles first. Head dims up to
 # 32 reuse the BLOCK_D = 64 tiles (smaller tiles of the same shape need fewer registers).
 _FWD_64 = [(128, 64, 8, 2), (64, 64, 4, 2)]
-_DKDV_64 = {80: [(64, 64, 4, 2), (32, 64, 8, 2)], 90: [(32, 64, 8, 2), (64, 64, 8, 1)]}
+# sm_80 (64, 64, 4 warps) spills 32 bytes with dropout since the kernels grew the varlen/tail
+# arguments; (32, 64, 8 warps) compiles clean.
+_DKDV_64 = {80: [(32, 64, 8, 2)], 90: [(32, 64, 8, 2), (64, 64, 8, 1)]}
 _DQ_64 = {80: [(64, 64, 4, 2), (128, 32, 8, 2)], 90: [(64, 64, 8, 2), (128, 32, 8, 2)]}
 # ptxas caps (128, 32, 8 warps) at 128 registers for BLOCK_D = 32 on sm_80 and spills 8 bytes.
 _DQ_32 = {80: [(64, 64, 4, 2), (64, 32, 4, 2)], 90: _DQ_64[90]}
@@ -517,8 +519,9 @@ _DQ_TAIL32 = {80: [(64, 64, 8, 2), (64, 32, 8, 2)], 90: [(64, 64, 8, 2), (64, 32
 GPU_CONFIGS: dict[str, dict[int, dict[int, list[_Tile]]]] = {
     "fwd": {
         **{bd: {80: _FWD_64, 90: _FWD_64} for bd in (32, 64)},
-        128: {80: [(64, 64, 4, 2), (64, 32, 4, 2)], 90: [(128, 64, 8, 2), (64, 64, 4, 2)]},
-        256: {80: [(64, 32, 8, 1), (64, 64, 8, 1)], 90: [(32, 32, 4, 1)]},
+        # sm_80 (64, 64) tiles spill 8 bytes here since the varlen/tail arguments (AOT sweep).
+        128: {80: [(64, 32, 4, 2)], 90: [(128, 64, 8, 2), (64, 64, 4, 2)]},
+        256: {80: [(64, 32, 8, 1)], 90: [(32, 32, 4, 1)]},
     },
     "dkdv": {
         **{bd: _DKDV_64 for bd in (32, 64)},
@@ -544,6 +547,8 @@ _IDX64_TILES: dict[tuple[str, int, int], list[_Tile]] = {
     ("fwd", 128, 80): [(64, 64, 8, 2)],
     ("fwd", 128, 90): [(64, 32, 8, 2), (32, 32, 4, 2)],
     ("fwd", 256, 80): [(32, 32, 4, 1)],
+    ("fwd", 32, 80): [(64, 64, 4, 2)],
+    ("dkdv", 64, 80): [(64, 64, 4, 2)],
     ("dq", 128, 80): [(64, 64, 8, 2)],
     ("dq", 256, 80): [(16, 32, 4, 1)],
     ("dq", 256, 90): [(32, 32, 8, 1)],
@@ -643,8 +648,9 @@ def tuned_kernel(
 
 def _gpu_delta_tile(block_d: int) -> tuple[int, int]:
     # Small row tiles: an AOT sweep found ptxas capping this kernel at 80 registers and spilling
-    # for 64 x 64 and larger tiles; 16 (32 for BLOCK_D = 32) rows x 4 warps compile clean everywhere.
-    return (32 if block_d <= 32 else 16), 4
+    # for 64 x 64 and larger tiles; 16 (32 for BLOCK_D = 32) rows x 4 warps compile clean, except
+    # BLOCK_D = 256 in the varlen variant on sm_80 (16 bytes): 8 warps there.
+    return (32 if block_d <= 32 else 16), (8 if block_d >= 256 else 4)
 
 
 def delta_tile(block_d: int) -> tuple[int, int]:
