@@ -12,6 +12,9 @@
 // (batch, head) for the two score GEMMs, the other operands are read in place.
 // Dropout on the probabilities uses a counter-based hash of (seed, b, h, i, j), regenerated in the
 // backward. bf16 inputs are widened to fp32 per (b, h) slice so every tile GEMM runs in fp32.
+// Variable length (attention_varlen_*): the same loops over a list of sequences (SeqDesc: where each
+// sequence's row 0 sits in every tensor, and its length), so the work is sum(len^2); fixed-length
+// batches are the special case of B sequences of T rows (fixed_layout).
 #include "common.h"
 #include "tile_gemm.h"
 
@@ -124,44 +127,79 @@ VF_CLONES float dot_f32(const float* a, const float* b, int64_t n) {
   return acc;
 }
 
+// One attention sequence: where its row 0 lives in each tensor and its length. Fixed-length batches
+// are B sequences of T rows; variable-length ones come from the (first row, length) table.
+struct SeqDesc {
+  int64_t q_off;    // element offset of row 0 in qkv (row stride: stride_t)
+  int64_t o_off;    // ... in out / grad_out (contiguous rows of D)
+  int64_t d_off;    // ... in dqkv (contiguous rows of 3D)
+  int64_t lse_off;  // ... in lse (head h adds h * lse_sh)
+  int64_t len;
+  uint64_t ctr;     // dropout counter of (head 0, row 0, key 0); head h adds h * ctr_sh
+};
+
+struct SeqLayout {
+  int64_t heads, head_dim, dim, stride_t, lse_sh;
+  uint64_t ctr_sh;
+  std::vector<SeqDesc> seqs;
+};
+
+SeqLayout fixed_layout(const AttnShape& s) {
+  SeqLayout l{s.heads, s.head_dim, s.dim, s.stride_t, s.tokens, static_cast<uint64_t>(s.tokens * s.tokens), {}};
+  for (int64_t b = 0; b < s.batch; ++b)
+    l.seqs.push_back({b * s.stride_b, b * s.tokens * s.dim, b * s.tokens * 3 * s.dim, b * s.heads * s.tokens, s.tokens,
+                      static_cast<uint64_t>(b * s.heads * s.tokens * s.tokens)});
+  return l;
+}
+
 template <typename T>
-void attention_forward_impl(const Tensor& qkv, const AttnShape& s, float scale, float dropout_p, int64_t seed,
+void attention_forward_impl(const Tensor& qkv, const SeqLayout& s, float scale, float dropout_p, int64_t seed,
                             Tensor& out, Tensor& lse) {
   const T* base = qkv.data_ptr<T>();
   T* out_p = out.data_ptr<T>();
   float* lse_p = lse.data_ptr<float>();
-  const int64_t T_ = s.tokens, hd = s.head_dim, D = s.dim;
+  const int64_t hd = s.head_dim, D = s.dim;
   const int64_t kFwdBlockQ = tiles().fwd_q, kFwdBlockK = tiles().fwd_k;
-  const int64_t nqb = (T_ + kFwdBlockQ - 1) / kFwdBlockQ;
+  // Tasks (sequence, head, query block), consecutive tasks sharing (sequence, head).
+  struct Task {
+    int64_t seq, h, i0;
+  };
+  std::vector<Task> tasks;
+  for (int64_t n = 0; n < static_cast<int64_t>(s.seqs.size()); ++n)
+    for (int64_t h = 0; h < s.heads; ++h)
+      for (int64_t i0 = 0; i0 < s.seqs[n].len; i0 += kFwdBlockQ) tasks.push_back({n, h, i0});
   const uint64_t key = seed_key(seed);
   const float inv_keep = dropout_p > 0.0f ? 1.0f / (1.0f - dropout_p) : 1.0f;
 
-  at::parallel_for(0, s.batch * s.heads * nqb, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> tile(static_cast<size_t>(kFwdBlockQ * kFwdBlockK));
     std::vector<float> acc(static_cast<size_t>(kFwdBlockQ * hd));
     std::vector<float> row_max(kFwdBlockQ), row_sum(kFwdBlockQ);
     std::vector<float> qbuf, ktbuf, vbuf;
-    int64_t packed_bh = -1;
+    int64_t packed_seq = -1, packed_h = -1;
     const float* vf = nullptr;
     int64_t ldv = 0;
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t qb = task % nqb, bh = task / nqb;
-      const int64_t b = bh / s.heads, h = bh % s.heads;
-      const T* q = base + b * s.stride_b + h * hd;
-      const int64_t i0 = qb * kFwdBlockQ, bq = std::min(kFwdBlockQ, T_ - i0);
+      const Task& tk = tasks[static_cast<size_t>(task)];
+      const SeqDesc& sq = s.seqs[static_cast<size_t>(tk.seq)];
+      const int64_t h = tk.h, L = sq.len, i0 = tk.i0;
+      const T* q = base + sq.q_off + h * hd;
+      const int64_t bq = std::min(kFwdBlockQ, L - i0);
       int64_t ldq = 0;
       const float* qf = as_f32(q + i0 * s.stride_t, s.stride_t, bq, hd, qbuf, ldq);
-      if (bh != packed_bh) {  // consecutive tasks share (b, h): pack K^T and widen V once
-        pack_transposed(q + D, s.stride_t, T_, hd, ktbuf);
-        vf = as_f32(q + 2 * D, s.stride_t, T_, hd, vbuf, ldv);
-        packed_bh = bh;
+      if (tk.seq != packed_seq || h != packed_h) {  // pack K^T and widen V once per (sequence, head)
+        pack_transposed(q + D, s.stride_t, L, hd, ktbuf);
+        vf = as_f32(q + 2 * D, s.stride_t, L, hd, vbuf, ldv);
+        packed_seq = tk.seq;
+        packed_h = h;
       }
+      const uint64_t ctr0 = sq.ctr + static_cast<uint64_t>(h) * s.ctr_sh;
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<float>::infinity());
       std::fill(row_sum.begin(), row_sum.end(), 0.0f);
-      for (int64_t j0 = 0; j0 < T_; j0 += kFwdBlockK) {
-        const int64_t bk = std::min(kFwdBlockK, T_ - j0);
-        tile::gemm(bq, bk, hd, scale, qf, ldq, 1, ktbuf.data() + j0, T_, false, tile.data(), kFwdBlockK);
+      for (int64_t j0 = 0; j0 < L; j0 += kFwdBlockK) {
+        const int64_t bk = std::min(kFwdBlockK, L - j0);
+        tile::gemm(bq, bk, hd, scale, qf, ldq, 1, ktbuf.data() + j0, L, false, tile.data(), kFwdBlockK);
         for (int64_t i = 0; i < bq; ++i) {
           float* row = tile.data() + i * kFwdBlockK;
           const float mx = row_max_f32(row, bk);
@@ -173,7 +211,7 @@ void attention_forward_impl(const Tensor& qkv, const AttnShape& s, float scale, 
           row_sum[i] = row_sum[i] * alpha + sum;  // normaliser counts every key: dropout comes after softmax
           row_max[i] = m_new;
           if (dropout_p > 0.0f) {
-            const uint64_t base_ctr = static_cast<uint64_t>((bh * T_ + i0 + i) * T_ + j0);
+            const uint64_t base_ctr = ctr0 + static_cast<uint64_t>((i0 + i) * L + j0);
             for (int64_t j = 0; j < bk; ++j)
               row[j] = uniform01(key, base_ctr + j) >= dropout_p ? row[j] * inv_keep : 0.0f;
           }
@@ -186,10 +224,10 @@ void attention_forward_impl(const Tensor& qkv, const AttnShape& s, float scale, 
       }
       for (int64_t i = 0; i < bq; ++i) {
         const float inv = 1.0f / row_sum[i];
-        T* o = out_p + (b * T_ + i0 + i) * D + h * hd;
+        T* o = out_p + sq.o_off + (i0 + i) * D + h * hd;
         const float* a = acc.data() + i * hd;
         for (int64_t d = 0; d < hd; ++d) o[d] = from_f<T>(a[d] * inv);
-        lse_p[bh * T_ + i0 + i] = row_max[i] + std::log(row_sum[i]);
+        lse_p[sq.lse_off + h * s.lse_sh + i0 + i] = row_max[i] + std::log(row_sum[i]);
       }
     }
   });
@@ -197,37 +235,42 @@ void attention_forward_impl(const Tensor& qkv, const AttnShape& s, float scale, 
 
 template <typename T>
 void attention_backward_impl(const Tensor& grad_out, const Tensor& qkv, const Tensor& out, const Tensor& lse,
-                             const AttnShape& s, float scale, float dropout_p, int64_t seed, Tensor& dqkv) {
+                             const SeqLayout& s, float scale, float dropout_p, int64_t seed, Tensor& dqkv) {
   const T* base = qkv.data_ptr<T>();
   const T* go_p = grad_out.data_ptr<T>();
   const T* out_p = out.data_ptr<T>();
   const float* lse_p = lse.data_ptr<float>();
   T* dqkv_p = dqkv.data_ptr<T>();
-  const int64_t T_ = s.tokens, hd = s.head_dim, D = s.dim;
+  const int64_t hd = s.head_dim, D = s.dim;
   const uint64_t key = seed_key(seed);
   const float inv_keep = dropout_p > 0.0f ? 1.0f / (1.0f - dropout_p) : 1.0f;
   const int64_t BQ = tiles().bwd_q, BK = tiles().bwd_k;
+  const int64_t n_tasks = static_cast<int64_t>(s.seqs.size()) * s.heads;
 
-  at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> p_tile(static_cast<size_t>(BQ * BK)), dp_tile(static_cast<size_t>(BQ * BK));
     std::vector<float> pd_tile(dropout_p > 0.0f ? static_cast<size_t>(BQ * BK) : 0);
-    std::vector<float> dq(static_cast<size_t>(T_ * hd)), dk(static_cast<size_t>(BK * hd)),
-        dv(static_cast<size_t>(BK * hd)), delta(T_);
+    std::vector<float> dq, dk(static_cast<size_t>(BK * hd)), dv(static_cast<size_t>(BK * hd)), delta;
     std::vector<float> qbuf, kbuf, gobuf, ktbuf, vtbuf;
-    for (int64_t bh = t0; bh < t1; ++bh) {
-      const int64_t b = bh / s.heads, h = bh % s.heads;
-      const T* q = base + b * s.stride_b + h * hd;
-      const T* go = go_p + b * T_ * D + h * hd;
-      const T* o = out_p + b * T_ * D + h * hd;
-      const float* lse_row = lse_p + bh * T_;
+    for (int64_t task = t0; task < t1; ++task) {
+      const SeqDesc& sq = s.seqs[static_cast<size_t>(task / s.heads)];
+      const int64_t h = task % s.heads, L = sq.len;
+      if (L == 0) continue;
+      const T* q = base + sq.q_off + h * hd;
+      const T* go = go_p + sq.o_off + h * hd;
+      const T* o = out_p + sq.o_off + h * hd;
+      const float* lse_row = lse_p + sq.lse_off + h * s.lse_sh;
+      const uint64_t ctr0 = sq.ctr + static_cast<uint64_t>(h) * s.ctr_sh;
+      dq.assign(static_cast<size_t>(L * hd), 0.0f);
+      delta.resize(static_cast<size_t>(L));
       int64_t ldq, ldk, ldgo;
-      const float* qf = as_f32(q, s.stride_t, T_, hd, qbuf, ldq);
-      const float* kf = as_f32(q + D, s.stride_t, T_, hd, kbuf, ldk);
-      const float* gof = as_f32(go, D, T_, hd, gobuf, ldgo);
-      pack_transposed(q + D, s.stride_t, T_, hd, ktbuf);      // K^T [hd, T]
-      pack_transposed(q + 2 * D, s.stride_t, T_, hd, vtbuf);  // V^T [hd, T]
+      const float* qf = as_f32(q, s.stride_t, L, hd, qbuf, ldq);
+      const float* kf = as_f32(q + D, s.stride_t, L, hd, kbuf, ldk);
+      const float* gof = as_f32(go, D, L, hd, gobuf, ldgo);
+      pack_transposed(q + D, s.stride_t, L, hd, ktbuf);      // K^T [hd, L]
+      pack_transposed(q + 2 * D, s.stride_t, L, hd, vtbuf);  // V^T [hd, L]
       // delta_i = sum_j P_ij dP_ij = dO_i . O_i (holds with dropout too, since O = (P * Z) V).
-      for (int64_t i = 0; i < T_; ++i) {
+      for (int64_t i = 0; i < L; ++i) {
         if constexpr (std::is_same_v<T, float>) {
           delta[i] = dot_f32(go + i * D, o + i * D, hd);
         } else {
@@ -236,18 +279,17 @@ void attention_backward_impl(const Tensor& grad_out, const Tensor& qkv, const Te
           delta[i] = acc;
         }
       }
-      std::fill(dq.begin(), dq.end(), 0.0f);
-      for (int64_t j0 = 0; j0 < T_; j0 += BK) {
-        const int64_t bk = std::min(BK, T_ - j0);
+      for (int64_t j0 = 0; j0 < L; j0 += BK) {
+        const int64_t bk = std::min(BK, L - j0);
         std::fill(dk.begin(), dk.end(), 0.0f);
         std::fill(dv.begin(), dv.end(), 0.0f);
         const float* kj = kf + j0 * ldk;
-        for (int64_t i0 = 0; i0 < T_; i0 += BQ) {
-          const int64_t bq = std::min(BQ, T_ - i0);
+        for (int64_t i0 = 0; i0 < L; i0 += BQ) {
+          const int64_t bq = std::min(BQ, L - i0);
           const float* qi = qf + i0 * ldq;
           const float* goi = gof + i0 * ldgo;
-          tile::gemm(bq, bk, hd, scale, qi, ldq, 1, ktbuf.data() + j0, T_, false, p_tile.data(), BK);  // S
-          tile::gemm(bq, bk, hd, 1.0f, goi, ldgo, 1, vtbuf.data() + j0, T_, false, dp_tile.data(), BK);  // dP
+          tile::gemm(bq, bk, hd, scale, qi, ldq, 1, ktbuf.data() + j0, L, false, p_tile.data(), BK);   // S
+          tile::gemm(bq, bk, hd, 1.0f, goi, ldgo, 1, vtbuf.data() + j0, L, false, dp_tile.data(), BK);  // dP
           for (int64_t i = 0; i < bq; ++i) {
             float* pr = p_tile.data() + i * BK;
             float* dpr = dp_tile.data() + i * BK;
@@ -259,7 +301,7 @@ void attention_backward_impl(const Tensor& grad_out, const Tensor& qkv, const Te
             for (int64_t j = 0; j < bk; ++j) pr[j] = fast_exp(pr[j] - l);
             {
               float* pdr = pd_tile.data() + i * BK;
-              const uint64_t base_ctr = static_cast<uint64_t>((bh * T_ + i0 + i) * T_ + j0);
+              const uint64_t base_ctr = ctr0 + static_cast<uint64_t>((i0 + i) * L + j0);
               for (int64_t j = 0; j < bk; ++j) {
                 const float z = uniform01(key, base_ctr + j) >= dropout_p ? inv_keep : 0.0f;
                 pdr[j] = pr[j] * z;
@@ -275,19 +317,48 @@ void attention_backward_impl(const Tensor& grad_out, const Tensor& qkv, const Te
           tile::gemm(bk, hd, bq, scale, dp_tile.data(), 1, BK, qi, ldq, true, dk.data(), hd);
         }
         for (int64_t j = 0; j < bk; ++j) {
-          T* row = dqkv_p + (b * T_ + j0 + j) * 3 * D + h * hd;
+          T* row = dqkv_p + sq.d_off + (j0 + j) * 3 * D + h * hd;
           for (int64_t d = 0; d < hd; ++d) {
             row[D + d] = from_f<T>(dk[j * hd + d]);
             row[2 * D + d] = from_f<T>(dv[j * hd + d]);
           }
         }
       }
-      for (int64_t i = 0; i < T_; ++i) {
-        T* row = dqkv_p + (b * T_ + i) * 3 * D + h * hd;
+      for (int64_t i = 0; i < L; ++i) {
+        T* row = dqkv_p + sq.d_off + i * 3 * D + h * hd;
         for (int64_t d = 0; d < hd; ++d) row[d] = from_f<T>(dq[i * hd + d]);
       }
     }
   });
+}
+
+// Variable-length layout of rows qkv [R, 3D] from table int64 [2, N] = (first row, length) per
+// sequence. Sequence n's dropout counters start at (n*H + h) << 32 (lengths^2 < 2^31 is checked by
+// the Python layer), lse is [H, R].
+SeqLayout varlen_layout(const Tensor& qkv, const Tensor& table, int64_t num_heads) {
+  check_float_tensor(qkv, "qkv");
+  check_dim(qkv, "qkv", 2);
+  TORCH_CHECK(num_heads > 0, "num_heads must be positive, got ", num_heads);
+  const int64_t rows = qkv.size(0), width3 = qkv.size(1);
+  TORCH_CHECK(width3 % (3 * num_heads) == 0, "qkv last dim (", width3, ") must be divisible by 3 * num_heads (",
+              3 * num_heads, ")");
+  TORCH_CHECK(qkv.stride(1) == 1, "qkv must have a contiguous last dim, got strides ", qkv.strides());
+  TORCH_CHECK(table.defined() && table.device().is_cpu() && table.scalar_type() == at::kLong && table.dim() == 2 &&
+                  table.size(0) == 2,
+              "table must be an int64 CPU tensor [2, N] of (first row, length)");
+  const Tensor t = table.contiguous();
+  const int64_t n_seq = t.size(1);
+  const int64_t* st = t.data_ptr<int64_t>();
+  const int64_t* ln = st + n_seq;
+  const int64_t dim = width3 / 3;
+  SeqLayout l{num_heads, dim / num_heads, dim, qkv.stride(0), rows, uint64_t{1} << 32, {}};
+  for (int64_t n = 0; n < n_seq; ++n) {
+    TORCH_CHECK(ln[n] >= 0 && st[n] >= 0 && st[n] + ln[n] <= rows, "table: sequence ", n, " (first row ", st[n],
+                ", length ", ln[n], ") is outside qkv's ", rows, " rows");
+    l.seqs.push_back({st[n] * qkv.stride(0), st[n] * dim, st[n] * width3, st[n], ln[n],
+                      static_cast<uint64_t>(n * num_heads) << 32});
+  }
+  return l;
 }
 
 void check_dropout(double dropout_p) {
@@ -303,8 +374,8 @@ std::tuple<Tensor, Tensor> attention_forward(const Tensor& qkv, int64_t num_head
   Tensor out = at::empty({s.batch, s.tokens, s.dim}, qkv.options());
   Tensor lse = at::empty({s.batch, s.heads, s.tokens}, qkv.options().dtype(at::kFloat));
   VF_DISPATCH(qkv.scalar_type(), "attention_forward", [&] {
-    attention_forward_impl<scalar_t>(qkv, s, static_cast<float>(scale), static_cast<float>(dropout_p), seed, out,
-                                     lse);
+    attention_forward_impl<scalar_t>(qkv, fixed_layout(s), static_cast<float>(scale), static_cast<float>(dropout_p),
+                                     seed, out, lse);
   });
   return {out, lse};
 }
@@ -326,7 +397,45 @@ Tensor attention_backward(const Tensor& grad_out, const Tensor& qkv, const Tenso
   const Tensor go = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();
   Tensor dqkv = at::empty({s.batch, s.tokens, 3 * s.dim}, qkv.options());
   VF_DISPATCH(qkv.scalar_type(), "attention_backward", [&] {
-    attention_backward_impl<scalar_t>(go, qkv, o, l, s, static_cast<float>(scale), static_cast<float>(dropout_p), seed,
+    attention_backward_impl<scalar_t>(go, qkv, o, l, fixed_layout(s), static_cast<float>(scale),
+                                      static_cast<float>(dropout_p), seed, dqkv);
+  });
+  return dqkv;
+}
+
+std::tuple<Tensor, Tensor> attention_varlen_forward(const Tensor& qkv, const Tensor& table, int64_t num_heads,
+                                                    double scale, double dropout_p, int64_t seed) {
+  const SeqLayout l = varlen_layout(qkv, table, num_heads);
+  check_dropout(dropout_p);
+  // Zero-filled: rows outside every sequence (padding) read as zero output.
+  Tensor out = at::zeros({qkv.size(0), l.dim}, qkv.options());
+  Tensor lse = at::zeros({num_heads, qkv.size(0)}, qkv.options().dtype(at::kFloat));
+  VF_DISPATCH(qkv.scalar_type(), "attention_varlen_forward", [&] {
+    attention_forward_impl<scalar_t>(qkv, l, static_cast<float>(scale), static_cast<float>(dropout_p), seed, out, lse);
+  });
+  return {out, lse};
+}
+
+Tensor attention_varlen_backward(const Tensor& grad_out, const Tensor& qkv, const Tensor& out, const Tensor& lse,
+                                 const Tensor& table, int64_t num_heads, double scale, double dropout_p,
+                                 int64_t seed) {
+  const SeqLayout l = varlen_layout(qkv, table, num_heads);
+  check_dropout(dropout_p);
+  const int64_t rows = qkv.size(0);
+  check_float_tensor(grad_out, "grad_out");
+  check_float_tensor(out, "out");
+  check_same_dtype(grad_out, qkv, "grad_out");
+  check_same_dtype(out, qkv, "out");
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({rows, l.dim}), "grad_out must have shape [", rows, ", ", l.dim,
+              "], got ", grad_out.sizes());
+  TORCH_CHECK(out.sizes() == grad_out.sizes(), "out must have shape ", grad_out.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(lse.defined() && lse.device().is_cpu() && lse.scalar_type() == at::kFloat, "lse must be a float32 CPU tensor");
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({num_heads, rows}), "lse must have shape [", num_heads, ", ", rows,
+              "], got ", lse.sizes());
+  const Tensor go = grad_out.contiguous(), o = out.contiguous(), ls = lse.contiguous();
+  Tensor dqkv = at::zeros({rows, 3 * l.dim}, qkv.options());
+  VF_DISPATCH(qkv.scalar_type(), "attention_varlen_backward", [&] {
+    attention_backward_impl<scalar_t>(go, qkv, o, ls, l, static_cast<float>(scale), static_cast<float>(dropout_p), seed,
                                       dqkv);
   });
   return dqkv;

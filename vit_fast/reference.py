@@ -10,6 +10,8 @@ Shapes use B = batch, T = tokens, D = embedding width, H = heads, p = patch size
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -67,13 +69,43 @@ def patch_embed(
     return x
 
 
-def attention(qkv: Tensor, num_heads: int, *, scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
+def attention(
+    qkv: Tensor,
+    num_heads: int,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    cu_seqlens: Tensor | None = None,
+    seq_lens: Tensor | None = None,
+) -> Tensor:
     """Multi-head self-attention from the packed qkv projection (timm layout).
 
     qkv [B, T, 3*D] is the output of the qkv Linear, read as [B, T, 3, H, D/H].
     Returns softmax(q k^T * scale) v with heads merged, [B, T, D]. scale defaults to (D/H)^-0.5.
     Dropout (training only, torch RNG) is applied to the attention probabilities.
+
+    Variable length, one sequence at a time: cu_seqlens [N+1] for packed qkv [total_tokens, 3*D]
+    (returns [total_tokens, D]); seq_lens [B] for padded qkv [B, T, 3*D] (rows at or past a length
+    are zero in the output and take no part in the attention).
     """
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        parts = [
+            _attention_fixed(qkv[a:b][None], num_heads, scale, dropout_p)[0]
+            for a, b in itertools.pairwise(bounds)
+        ]
+        return torch.cat(parts) if parts else qkv.new_zeros((0, qkv.shape[-1] // 3))
+    if seq_lens is not None:
+        rows = []
+        for b, length in enumerate(seq_lens.tolist()):
+            o = _attention_fixed(qkv[b : b + 1, :length], num_heads, scale, dropout_p)
+            pad = o.new_zeros((1, qkv.shape[1] - length, o.shape[-1]))
+            rows.append(torch.cat((o, pad), dim=1))
+        return torch.cat(rows)
+    return _attention_fixed(qkv, num_heads, scale, dropout_p)
+
+
+def _attention_fixed(qkv: Tensor, num_heads: int, scale: float | None, dropout_p: float) -> Tensor:
     batch, tokens, width3 = qkv.shape
     head_dim = width3 // (3 * num_heads)
     if scale is None:

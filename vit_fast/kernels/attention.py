@@ -8,14 +8,24 @@ dq kernel own disjoint columns, so nothing is zeroed first and no atomics are ne
 gradients run to run).
 
 Every kernel runs on a 2-D grid: axis 0 is `b * H + h` (axis 0 has no 65535 limit, so large
-batches are fine), axis 1 tiles the tokens. Head dims that are not powers of two (72, 80, 96, ...)
-are padded to `BLOCK_D` with masked loads (zeros add nothing to the dot products); token tails are
-masked to `-inf` scores (forward) or zero probabilities (backward).
+batches are fine), axis 1 tiles the tokens. The head dim runs as a power-of-two main part BLOCK_D
+plus an optional 16/32-wide tail TAIL_D (80 = 64 + 16, 88 and 96 = 64 + 32; see `head_split`), each
+with its own dots, and masked loads cover what is left (72 in 64 + 16); token tails are masked to
+`-inf` scores (forward) or zero probabilities (backward).
+
+Variable length (VARLEN): qkv is rows [R, 3*D] and two int32 tables give each sequence's first row
+and length; axis 0 is then `n * H + h` over sequences, axis 1 covers the longest sequence and tiles
+past a sequence's end return at once, so the work is sum(len^2). lse/delta are [H, R] there.
+
+64-bit offsets (IDX64): `row * stride` products are int32 unless the launcher sees an element
+offset that can reach 2**31 (then rows are widened to int64 first); batch and sequence bases are
+always int64.
 
 Dropout. The keep-mask element for (b, h, query i, key j) is `rand(seed + (b*H + h) * 2**32,
 i*T + j) >= p`: the Philox key carries the head and the counter the position, so masks are
 regenerated identically in the forward, both backward kernels and the debug mask kernel
-(`_keep_mask` is the one place that formula lives). Counters are 32-bit, so T*T must fit in int32.
+(`_keep_mask` is the one place that formula lives). In varlen mode b is the sequence index and T its
+length. Counters are 32-bit, so T*T must fit in int32.
 
 This module only holds kernels, their launch-config tables and `aot_specs()`; validation, backend
 choice and autograd live in `vit_fast.ops.attention`.
@@ -56,11 +66,70 @@ def _mm(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 @triton.jit
 def _keep_mask(seed, bh, offs_m, offs_n, T, dropout_p):
     """Boolean [BLOCK_M, BLOCK_N] keep-mask of attention dropout for rows offs_m, cols offs_n of
-    head `bh` (= b*H + h). The head goes into the high 32 bits of the Philox key (the wrapper draws
-    seed < 2**31), the in-head position into the counter."""
+    head `bh` (= b*H + h) of a sequence of T tokens. The head goes into the high 32 bits of the
+    Philox key (the wrapper draws seed < 2**31), the in-head position into the counter."""
     head_seed = seed + bh.to(tl.int64) * 4294967296
     counter = offs_m[:, None] * T + offs_n[None, :]
     return tl.rand(head_seed, counter) >= dropout_p
+
+
+@triton.jit
+def _seq(SeqStart, SeqLen, s, T, VARLEN: tl.constexpr):
+    """(start, length) of sequence s. VARLEN: its first row (int64) and length from the tables.
+    Fixed length: start is the batch index s itself (offsets then go through the batch strides)."""
+    if VARLEN:
+        start = tl.load(SeqStart + s).to(tl.int64)
+        length = tl.load(SeqLen + s)
+    else:
+        start = s.to(tl.int64)
+        length = T
+    return start, length
+
+
+@triton.jit
+def _off(start, stride_b, stride_t, VARLEN: tl.constexpr):
+    """Element offset (int64) of the first row of a sequence in one tensor."""
+    if VARLEN:
+        off = start * stride_t
+    else:
+        off = start * stride_b
+    return off
+
+
+@triton.jit
+def _lse_off(start, h, H, T, stride_lh, VARLEN: tl.constexpr):
+    """Offset of (sequence, head) row 0 in lse / delta: [H, rows] for varlen, [B, H, T] otherwise."""
+    if VARLEN:
+        off = h.to(tl.int64) * stride_lh + start
+    else:
+        off = (start * H + h) * T
+    return off
+
+
+@triton.jit
+def _rows(offs, IDX64: tl.constexpr):
+    """Row indices as used in `rows * stride`: widened to int64 when an offset can pass 2**31."""
+    if IDX64:
+        r = offs.to(tl.int64)
+    else:
+        r = offs
+    return r
+
+
+@triton.jit
+def _ld(base, rows, stride, row_valid, COL0: tl.constexpr, WIDTH: tl.constexpr, head_dim):
+    """[rows, WIDTH] head-dim columns COL0.. of a row-major operand; rows and columns past the end
+    (row_valid false, column >= head_dim) read as zero, which adds nothing to any dot product."""
+    cols = COL0 + tl.arange(0, WIDTH)
+    mask = row_valid[:, None] & (cols < head_dim)[None, :]
+    return tl.load(base + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _st(base, rows, stride, row_valid, COL0: tl.constexpr, WIDTH: tl.constexpr, head_dim, value):
+    cols = COL0 + tl.arange(0, WIDTH)
+    mask = row_valid[:, None] & (cols < head_dim)[None, :]
+    tl.store(base + rows[:, None] * stride + cols[None, :], value.to(base.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -68,6 +137,10 @@ def _keep_mask(seed, bh, offs_m, offs_n, T, dropout_p):
 #
 # `seed` is excluded from value specialisation: a fresh seed every step must not pick a different
 # compiled variant (seed == 1, seed % 16 == 0) and trigger a recompile.
+#
+# Head dim split: columns [0, BLOCK_D) are the power-of-two main part, [BLOCK_D, BLOCK_D + TAIL_D)
+# an optional 16- or 32-wide tail (TAIL_D = 0: none), each with its own dots and accumulators, so
+# head dim 80 runs 64 + 16 columns instead of 128.
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -75,10 +148,13 @@ def _attn_fwd_kernel(
     QKV,
     Out,
     Lse,
+    SeqStart,
+    SeqLen,
     stride_qb,
     stride_qt,
     stride_ob,
     stride_ot,
+    stride_lh,
     T,
     H,
     D,
@@ -89,42 +165,48 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    TAIL_D: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    IDX64: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     bh = tl.program_id(0)
     pid_m = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
     h = bh % H
+    start, L = _seq(SeqStart, SeqLen, bh // H, T, VARLEN)
+    # Varlen grids cover the longest sequence; tiles past this one's end have nothing to do.
+    if pid_m * BLOCK_M >= L:
+        return
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < T
-    d_valid = offs_d < head_dim
+    m_valid = offs_m < L
+    rows_m = _rows(offs_m, IDX64)
 
-    base = QKV + b * stride_qb + h * head_dim
-    q = tl.load(
-        base + offs_m[:, None] * stride_qt + offs_d[None, :],
-        mask=m_valid[:, None] & d_valid[None, :],
-        other=0.0,
-    )
-
+    base = QKV + _off(start, stride_qb, stride_qt, VARLEN) + h * head_dim
+    q = _ld(base, rows_m, stride_qt, m_valid, 0, BLOCK_D, head_dim)
     # Running max (log2 units), running denominator, unnormalised output: all fp32.
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if TAIL_D > 0:
+        q_t = _ld(base, rows_m, stride_qt, m_valid, BLOCK_D, TAIL_D, head_dim)
+        acc_t = tl.zeros([BLOCK_M, TAIL_D], tl.float32)
     inv_keep = 1.0 / (1.0 - dropout_p)
 
-    for start_n in range(0, T, BLOCK_N):
+    for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < T
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(base + D + offs_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(base + 2 * D + offs_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
-
-        s = _mm(q, tl.trans(k), UPCAST, IEEE) * scale_log2
-        # Every key block holds at least one valid column (start_n < T), so m_new stays finite.
+        n_valid = offs_n < L
+        rows_n = _rows(offs_n, IDX64)
+        k = _ld(base + D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
+        v = _ld(base + 2 * D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
+        s = _mm(q, tl.trans(k), UPCAST, IEEE)
+        if TAIL_D > 0:
+            k_t = _ld(base + D, rows_n, stride_qt, n_valid, BLOCK_D, TAIL_D, head_dim)
+            s += _mm(q_t, tl.trans(k_t), UPCAST, IEEE)
+        s = s * scale_log2
+        # Every key block holds at least one valid column (start_n < L), so m_new stays finite.
         s = tl.where(n_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -132,16 +214,21 @@ def _attn_fwd_kernel(
         # The softmax denominator uses the probabilities before dropout (lse is pre-dropout).
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
-            keep = _keep_mask(seed, bh, offs_m, offs_n, T, dropout_p)
+            keep = _keep_mask(seed, bh, offs_m, offs_n, L, dropout_p)
             p = tl.where(keep, p * inv_keep, 0.0)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, IEEE)
+        p = p.to(v.dtype)
+        acc = acc * alpha[:, None] + _mm(p, v, UPCAST, IEEE)
+        if TAIL_D > 0:
+            v_t = _ld(base + 2 * D, rows_n, stride_qt, n_valid, BLOCK_D, TAIL_D, head_dim)
+            acc_t = acc_t * alpha[:, None] + _mm(p, v_t, UPCAST, IEEE)
         m_i = m_new
 
-    acc = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * LN2
-    tl.store(Lse + bh.to(tl.int64) * T + offs_m, lse, mask=m_valid)
-    o_ptrs = Out + b * stride_ob + h * head_dim + offs_m[:, None] * stride_ot + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+    tl.store(Lse + _lse_off(start, h, H, T, stride_lh, VARLEN) + offs_m, lse, mask=m_valid)
+    o_base = Out + _off(start, stride_ob, stride_ot, VARLEN) + h * head_dim
+    _st(o_base, rows_m, stride_ot, m_valid, 0, BLOCK_D, head_dim, acc / l_i[:, None])
+    if TAIL_D > 0:
+        _st(o_base, rows_m, stride_ot, m_valid, BLOCK_D, TAIL_D, head_dim, acc_t / l_i[:, None])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,30 +240,43 @@ def _attn_bwd_delta_kernel(
     Out,
     dOut,
     Delta,
+    SeqStart,
+    SeqLen,
     stride_ob,
     stride_ot,
     stride_gb,
     stride_gt,
+    stride_lh,
     T,
     H,
     head_dim,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    TAIL_D: tl.constexpr,
+    VARLEN: tl.constexpr,
+    IDX64: tl.constexpr,
 ):
     """Delta[b, h, t] = sum_d dO * O (fp32): the softmax-backward row term, computed once so the
     dk/dv kernel (which walks over query rows) does not need whole rows of P."""
     bh = tl.program_id(0)
     pid_m = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
     h = bh % H
+    start, L = _seq(SeqStart, SeqLen, bh // H, T, VARLEN)
+    if pid_m * BLOCK_M >= L:
+        return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < T)[:, None] & (offs_d < head_dim)[None, :]
-    cols = h * head_dim + offs_d[None, :]
-    o = tl.load(Out + b * stride_ob + offs_m[:, None] * stride_ot + cols, mask=mask, other=0.0)
-    do = tl.load(dOut + b * stride_gb + offs_m[:, None] * stride_gt + cols, mask=mask, other=0.0)
+    m_valid = offs_m < L
+    rows_m = _rows(offs_m, IDX64)
+    o_base = Out + _off(start, stride_ob, stride_ot, VARLEN) + h * head_dim
+    g_base = dOut + _off(start, stride_gb, stride_gt, VARLEN) + h * head_dim
+    o = _ld(o_base, rows_m, stride_ot, m_valid, 0, BLOCK_D, head_dim)
+    do = _ld(g_base, rows_m, stride_gt, m_valid, 0, BLOCK_D, head_dim)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+    if TAIL_D > 0:
+        o_t = _ld(o_base, rows_m, stride_ot, m_valid, BLOCK_D, TAIL_D, head_dim)
+        do_t = _ld(g_base, rows_m, stride_gt, m_valid, BLOCK_D, TAIL_D, head_dim)
+        delta += tl.sum(o_t.to(tl.float32) * do_t.to(tl.float32), 1)
+    tl.store(Delta + _lse_off(start, h, H, T, stride_lh, VARLEN) + offs_m, delta, mask=m_valid)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -186,12 +286,15 @@ def _attn_bwd_dkdv_kernel(
     Lse,
     Delta,
     dQKV,
+    SeqStart,
+    SeqLen,
     stride_qb,
     stride_qt,
     stride_gb,
     stride_gt,
     stride_db,
     stride_dt,
+    stride_lh,
     T,
     H,
     D,
@@ -203,7 +306,10 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    TAIL_D: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    IDX64: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -211,53 +317,68 @@ def _attn_bwd_dkdv_kernel(
     over all query blocks, recomputing P from the saved lse."""
     bh = tl.program_id(0)
     pid_n = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
     h = bh % H
+    start, L = _seq(SeqStart, SeqLen, bh // H, T, VARLEN)
+    if pid_n * BLOCK_N >= L:
+        return
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_valid = offs_n < T
-    d_valid = offs_d < head_dim
-    kv_mask = n_valid[:, None] & d_valid[None, :]
+    rows_n = _rows(offs_n, IDX64)
+    n_valid = offs_n < L
 
-    base = QKV + b * stride_qb + h * head_dim
-    k = tl.load(base + D + offs_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(base + 2 * D + offs_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
-    g_base = dOut + b * stride_gb + h * head_dim
-    row_base = bh.to(tl.int64) * T
-
+    base = QKV + _off(start, stride_qb, stride_qt, VARLEN) + h * head_dim
+    g_base = dOut + _off(start, stride_gb, stride_gt, VARLEN) + h * head_dim
+    row_base = _lse_off(start, h, H, T, stride_lh, VARLEN)
+    k = _ld(base + D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
+    v = _ld(base + 2 * D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if TAIL_D > 0:
+        k_t = _ld(base + D, rows_n, stride_qt, n_valid, BLOCK_D, TAIL_D, head_dim)
+        v_t = _ld(base + 2 * D, rows_n, stride_qt, n_valid, BLOCK_D, TAIL_D, head_dim)
+        dk_t = tl.zeros([BLOCK_N, TAIL_D], tl.float32)
+        dv_t = tl.zeros([BLOCK_N, TAIL_D], tl.float32)
     inv_keep = 1.0 / (1.0 - dropout_p)
 
-    for start_m in range(0, T, BLOCK_M):
+    for start_m in range(0, L, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < T
-        qm = m_valid[:, None] & d_valid[None, :]
-        q = tl.load(base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=qm, other=0.0)
-        do = tl.load(g_base + offs_m[:, None] * stride_gt + offs_d[None, :], mask=qm, other=0.0)
+        rows_m = _rows(offs_m, IDX64)
+        m_valid = offs_m < L
+        q = _ld(base, rows_m, stride_qt, m_valid, 0, BLOCK_D, head_dim)
+        do = _ld(g_base, rows_m, stride_gt, m_valid, 0, BLOCK_D, head_dim)
         lse = tl.load(Lse + row_base + offs_m, mask=m_valid, other=0.0)
         delta = tl.load(Delta + row_base + offs_m, mask=m_valid, other=0.0)
 
-        s = _mm(q, tl.trans(k), UPCAST, IEEE) * scale_log2
-        p = tl.exp2(s - (lse * LOG2E)[:, None])
+        s = _mm(q, tl.trans(k), UPCAST, IEEE)
+        dp = _mm(do, tl.trans(v), UPCAST, IEEE)
+        if TAIL_D > 0:
+            q_t = _ld(base, rows_m, stride_qt, m_valid, BLOCK_D, TAIL_D, head_dim)
+            do_t = _ld(g_base, rows_m, stride_gt, m_valid, BLOCK_D, TAIL_D, head_dim)
+            s += _mm(q_t, tl.trans(k_t), UPCAST, IEEE)
+            dp += _mm(do_t, tl.trans(v_t), UPCAST, IEEE)
+        p = tl.exp2(s * scale_log2 - (lse * LOG2E)[:, None])
         # Padded rows/cols must contribute exactly nothing.
         p = tl.where(m_valid[:, None] & n_valid[None, :], p, 0.0)
-        dp = _mm(do, tl.trans(v), UPCAST, IEEE)
         if HAS_DROPOUT:
-            keep = _keep_mask(seed, bh, offs_m, offs_n, T, dropout_p)
+            keep = _keep_mask(seed, bh, offs_m, offs_n, L, dropout_p)
             pd = tl.where(keep, p * inv_keep, 0.0)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         else:
             pd = p
-        dv += _mm(tl.trans(pd).to(do.dtype), do, UPCAST, IEEE)
-        ds = p * (dp - delta[:, None])
-        dk += _mm(tl.trans(ds).to(q.dtype), q, UPCAST, IEEE)
+        pd_t = tl.trans(pd).to(do.dtype)
+        ds_t = tl.trans(p * (dp - delta[:, None])).to(q.dtype)
+        dv += _mm(pd_t, do, UPCAST, IEEE)
+        dk += _mm(ds_t, q, UPCAST, IEEE)
+        if TAIL_D > 0:
+            dv_t += _mm(pd_t, do_t, UPCAST, IEEE)
+            dk_t += _mm(ds_t, q_t, UPCAST, IEEE)
 
-    dk = dk * scale
-    d_base = dQKV + b * stride_db + h * head_dim + offs_n[:, None] * stride_dt + offs_d[None, :]
-    tl.store(d_base + D, dk.to(dQKV.dtype.element_ty), mask=kv_mask)
-    tl.store(d_base + 2 * D, dv.to(dQKV.dtype.element_ty), mask=kv_mask)
+    d_base = dQKV + _off(start, stride_db, stride_dt, VARLEN) + h * head_dim
+    _st(d_base + D, rows_n, stride_dt, n_valid, 0, BLOCK_D, head_dim, dk * scale)
+    _st(d_base + 2 * D, rows_n, stride_dt, n_valid, 0, BLOCK_D, head_dim, dv)
+    if TAIL_D > 0:
+        _st(d_base + D, rows_n, stride_dt, n_valid, BLOCK_D, TAIL_D, head_dim, dk_t * scale)
+        _st(d_base + 2 * D, rows_n, stride_dt, n_valid, BLOCK_D, TAIL_D, head_dim, dv_t)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -267,12 +388,15 @@ def _attn_bwd_dq_kernel(
     Lse,
     Delta,
     dQKV,
+    SeqStart,
+    SeqLen,
     stride_qb,
     stride_qt,
     stride_gb,
     stride_gt,
     stride_db,
     stride_dt,
+    stride_lh,
     T,
     H,
     D,
@@ -284,56 +408,66 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    TAIL_D: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    IDX64: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     """One program per (query block, head): walks over all key blocks accumulating dq on chip."""
     bh = tl.program_id(0)
     pid_m = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
     h = bh % H
+    start, L = _seq(SeqStart, SeqLen, bh // H, T, VARLEN)
+    if pid_m * BLOCK_M >= L:
+        return
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < T
-    d_valid = offs_d < head_dim
-    qm = m_valid[:, None] & d_valid[None, :]
+    rows_m = _rows(offs_m, IDX64)
+    m_valid = offs_m < L
 
-    base = QKV + b * stride_qb + h * head_dim
-    q = tl.load(base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=qm, other=0.0)
-    do = tl.load(
-        dOut + b * stride_gb + h * head_dim + offs_m[:, None] * stride_gt + offs_d[None, :],
-        mask=qm,
-        other=0.0,
-    )
-    row_base = bh.to(tl.int64) * T
+    base = QKV + _off(start, stride_qb, stride_qt, VARLEN) + h * head_dim
+    g_base = dOut + _off(start, stride_gb, stride_gt, VARLEN) + h * head_dim
+    q = _ld(base, rows_m, stride_qt, m_valid, 0, BLOCK_D, head_dim)
+    do = _ld(g_base, rows_m, stride_gt, m_valid, 0, BLOCK_D, head_dim)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if TAIL_D > 0:
+        q_t = _ld(base, rows_m, stride_qt, m_valid, BLOCK_D, TAIL_D, head_dim)
+        do_t = _ld(g_base, rows_m, stride_gt, m_valid, BLOCK_D, TAIL_D, head_dim)
+        dq_t = tl.zeros([BLOCK_M, TAIL_D], tl.float32)
+    row_base = _lse_off(start, h, H, T, stride_lh, VARLEN)
     lse2 = tl.load(Lse + row_base + offs_m, mask=m_valid, other=0.0) * LOG2E
     delta = tl.load(Delta + row_base + offs_m, mask=m_valid, other=0.0)
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     inv_keep = 1.0 / (1.0 - dropout_p)
 
-    for start_n in range(0, T, BLOCK_N):
+    for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < T
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(base + D + offs_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(base + 2 * D + offs_n[:, None] * stride_qt + offs_d[None, :], mask=kv_mask, other=0.0)
-
-        s = _mm(q, tl.trans(k), UPCAST, IEEE) * scale_log2
-        p = tl.exp2(s - lse2[:, None])
-        p = tl.where(n_valid[None, :], p, 0.0)
+        rows_n = _rows(offs_n, IDX64)
+        n_valid = offs_n < L
+        k = _ld(base + D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
+        v = _ld(base + 2 * D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
+        s = _mm(q, tl.trans(k), UPCAST, IEEE)
         dp = _mm(do, tl.trans(v), UPCAST, IEEE)
+        if TAIL_D > 0:
+            k_t = _ld(base + D, rows_n, stride_qt, n_valid, BLOCK_D, TAIL_D, head_dim)
+            v_t = _ld(base + 2 * D, rows_n, stride_qt, n_valid, BLOCK_D, TAIL_D, head_dim)
+            s += _mm(q_t, tl.trans(k_t), UPCAST, IEEE)
+            dp += _mm(do_t, tl.trans(v_t), UPCAST, IEEE)
+        p = tl.exp2(s * scale_log2 - lse2[:, None])
+        p = tl.where(n_valid[None, :], p, 0.0)
         if HAS_DROPOUT:
-            keep = _keep_mask(seed, bh, offs_m, offs_n, T, dropout_p)
+            keep = _keep_mask(seed, bh, offs_m, offs_n, L, dropout_p)
             dp = tl.where(keep, dp * inv_keep, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, UPCAST, IEEE)
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        dq += _mm(ds, k, UPCAST, IEEE)
+        if TAIL_D > 0:
+            dq_t += _mm(ds, k_t, UPCAST, IEEE)
 
-    dq = dq * scale
-    d_ptrs = dQKV + b * stride_db + h * head_dim + offs_m[:, None] * stride_dt + offs_d[None, :]
-    tl.store(d_ptrs, dq.to(dQKV.dtype.element_ty), mask=qm)
+    d_base = dQKV + _off(start, stride_db, stride_dt, VARLEN) + h * head_dim
+    _st(d_base, rows_m, stride_dt, m_valid, 0, BLOCK_D, head_dim, dq * scale)
+    if TAIL_D > 0:
+        _st(d_base, rows_m, stride_dt, m_valid, BLOCK_D, TAIL_D, head_dim, dq_t * scale)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,17 +501,27 @@ _Tile = tuple[int, int, int, int]
 # (kernel, BLOCK_D, arch) the tiles that compile with 0 spills, larger tiles first. Head dims up to
 # 32 reuse the BLOCK_D = 64 tiles (smaller tiles of the same shape need fewer registers).
 _FWD_64 = [(128, 64, 8, 2), (64, 64, 4, 2)]
-_DKDV_64 = {80: [(64, 64, 4, 2), (32, 64, 8, 2)], 90: [(32, 64, 8, 2), (64, 64, 8, 1)]}
+# sm_80 (64, 64, 4 warps) spills 32 bytes with dropout since the kernels grew the varlen/tail
+# arguments; (32, 64, 8 warps) compiles clean.
+_DKDV_64 = {80: [(32, 64, 8, 2)], 90: [(32, 64, 8, 2), (64, 64, 8, 1)]}
 _DQ_64 = {80: [(64, 64, 4, 2), (128, 32, 8, 2)], 90: [(64, 64, 8, 2), (128, 32, 8, 2)]}
 # ptxas caps (128, 32, 8 warps) at 128 registers for BLOCK_D = 32 on sm_80 and spills 8 bytes.
 _DQ_32 = {80: [(64, 64, 4, 2), (64, 32, 4, 2)], 90: _DQ_64[90]}
 
-#: kernel -> BLOCK_D -> arch -> tiles (BLOCK_M, BLOCK_N, num_warps, num_stages)
+# Split head dims (64 + 16, 64 + 32) start from the BLOCK_D = 128 tiles (fewer columns, same shape);
+# the AOT sweep moved two of them: the forward's (64, 64, 4 warps) spills 8-16 bytes with dropout
+# and 64-bit offsets, and dq's (64, 32, 4 warps) spills 8-32 bytes at 64 + 32 with dropout.
+_FWD_TAIL = {80: [(64, 32, 4, 2)], 90: [(128, 64, 8, 2)]}
+_DQ_TAIL32 = {80: [(64, 64, 8, 2), (64, 32, 8, 2)], 90: [(64, 64, 8, 2), (64, 32, 8, 2)]}
+
+#: kernel -> table key (BLOCK_D; 80 for 64 + 16, 96 for 64 + 32) -> arch -> tiles
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages)
 GPU_CONFIGS: dict[str, dict[int, dict[int, list[_Tile]]]] = {
     "fwd": {
         **{bd: {80: _FWD_64, 90: _FWD_64} for bd in (32, 64)},
-        128: {80: [(64, 64, 4, 2), (64, 32, 4, 2)], 90: [(128, 64, 8, 2), (64, 64, 4, 2)]},
-        256: {80: [(64, 32, 8, 1), (64, 64, 8, 1)], 90: [(32, 32, 4, 1)]},
+        # sm_80 (64, 64) tiles spill 8 bytes here since the varlen/tail arguments (AOT sweep).
+        128: {80: [(64, 32, 4, 2)], 90: [(128, 64, 8, 2), (64, 64, 4, 2)]},
+        256: {80: [(64, 32, 8, 1)], 90: [(32, 32, 4, 1)]},
     },
     "dkdv": {
         **{bd: _DKDV_64 for bd in (32, 64)},
@@ -391,16 +535,66 @@ GPU_CONFIGS: dict[str, dict[int, dict[int, list[_Tile]]]] = {
         256: {80: [(32, 32, 8, 1), (16, 32, 4, 1)], 90: [(32, 32, 8, 1), (32, 64, 8, 1)]},
     },
 }
+for _key in (80, 96):
+    GPU_CONFIGS["fwd"][_key] = _FWD_TAIL
+    GPU_CONFIGS["dkdv"][_key] = GPU_CONFIGS["dkdv"][128]
+GPU_CONFIGS["dq"][80] = GPU_CONFIGS["dq"][128]
+GPU_CONFIGS["dq"][96] = _DQ_TAIL32
+# Variant overrides from the AOT sweep (kernel, table key, arch) -> tiles. The IDX64 variants hold
+# int64 row offsets (more registers): tiles that spill there are replaced; three tiles spill
+# 8-16 bytes in the VARLEN variant (sequence-table loads) on sm_80 and are dropped there.
+_IDX64_TILES: dict[tuple[str, int, int], list[_Tile]] = {
+    ("fwd", 128, 80): [(64, 64, 8, 2)],
+    ("fwd", 128, 90): [(64, 32, 8, 2), (32, 32, 4, 2)],
+    ("fwd", 256, 80): [(32, 32, 4, 1)],
+    ("fwd", 32, 80): [(64, 64, 4, 2)],
+    ("dkdv", 64, 80): [(64, 64, 4, 2)],
+    ("dq", 128, 80): [(64, 64, 8, 2)],
+    ("dq", 256, 80): [(16, 32, 4, 1)],
+    ("dq", 256, 90): [(32, 32, 8, 1)],
+    **{("dkdv", key, arch): [(32, 64, 8, 2)] for key in (80, 96) for arch in (80, 90)},
+}
+_VARLEN_TILES: dict[tuple[str, int, int], list[_Tile]] = {
+    ("fwd", 128, 80): [(64, 32, 4, 2)],
+    ("fwd", 256, 80): [(64, 32, 8, 1)],
+    ("dkdv", 64, 80): [(32, 64, 8, 2)],
+}
+
+
+def tiles_for(kernel: str, key: int, arch: int, varlen: bool = False, idx64: bool = False) -> list[_Tile]:
+    """The shipped tiles of one (kernel, table key, arch) in one (VARLEN, IDX64) variant."""
+    if idx64 and (kernel, key, arch) in _IDX64_TILES:
+        return _IDX64_TILES[(kernel, key, arch)]
+    if varlen and not idx64 and (kernel, key, arch) in _VARLEN_TILES:
+        return _VARLEN_TILES[(kernel, key, arch)]
+    return GPU_CONFIGS[kernel][key][arch]
+
+
 #: Tile used when interpreting: small enough that T = 197 runs in seconds on a CPU core.
 INTERPRET_TILE: _Tile = (64, 64, 1, 1)
 #: Architectures with their own tables; newer GPUs use the sm_90 table, older ones sm_80's.
 from vit_fast.kernels._common import ARCHS as _ARCHS  # noqa: E402  (one list for every family)
 
 
+def head_split(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, TAIL_D): the head dim as a power-of-two main part plus a 0/16/32-wide tail.
+
+    At least 32 (tl.dot needs K >= 16, and one shipped table for head dims <= 32 keeps the AOT matrix
+    small). 65..80 -> 64 + 16 and 81..96 -> 64 + 32 instead of 128: the padded columns cost at most
+    15% of the attention FLOPs for 64, 72, 80, 88, 96, 112 and 128 (112 pads to 128: 12.5%)."""
+    if 64 < head_dim <= 96:
+        return 64, 16 if head_dim <= 80 else 32
+    return max(32, triton.next_power_of_2(head_dim)), 0
+
+
 def block_d_for(head_dim: int) -> int:
-    """Head dim padded to the next power of two, at least 32: tl.dot needs K >= 16, and one shipped
-    table for head dims <= 32 keeps the AOT matrix small (head dim 16 is rare in ViTs)."""
-    return max(32, triton.next_power_of_2(head_dim))
+    """Head-dim columns the kernels execute (main part + tail), >= head_dim."""
+    return sum(head_split(head_dim))
+
+
+def _table_key(block_d: int, tail_d: int) -> int:
+    # Split head dims have their own entries, keyed by the executed width (80 or 96).
+    return block_d + tail_d
 
 
 def _arch_key(capability: tuple[int, int]) -> int:
@@ -408,40 +602,55 @@ def _arch_key(capability: tuple[int, int]) -> int:
     return 90 if cc >= 90 else 80
 
 
-def configs_for(kernel: str, block_d: int, capability: tuple[int, int] | None) -> list[triton.Config]:
+def configs_for(
+    kernel: str,
+    block_d: int,
+    capability: tuple[int, int] | None,
+    tail_d: int = 0,
+    varlen: bool = False,
+    idx64: bool = False,
+) -> list[triton.Config]:
     """The autotune candidates for one launch: the single interpreter tile, or the shipped tiles for
-    (kernel, BLOCK_D, arch)."""
+    (kernel, BLOCK_D + tail, arch)."""
     if capability is None or triton_interpreting():
         tiles = [INTERPRET_TILE]
     else:
-        tiles = GPU_CONFIGS[kernel][block_d][_arch_key(capability)]
+        tiles = tiles_for(kernel, _table_key(block_d, tail_d), _arch_key(capability), varlen, idx64)
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles
     ]
 
 
-_tuned: dict[tuple[str, int, int], object] = {}
+_tuned: dict[tuple[str, int, int, int, bool, bool], object] = {}
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
 
 
-def tuned_kernel(kernel: str, block_d: int, capability: tuple[int, int] | None):
-    """The autotuned launcher of `kernel` for one BLOCK_D and arch (built once, then cached).
+def tuned_kernel(
+    kernel: str,
+    block_d: int,
+    capability: tuple[int, int] | None,
+    tail_d: int = 0,
+    varlen: bool = False,
+    idx64: bool = False,
+):
+    """The autotuned launcher of `kernel` for one (BLOCK_D, TAIL_D) and arch (built once, cached).
 
-    One autotuner per (kernel, BLOCK_D, arch) because the candidate tiles depend on them; the tuning
-    key adds T (sequence length) and, implicitly, the tensor dtypes."""
+    One autotuner per (kernel, BLOCK_D, TAIL_D, arch, VARLEN, IDX64) because the candidate tiles
+    depend on them; the tuning key adds T (the longest sequence) and dropout (and the dtypes)."""
     arch = 0 if capability is None or triton_interpreting() else _arch_key(capability)
-    key = (kernel, block_d, arch)
+    key = (kernel, block_d, tail_d, arch, varlen, idx64)
     if key not in _tuned:
         _tuned[key] = triton.autotune(
-            configs=configs_for(kernel, block_d, capability), key=["T", "HAS_DROPOUT"]
+            configs=configs_for(kernel, block_d, capability, tail_d, varlen, idx64), key=["T", "HAS_DROPOUT"]
         )(_KERNELS[kernel])
     return _tuned[key]
 
 
 def _gpu_delta_tile(block_d: int) -> tuple[int, int]:
     # Small row tiles: an AOT sweep found ptxas capping this kernel at 80 registers and spilling
-    # for 64 x 64 and larger tiles; 16 (32 for BLOCK_D = 32) rows x 4 warps compile clean everywhere.
-    return (32 if block_d <= 32 else 16), 4
+    # for 64 x 64 and larger tiles; 16 (32 for BLOCK_D = 32) rows x 4 warps compile clean, except
+    # BLOCK_D = 256 in the varlen variant on sm_80 (16 bytes): 8 warps there.
+    return (32 if block_d <= 32 else 16), (8 if block_d >= 256 else 4)
 
 
 def delta_tile(block_d: int) -> tuple[int, int]:
@@ -455,124 +664,102 @@ def delta_tile(block_d: int) -> tuple[int, int]:
 # ahead-of-time specs
 
 
-def aot_specs() -> list:
-    """Every shipped (kernel, dtype, BLOCK_D, tile, arch) config, for `python -m vit_fast.perf.aot`.
+#: (VARLEN, IDX64) variants every config ships in: fixed / variable length, 32- / 64-bit offsets.
+_MODES = ((False, False), (True, False), (False, True), (True, True))
 
-    fp16 and bf16 at BLOCK_D 64 (head dims 33..64) and 128 (65..128: 72, 80, 88, 96, 112), fp16 also
-    at BLOCK_D 32 and 256; every tile of GPU_CONFIGS for those, with and without dropout, for the
-    forward, dk/dv and dq kernels; plus the delta pre-pass. (fp32 runs the same tiles with IEEE dots
-    and is not part of the shipped report.)"""
+
+def _mode_suffix(varlen: bool, idx64: bool) -> str:
+    return ("_varlen" if varlen else "") + ("_i64" if idx64 else "")
+
+
+def _signature(kernel: str, dt: str, idx64: bool) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Argument types of one kernel and the args the launcher keeps 16-divisible for ViT widths
+    (pointers, token strides, D). IDX64 launches come with batch strides past 2**31 (i64)."""
+    big = "i64" if idx64 else "i32"
+    tables = {"SeqStart": "*i32", "SeqLen": "*i32"}
+    if kernel == "fwd":
+        ptrs = {"QKV": f"*{dt}", "Out": f"*{dt}", "Lse": "*fp32"}
+        strides = {"stride_qb": big, "stride_qt": "i32", "stride_ob": big, "stride_ot": "i32"}
+        tail = {"scale_log2": "fp32", "dropout_p": "fp32", "seed": "i32"}
+    elif kernel == "delta":
+        ptrs = {"Out": f"*{dt}", "dOut": f"*{dt}", "Delta": "*fp32"}
+        strides = {"stride_ob": big, "stride_ot": "i32", "stride_gb": big, "stride_gt": "i32"}
+        tail = {}
+    else:
+        ptrs = {"QKV": f"*{dt}", "dOut": f"*{dt}", "Lse": "*fp32", "Delta": "*fp32", "dQKV": f"*{dt}"}
+        strides = {
+            "stride_qb": big,
+            "stride_qt": "i32",
+            "stride_gb": big,
+            "stride_gt": "i32",
+            "stride_db": big,
+            "stride_dt": "i32",
+        }
+        tail = {"scale": "fp32", "scale_log2": "fp32", "dropout_p": "fp32", "seed": "i32"}
+    dims = {"stride_lh": "i32", "T": "i32", "H": "i32"} | ({} if kernel == "delta" else {"D": "i32"})
+    sig = {**ptrs, **tables, **strides, **dims, "head_dim": "i32", **tail}
+    div16 = (*ptrs, *tables, *[k for k, t in strides.items() if t == "i32"]) + (
+        () if kernel == "delta" else ("D",)
+    )
+    return sig, div16
+
+
+def aot_specs() -> list:
+    """Every shipped (kernel, dtype, BLOCK_D, tile, arch, mode) config, for `python -m vit_fast.perf.aot`.
+
+    fp16 and bf16 at BLOCK_D 64 (head dims 33..64), 64 + 16 (65..80), 64 + 32 (81..96) and 128
+    (97..128), fp16 also at BLOCK_D 32 and 256; every tile of GPU_CONFIGS for those, with and without dropout, for the
+    forward, dk/dv and dq kernels, each in the four (VARLEN, IDX64) modes; plus the delta pre-pass.
+    (fp32 runs the same tiles with IEEE dots and is not part of the shipped report.)"""
     from vit_fast.kernels._common import KernelSpec
 
     specs: list[KernelSpec] = []
-    scalars_fwd = {
-        "stride_qb": "i32",
-        "stride_qt": "i32",
-        "stride_ob": "i32",
-        "stride_ot": "i32",
-        "T": "i32",
-        "H": "i32",
-        "D": "i32",
-        "head_dim": "i32",
-        "scale_log2": "fp32",
-        "dropout_p": "fp32",
-        "seed": "i32",
-    }
-    scalars_bwd = {
-        "stride_qb": "i32",
-        "stride_qt": "i32",
-        "stride_gb": "i32",
-        "stride_gt": "i32",
-        "stride_db": "i32",
-        "stride_dt": "i32",
-        "T": "i32",
-        "H": "i32",
-        "D": "i32",
-        "head_dim": "i32",
-        "scale": "fp32",
-        "scale_log2": "fp32",
-        "dropout_p": "fp32",
-        "seed": "i32",
-    }
-    consts = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HAS_DROPOUT", "UPCAST", "IEEE")
-    shipped = [("fp16", bd) for bd in (32, 64, 128, 256)] + [("bf16", bd) for bd in (64, 128)]
-    for dt in ("fp16", "bf16"):
-        for block_d in [bd for d, bd in shipped if d == dt]:
+    shipped = [("fp16", bd, 0) for bd in (32, 64, 128, 256)] + [("bf16", bd, 0) for bd in (64, 128)]
+    shipped += [(dt, 64, tail) for dt in ("fp16", "bf16") for tail in (16, 32)]
+    for dt, block_d, tail_d in shipped:
+        table = _table_key(block_d, tail_d)
+        dname = f"d{block_d}" + (f"t{tail_d}" if tail_d else "")
+        for varlen, idx64 in _MODES:
+            mode = _mode_suffix(varlen, idx64)
             for arch in _ARCHS:
                 for kernel in ("fwd", "dkdv", "dq"):
-                    for bm, bn, w, s in GPU_CONFIGS[kernel][block_d][arch]:
+                    sig, div16 = _signature(kernel, dt, idx64)
+                    for bm, bn, w, st in tiles_for(kernel, table, arch, varlen, idx64):
                         for dropout in (False, True):
-                            strides = [
-                                a
-                                for a in (scalars_fwd if kernel == "fwd" else scalars_bwd)
-                                if a.startswith("stride")
-                            ]
-                            if kernel == "fwd":
-                                ptrs = {"QKV": f"*{dt}", "Out": f"*{dt}", "Lse": "*fp32"}
-                                sig = {**ptrs, **scalars_fwd}
-                            else:
-                                ptrs = {
-                                    "QKV": f"*{dt}",
-                                    "dOut": f"*{dt}",
-                                    "Lse": "*fp32",
-                                    "Delta": "*fp32",
-                                    "dQKV": f"*{dt}",
-                                }
-                                sig = {**ptrs, **scalars_bwd}
-                            sig.update(dict.fromkeys(consts, "constexpr"))
                             cx = {
                                 "BLOCK_M": bm,
                                 "BLOCK_N": bn,
                                 "BLOCK_D": block_d,
+                                "TAIL_D": tail_d,
                                 "HAS_DROPOUT": dropout,
+                                "VARLEN": varlen,
+                                "IDX64": idx64,
                                 "UPCAST": False,
                                 "IEEE": False,
                             }
                             specs.append(
                                 KernelSpec(
-                                    name=f"attention_{kernel}_{dt}_d{block_d}_m{bm}n{bn}{'_drop' if dropout else ''}",
+                                    name=f"attention_{kernel}_{dt}_{dname}_m{bm}n{bn}{'_drop' if dropout else ''}{mode}",
                                     fn=_KERNELS[kernel],
-                                    signature=sig,
+                                    signature={**sig, **dict.fromkeys(cx, "constexpr")},
                                     constexprs=cx,
                                     num_warps=w,
-                                    num_stages=s,
-                                    # What the JIT sees for ViT widths (D % 16 == 0): aligned
-                                    # pointers and token/batch strides; T and head_dim stay free.
-                                    divisible_by_16=(*ptrs, *strides, "D"),
+                                    num_stages=st,
+                                    divisible_by_16=div16,
                                     archs=(arch,),
                                 )
                             )
-        for block_d in [bd for d, bd in shipped if d == dt]:
-            bm, w = _gpu_delta_tile(block_d)
+            bm, w = _gpu_delta_tile(block_d + tail_d)
+            sig, div16 = _signature("delta", dt, idx64)
+            cx = {"BLOCK_M": bm, "BLOCK_D": block_d, "TAIL_D": tail_d, "VARLEN": varlen, "IDX64": idx64}
             specs.append(
                 KernelSpec(
-                    name=f"attention_delta_{dt}_d{block_d}",
+                    name=f"attention_delta_{dt}_{dname}{mode}",
                     fn=_attn_bwd_delta_kernel,
-                    signature={
-                        "Out": f"*{dt}",
-                        "dOut": f"*{dt}",
-                        "Delta": "*fp32",
-                        "stride_ob": "i32",
-                        "stride_ot": "i32",
-                        "stride_gb": "i32",
-                        "stride_gt": "i32",
-                        "T": "i32",
-                        "H": "i32",
-                        "head_dim": "i32",
-                        "BLOCK_M": "constexpr",
-                        "BLOCK_D": "constexpr",
-                    },
-                    constexprs={"BLOCK_M": bm, "BLOCK_D": block_d},
+                    signature={**sig, **dict.fromkeys(cx, "constexpr")},
+                    constexprs=cx,
                     num_warps=w,
-                    divisible_by_16=(
-                        "Out",
-                        "dOut",
-                        "Delta",
-                        "stride_ob",
-                        "stride_ot",
-                        "stride_gb",
-                        "stride_gt",
-                    ),
+                    divisible_by_16=div16,
                 )
             )
     return specs

@@ -15,16 +15,28 @@ same RNG.
 
 Saved for backward: qkv (the input itself, no copy), out [B, T, D], lse [B, H, T] fp32 and the
 one-element seed tensor; never a T x T tensor (the triton and cpu backends recompute P from lse).
+
+Variable length: `attention(..., cu_seqlens=...)` (packed qkv [total, 3*D]) or `seq_lens=...`
+(padded [B, T, 3*D]) calls `vit_fast::attention_varlen_fwd` / `_bwd`. The op bodies check the
+tables' values on the host (`_seq_tables`, before any launch) and turn them into one (first row,
+length) table over the rows of qkv; backends: `attention_varlen_forward` / `_backward` below,
+`vit_fast._C.attention_varlen_forward` / `_backward`, or the per-sequence reference. Saved: qkv,
+out, lse [H, rows], the length tensor and the seed.
+
+Offsets: kernels compute `row * stride` in int32 unless `needs_int64` sees an element offset that
+can reach 2**31 (or `force_int64_indexing()` is active): then the IDX64 variant runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
+from vit_fast.kernels._common import needs_int64
 from vit_fast.ops._checks import autocast_dtype, autocast_off, check_nonempty, check_tensor
 from vit_fast.ops.backend import cpu_extension, forced_backend, select_backend, triton_interpreting
 from vit_fast.tuning.ops import choose_backend
@@ -34,7 +46,13 @@ __all__ = [
     "attention",
     "attention_backward",
     "attention_forward",
+    "attention_varlen_backward",
+    "attention_varlen_forward",
     "dropout_keep_mask",
+    "force_int64_indexing",
+    "format_head_dim_flops",
+    "head_dim_flops_report",
+    "needs_int64",
     "reference_attention_backward",
     "reference_attention_forward",
 ]
@@ -66,6 +84,10 @@ def _check_qkv(qkv: object, num_heads: int) -> int:
     check_tensor(qkv, "qkv", ndim=3)
     assert isinstance(qkv, Tensor)
     check_nonempty(qkv, "qkv")
+    return _check_head_dim(qkv, num_heads)
+
+
+def _check_head_dim(qkv: Tensor, num_heads: int) -> int:
     width3 = qkv.shape[-1]
     if width3 % (3 * num_heads):
         raise ValueError(
@@ -87,6 +109,37 @@ def _check_dropout_size(tokens: int, dropout_p: float) -> None:
     # The kernels' Philox counter is the in-head position i*T + j in int32.
     if dropout_p > 0.0 and tokens * tokens >= 2**31:
         raise ValueError(f"attention dropout supports T*T < 2**31 tokens squared, got T={tokens}")
+
+
+_force_int64: list[bool] = []
+
+
+@contextlib.contextmanager
+def force_int64_indexing() -> Iterator[None]:
+    """Run the Triton kernels' 64-bit offset variant (IDX64) even at small shapes (tests, debugging);
+    `VIT_FAST_FORCE_INT64=1` does the same for every family (`kernels._common.needs_int64`)."""
+    _force_int64.append(True)
+    try:
+        yield
+    finally:
+        _force_int64.pop()
+
+
+def _idx64(*tensors: Tensor) -> bool:
+    if not (_force_int64 or needs_int64(*tensors)):
+        return False
+    # The IDX64 kernels keep in-tile offsets (row < 256) * token stride in int32.
+    for t in tensors:
+        if t.dim() >= 2 and abs(t.stride(-2)) >= 2**23:
+            raise ValueError(
+                f"attention supports token strides below 2**23 elements, got strides {t.stride()}"
+            )
+    return True
+
+
+def _dummy_table(device: torch.device) -> Tensor:
+    # Stands in for the sequence tables in fixed-length launches (never read: VARLEN is off).
+    return torch.empty((2, 1), dtype=torch.int32, device=device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,20 +171,24 @@ def attention_forward(
     batch, tokens, width3 = qkv.shape
     _check_dropout_size(tokens, dropout_p)
     width = width3 // 3
-    block_d = K.block_d_for(head_dim)
+    block_d, tail_d = K.head_split(head_dim)
     out = torch.empty((batch, tokens, width), dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty((batch, num_heads, tokens), dtype=torch.float32, device=qkv.device)
-    kernel = K.tuned_kernel("fwd", block_d, _capability(qkv.device))
+    kernel = K.tuned_kernel("fwd", block_d, _capability(qkv.device), tail_d, False, _idx64(qkv, out))
     grid = lambda meta: (batch * num_heads, triton.cdiv(tokens, meta["BLOCK_M"]))
     with torch.cuda.device(qkv.device) if qkv.is_cuda else contextlib.nullcontext():
+        table = _dummy_table(qkv.device)
         kernel[grid](
             qkv,
             out,
             lse,
+            table[0],
+            table[1],
             qkv.stride(0),
             qkv.stride(1),
             out.stride(0),
             out.stride(1),
+            tokens,
             tokens,
             num_heads,
             width,
@@ -140,7 +197,10 @@ def attention_forward(
             float(dropout_p),
             int(seed),
             BLOCK_D=block_d,
+            TAIL_D=tail_d,
             HAS_DROPOUT=dropout_p > 0.0,
+            VARLEN=False,
+            IDX64=_idx64(qkv, out),
             UPCAST=triton_interpreting() and qkv.dtype != torch.float32,
             IEEE=qkv.dtype == torch.float32,
         )
@@ -189,18 +249,23 @@ def attention_backward(
         grad_out = grad_out.contiguous()
     lse = lse.contiguous()
 
-    block_d = K.block_d_for(head_dim)
+    block_d, tail_d = K.head_split(head_dim)
     cap = _capability(qkv.device)
     delta = torch.empty((batch, num_heads, tokens), dtype=torch.float32, device=qkv.device)
     dqkv = torch.empty((batch, tokens, width3), dtype=qkv.dtype, device=qkv.device)
     bh = batch * num_heads
+    table = _dummy_table(qkv.device)
+    idx64 = _idx64(qkv, out, grad_out, dqkv)
     common = (
+        table[0],
+        table[1],
         qkv.stride(0),
         qkv.stride(1),
         grad_out.stride(0),
         grad_out.stride(1),
         dqkv.stride(0),
         dqkv.stride(1),
+        tokens,
         tokens,
         num_heads,
         width,
@@ -212,33 +277,42 @@ def attention_backward(
     )
     flags = {
         "BLOCK_D": block_d,
+        "TAIL_D": tail_d,
         "HAS_DROPOUT": dropout_p > 0.0,
+        "VARLEN": False,
+        "IDX64": idx64,
         "UPCAST": triton_interpreting() and qkv.dtype != torch.float32,
         "IEEE": qkv.dtype == torch.float32,
     }
     with torch.cuda.device(qkv.device) if qkv.is_cuda else contextlib.nullcontext():
-        bm, warps = K.delta_tile(block_d)
+        bm, warps = K.delta_tile(block_d + tail_d)
         K._attn_bwd_delta_kernel[(bh, triton.cdiv(tokens, bm))](
             out,
             grad_out,
             delta,
+            table[0],
+            table[1],
             out.stride(0),
             out.stride(1),
             grad_out.stride(0),
             grad_out.stride(1),
             tokens,
+            tokens,
             num_heads,
             head_dim,
             BLOCK_M=bm,
             BLOCK_D=block_d,
+            TAIL_D=tail_d,
+            VARLEN=False,
+            IDX64=idx64,
             num_warps=warps,
         )
-        K.tuned_kernel("dkdv", block_d, cap)[lambda meta: (bh, triton.cdiv(tokens, meta["BLOCK_N"]))](
-            qkv, grad_out, lse, delta, dqkv, *common, **flags
-        )
-        K.tuned_kernel("dq", block_d, cap)[lambda meta: (bh, triton.cdiv(tokens, meta["BLOCK_M"]))](
-            qkv, grad_out, lse, delta, dqkv, *common, **flags
-        )
+        K.tuned_kernel("dkdv", block_d, cap, tail_d, False, idx64)[
+            lambda meta: (bh, triton.cdiv(tokens, meta["BLOCK_N"]))
+        ](qkv, grad_out, lse, delta, dqkv, *common, **flags)
+        K.tuned_kernel("dq", block_d, cap, tail_d, False, idx64)[
+            lambda meta: (bh, triton.cdiv(tokens, meta["BLOCK_M"]))
+        ](qkv, grad_out, lse, delta, dqkv, *common, **flags)
     return dqkv
 
 
@@ -455,10 +529,489 @@ torch.library.register_autograd("vit_fast::attention_fwd", _backward, setup_cont
 
 
 # --------------------------------------------------------------------------------------------------
+# variable length: sequence tables and validation
+
+
+def _check_lengths_meta(qkv: Tensor, num_heads: int, cu_seqlens: object, seq_lens: object) -> int:
+    """Shape/dtype checks of the varlen arguments (no data read: safe under torch.compile).
+
+    Returns the head dim. Packed: qkv [total_tokens, 3*D], cu_seqlens [N+1]. Padded: qkv
+    [B, T, 3*D], seq_lens [B]."""
+    if cu_seqlens is not None and seq_lens is not None:
+        raise ValueError("pass at most one of cu_seqlens (packed qkv) and seq_lens (padded qkv)")
+    packed = cu_seqlens is not None
+    name = "cu_seqlens" if packed else "seq_lens"
+    lengths = cu_seqlens if packed else seq_lens
+    check_tensor(qkv, "qkv", ndim=2 if packed else 3)
+    assert isinstance(qkv, Tensor)
+    check_nonempty(qkv, "qkv")
+    head_dim = _check_head_dim(qkv, num_heads)
+    check_tensor(lengths, name, ndim=1, dtypes=(torch.int32, torch.int64))
+    assert isinstance(lengths, Tensor)
+    if lengths.device != qkv.device and lengths.device.type != "cpu":
+        raise ValueError(
+            f"{name} is on {lengths.device}; it must be on the CPU or on qkv's device {qkv.device}"
+        )
+    if packed and lengths.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must hold N+1 >= 2 offsets, got shape {tuple(lengths.shape)}")
+    if not packed and lengths.shape[0] != qkv.shape[0]:
+        raise ValueError(f"seq_lens must have shape [B] = [{qkv.shape[0]}], got {tuple(lengths.shape)}")
+    return head_dim
+
+
+def _seq_tables(
+    lengths: Tensor, padded: bool, qkv_shape: tuple[int, ...], dropout_p: float
+) -> tuple[Tensor, int]:
+    """Validate the values of cu_seqlens / seq_lens (on the host, before any launch).
+
+    Returns (table, max_len): table int64 CPU [2, N] = (first row, length) of each sequence in the
+    rows of qkv flattened to [R, 3*D], and the longest length."""
+    host = lengths.detach().to("cpu", torch.int64)
+    rows = qkv_shape[0] * (qkv_shape[1] if padded else 1)
+    if rows >= 2**31:
+        # The device tables are int32 row indices.
+        raise ValueError(f"varlen attention supports fewer than 2**31 rows of qkv, got {rows}")
+    if padded:
+        batch, tokens = qkv_shape[0], qkv_shape[1]
+        bad = (host < 0) | (host > tokens)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"seq_lens must lie in [0, T={tokens}], got seq_lens[{i}] = {int(host[i])}")
+        starts = torch.arange(batch, dtype=torch.int64) * tokens
+        lens = host
+    else:
+        total = qkv_shape[0]
+        if int(host[0]) != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {int(host[0])}")
+        lens = host[1:] - host[:-1]
+        if bool((lens < 0).any()):
+            i = int((lens < 0).nonzero()[0, 0])
+            raise ValueError(
+                f"cu_seqlens must be non-decreasing, got cu_seqlens[{i}] = {int(host[i])} > "
+                f"cu_seqlens[{i + 1}] = {int(host[i + 1])}"
+            )
+        if int(host[-1]) != total:
+            raise ValueError(
+                f"cu_seqlens must end at total_tokens = qkv.shape[0] = {total}, got {int(host[-1])}"
+            )
+        starts = host[:-1]
+    max_len = int(lens.max())
+    _check_dropout_size(max_len, dropout_p)
+    return torch.stack((starts, lens)), max_len
+
+
+def _rows_view(t: Tensor) -> Tensor:
+    """[B, T, C] (padded) or [R, C] (packed) as [R, C] rows (a view unless the strides forbid it)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# variable length: triton backend
+
+
+def attention_varlen_forward(
+    qkv: Tensor,
+    table: Tensor,
+    max_len: int,
+    num_heads: int,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    zero_fill: bool,
+) -> tuple[Tensor, Tensor]:
+    """Triton varlen forward. qkv [R, 3*D] rows (last dim contiguous); table int [2, N] = (first
+    row, length) per sequence (validated by `_seq_tables`), max_len its longest length.
+
+    Returns out [R, D] in qkv's dtype and lse [H, R] fp32. Rows outside every sequence are zero in
+    out when zero_fill (padded batches) and left unwritten otherwise. Sequence n's dropout mask is
+    the fixed-length mask of batch index n at T = its length. One program per (sequence, head,
+    query tile); tiles past a sequence's end exit at once, so the work is sum(len^2)."""
+    import triton
+
+    from vit_fast.kernels import attention as K
+
+    rows, width3 = qkv.shape
+    width = width3 // 3
+    head_dim = width // num_heads
+    n_seq = table.shape[1]
+    dev_table = table.to(device=qkv.device, dtype=torch.int32)
+    alloc = torch.zeros if zero_fill else torch.empty
+    out = alloc((rows, width), dtype=qkv.dtype, device=qkv.device)
+    lse = alloc((num_heads, rows), dtype=torch.float32, device=qkv.device)
+    if max_len == 0:
+        return out, lse
+    block_d, tail_d = K.head_split(head_dim)
+    kernel = K.tuned_kernel("fwd", block_d, _capability(qkv.device), tail_d, True, _idx64(qkv, out))
+    grid = lambda meta: (n_seq * num_heads, triton.cdiv(max_len, meta["BLOCK_M"]))
+    with torch.cuda.device(qkv.device) if qkv.is_cuda else contextlib.nullcontext():
+        kernel[grid](
+            qkv,
+            out,
+            lse,
+            dev_table[0],
+            dev_table[1],
+            0,
+            qkv.stride(0),
+            0,
+            out.stride(0),
+            rows,
+            max_len,
+            num_heads,
+            width,
+            head_dim,
+            float(scale) * _LOG2E,
+            float(dropout_p),
+            int(seed),
+            BLOCK_D=block_d,
+            TAIL_D=tail_d,
+            HAS_DROPOUT=dropout_p > 0.0,
+            VARLEN=True,
+            IDX64=_idx64(qkv, out),
+            UPCAST=triton_interpreting() and qkv.dtype != torch.float32,
+            IEEE=qkv.dtype == torch.float32,
+        )
+    return out, lse
+
+
+def attention_varlen_backward(
+    grad_out: Tensor,
+    qkv: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    table: Tensor,
+    max_len: int,
+    num_heads: int,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    zero_fill: bool,
+) -> Tensor:
+    """Triton varlen backward: grad_out, out [R, D]; lse [H, R] fp32; returns dqkv [R, 3*D]
+    (rows outside every sequence zero when zero_fill). Same three launches as the fixed-length
+    backward, on the (sequence, head, tile) grid."""
+    import triton
+
+    from vit_fast.kernels import attention as K
+
+    rows, width3 = qkv.shape
+    width = width3 // 3
+    head_dim = width // num_heads
+    n_seq = table.shape[1]
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    dev_table = table.to(device=qkv.device, dtype=torch.int32)
+    dqkv = (torch.zeros if zero_fill else torch.empty)((rows, width3), dtype=qkv.dtype, device=qkv.device)
+    if max_len == 0:
+        return dqkv
+    block_d, tail_d = K.head_split(head_dim)
+    cap = _capability(qkv.device)
+    delta = torch.empty((num_heads, rows), dtype=torch.float32, device=qkv.device)
+    idx64 = _idx64(qkv, out, grad_out, dqkv)
+    nh = n_seq * num_heads
+    common = (
+        dev_table[0],
+        dev_table[1],
+        0,
+        qkv.stride(0),
+        0,
+        grad_out.stride(0),
+        0,
+        dqkv.stride(0),
+        rows,
+        max_len,
+        num_heads,
+        width,
+        head_dim,
+        float(scale),
+        float(scale) * _LOG2E,
+        float(dropout_p),
+        int(seed),
+    )
+    flags = {
+        "BLOCK_D": block_d,
+        "TAIL_D": tail_d,
+        "HAS_DROPOUT": dropout_p > 0.0,
+        "VARLEN": True,
+        "IDX64": idx64,
+        "UPCAST": triton_interpreting() and qkv.dtype != torch.float32,
+        "IEEE": qkv.dtype == torch.float32,
+    }
+    with torch.cuda.device(qkv.device) if qkv.is_cuda else contextlib.nullcontext():
+        bm, warps = K.delta_tile(block_d + tail_d)
+        K._attn_bwd_delta_kernel[(nh, triton.cdiv(max_len, bm))](
+            out,
+            grad_out,
+            delta,
+            dev_table[0],
+            dev_table[1],
+            0,
+            out.stride(0),
+            0,
+            grad_out.stride(0),
+            rows,
+            max_len,
+            num_heads,
+            head_dim,
+            BLOCK_M=bm,
+            BLOCK_D=block_d,
+            TAIL_D=tail_d,
+            VARLEN=True,
+            IDX64=idx64,
+            num_warps=warps,
+        )
+        K.tuned_kernel("dkdv", block_d, cap, tail_d, True, idx64)[
+            lambda meta: (nh, triton.cdiv(max_len, meta["BLOCK_N"]))
+        ](qkv, grad_out, lse, delta, dqkv, *common, **flags)
+        K.tuned_kernel("dq", block_d, cap, tail_d, True, idx64)[
+            lambda meta: (nh, triton.cdiv(max_len, meta["BLOCK_M"]))
+        ](qkv, grad_out, lse, delta, dqkv, *common, **flags)
+    return dqkv
+
+
+# --------------------------------------------------------------------------------------------------
+# variable length: reference backend (per sequence, plain PyTorch)
+
+
+def reference_attention_varlen_forward(
+    qkv: Tensor, table: Tensor, num_heads: int, scale: float, dropout_p: float, seed: int
+) -> tuple[Tensor, Tensor]:
+    """Same contract as `attention_varlen_forward` (zero-filled), one reference call per sequence."""
+    rows, width3 = qkv.shape
+    out = qkv.new_zeros((rows, width3 // 3))
+    lse = qkv.new_zeros((num_heads, rows), dtype=torch.float32)
+    for n, (start, length) in enumerate(table.t().tolist()):
+        if length == 0:
+            continue
+        o, l_ = reference_attention_forward(
+            qkv[start : start + length][None], num_heads, scale, dropout_p, seed + n
+        )
+        out[start : start + length] = o[0]
+        lse[:, start : start + length] = l_[0]
+    return out, lse
+
+
+def reference_attention_varlen_backward(
+    grad_out: Tensor,
+    qkv: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    table: Tensor,
+    num_heads: int,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+) -> Tensor:
+    """Same contract as `attention_varlen_backward` (zero-filled), one reference call per sequence."""
+    dqkv = torch.zeros_like(qkv, memory_format=torch.contiguous_format)
+    for n, (start, length) in enumerate(table.t().tolist()):
+        if length == 0:
+            continue
+        sl = slice(start, start + length)
+        dqkv[sl] = reference_attention_backward(
+            grad_out[sl][None],
+            qkv[sl][None],
+            out[sl][None],
+            lse[:, sl][None],
+            num_heads,
+            scale,
+            dropout_p,
+            seed + n,
+        )[0]
+    return dqkv
+
+
+# --------------------------------------------------------------------------------------------------
+# variable length: custom ops
+
+
+def _pick_varlen_backend(qkv: Tensor) -> str:
+    backend = _pick_backend(qkv)
+    if backend == "cpu" and not hasattr(cpu_extension(), "attention_varlen_forward"):
+        if forced_backend() == "cpu":
+            raise RuntimeError("backend 'cpu' forced but the C++ extension has no varlen attention kernels")
+        return "reference"
+    return backend
+
+
+def _varlen_out_shape(qkv: Tensor) -> tuple[int, ...]:
+    return (*qkv.shape[:-1], qkv.shape[-1] // 3)
+
+
+@torch.library.custom_op("vit_fast::attention_varlen_fwd", mutates_args=())
+def _attention_varlen_fwd_op(
+    qkv: Tensor,
+    lengths: Tensor,
+    padded: bool,
+    num_heads: int,
+    scale: float,
+    dropout_p: float,
+    seed: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """qkv [R, 3*D] with lengths = cu_seqlens [N+1] (padded=False) or qkv [B, T, 3*D] with
+    lengths = seq_lens [B] (padded=True). Returns out (qkv's shape with width D) and lse [H, rows]."""
+    _check_lengths_meta(qkv, num_heads, None if padded else lengths, lengths if padded else None)
+    table, max_len = _seq_tables(lengths, padded, tuple(qkv.shape), dropout_p)
+    rows = _rows_view(qkv)
+    backend, s = _pick_varlen_backend(qkv), _seed_int(seed)
+    if backend == "triton":
+        out, lse = attention_varlen_forward(rows, table, max_len, num_heads, scale, dropout_p, s, padded)
+    elif backend == "cpu":
+        out, lse = cpu_extension().attention_varlen_forward(rows, table, num_heads, scale, dropout_p, s)
+    else:
+        out, lse = reference_attention_varlen_forward(rows, table, num_heads, scale, dropout_p, s)
+    return out.view(_varlen_out_shape(qkv)), lse
+
+
+@_attention_varlen_fwd_op.register_fake
+def _attention_varlen_fwd_fake(
+    qkv: Tensor,
+    lengths: Tensor,
+    padded: bool,
+    num_heads: int,
+    scale: float,
+    dropout_p: float,
+    seed: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    rows = qkv.numel() // qkv.shape[-1]
+    return qkv.new_empty(_varlen_out_shape(qkv)), qkv.new_empty((num_heads, rows), dtype=torch.float32)
+
+
+@torch.library.custom_op("vit_fast::attention_varlen_bwd", mutates_args=())
+def _attention_varlen_bwd_op(
+    grad_out: Tensor,
+    qkv: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    lengths: Tensor,
+    padded: bool,
+    num_heads: int,
+    scale: float,
+    dropout_p: float,
+    seed: Tensor | None,
+    backend: str,
+) -> Tensor:
+    table, max_len = _seq_tables(lengths, padded, tuple(qkv.shape), dropout_p)
+    s = _seed_int(seed)
+    rows, g, o = _rows_view(qkv), _rows_view(grad_out.to(qkv.dtype)), _rows_view(out)
+    if backend == "triton":
+        dqkv = attention_varlen_backward(
+            g, rows, o, lse, table, max_len, num_heads, scale, dropout_p, s, padded
+        )
+    elif backend == "cpu":
+        dqkv = cpu_extension().attention_varlen_backward(
+            g.contiguous(), rows, o.contiguous(), lse.contiguous(), table, num_heads, scale, dropout_p, s
+        )
+    else:
+        dqkv = reference_attention_varlen_backward(g, rows, o, lse, table, num_heads, scale, dropout_p, s)
+    return dqkv.view(qkv.shape)
+
+
+@_attention_varlen_bwd_op.register_fake
+def _attention_varlen_bwd_fake(
+    grad_out: Tensor,
+    qkv: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    lengths: Tensor,
+    padded: bool,
+    num_heads: int,
+    scale: float,
+    dropout_p: float,
+    seed: Tensor | None,
+    backend: str,
+) -> Tensor:
+    return qkv.new_empty(qkv.shape)
+
+
+def _varlen_setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    qkv, lengths, padded, num_heads, scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, lengths, seed)
+    ctx.padded, ctx.num_heads, ctx.scale, ctx.dropout_p = padded, num_heads, scale, dropout_p
+    ctx.backend = _pick_varlen_backend(qkv)
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+
+
+def _varlen_backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):  # type: ignore[no-untyped-def]
+    qkv, out, lse, lengths, seed = ctx.saved_tensors
+    if grad_out is None:
+        return (None,) * 7
+    dqkv = _attention_varlen_bwd_op(
+        grad_out,
+        qkv,
+        out,
+        lse,
+        lengths,
+        ctx.padded,
+        ctx.num_heads,
+        ctx.scale,
+        ctx.dropout_p,
+        seed,
+        ctx.backend,
+    )
+    return dqkv, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "vit_fast::attention_varlen_fwd", _varlen_backward, setup_context=_varlen_setup_context
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# head-dim padding report (for `vit-fast check`)
+
+#: Head dims of common ViTs: B/L (64), SO400M (72), H (80), g (88), 96, 112, 128.
+REPORT_HEAD_DIMS = (16, 32, 64, 72, 80, 88, 96, 112, 128)
+
+
+def head_dim_flops_report(head_dims: tuple[int, ...] = REPORT_HEAD_DIMS) -> list[dict[str, object]]:
+    """Executed vs useful attention FLOPs per head dim on the Triton kernels.
+
+    Each row: head_dim, the executed columns as "main+tail" (e.g. "64+16"), executed/useful (the
+    FLOP ratio of every attention GEMM: they all scale with the executed head-dim columns) and the
+    wasted fraction of executed FLOPs."""
+    from vit_fast.kernels import attention as K
+
+    rows: list[dict[str, object]] = []
+    for hd in head_dims:
+        block_d, tail_d = K.head_split(hd)
+        executed = block_d + tail_d
+        rows.append(
+            {
+                "head_dim": hd,
+                "executed": f"{block_d}+{tail_d}" if tail_d else str(block_d),
+                "executed_over_useful": executed / hd,
+                "wasted": 1.0 - hd / executed,
+            }
+        )
+    return rows
+
+
+def format_head_dim_flops(rows: list[dict[str, object]] | None = None) -> str:
+    """`head_dim_flops_report` as a small text table."""
+    rows = head_dim_flops_report() if rows is None else rows
+    lines = ["attention head-dim padding (Triton): head_dim  executed  executed/useful  wasted"]
+    for r in rows:
+        lines.append(
+            f"  {r['head_dim']:>8}  {r['executed']:>8}  {r['executed_over_useful']:>15.3f}  {r['wasted']:>6.1%}"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
 # public op
 
 
-def attention(qkv: Tensor, num_heads: int, *, scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
+def attention(
+    qkv: Tensor,
+    num_heads: int,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    cu_seqlens: Tensor | None = None,
+    seq_lens: Tensor | None = None,
+) -> Tensor:
     """Multi-head self-attention from the packed qkv projection (timm layout), flash style.
 
     qkv [B, T, 3*D] (fp32, fp16 or bf16; any strides) read as [B, T, 3, H, D/H]; returns
@@ -467,10 +1020,22 @@ def attention(qkv: Tensor, num_heads: int, *, scale: float | None = None, dropou
     drawn from torch's default CPU generator here, outside the custom op, so `torch.manual_seed`
     makes it reproducible and torch.compile sees no graph break. Backward gives dqkv in the same
     packed layout; saved for backward: qkv, out, lse [B, H, T] fp32 and the seed.
+
+    Variable length (at most one of):
+    - cu_seqlens: int32/int64 [N+1] offsets for packed qkv [total_tokens, 3*D]; sequence i is rows
+      cu_seqlens[i]:cu_seqlens[i+1] and attends only within itself. Returns [total_tokens, D].
+    - seq_lens: int32/int64 [B] lengths for a padded batch qkv [B, T, 3*D]: keys at or past row b's
+      length are never attended to; padded query rows output zero and get zero gradient.
+    Either runs in time proportional to sum(len^2); lse is then [H, rows] fp32. The tables may live
+    on the CPU or on qkv's device; their values are checked on the host before any launch.
     """
     _check_params(num_heads, scale, dropout_p)
-    head_dim = _check_qkv(qkv, num_heads)
-    _check_dropout_size(qkv.shape[1], dropout_p)
+    varlen = cu_seqlens is not None or seq_lens is not None
+    if varlen:
+        head_dim = _check_lengths_meta(qkv, num_heads, cu_seqlens, seq_lens)
+    else:
+        head_dim = _check_qkv(qkv, num_heads)
+        _check_dropout_size(qkv.shape[1], dropout_p)
     amp_dtype = autocast_dtype(qkv.device.type)
     if amp_dtype is not None:
         # Autocast would not reach inside the custom op: cast here, like a matmul-class op.
@@ -482,5 +1047,11 @@ def attention(qkv: Tensor, num_heads: int, *, scale: float | None = None, dropou
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, _SEED_BOUND, (1,), dtype=torch.int64)
+    if varlen:
+        padded = seq_lens is not None
+        lengths = seq_lens if padded else cu_seqlens
+        assert lengths is not None
+        out, _ = _attention_varlen_fwd_op(qkv, lengths, padded, num_heads, scale, float(dropout_p), seed)
+        return out
     out, _ = _attention_fwd_op(qkv, num_heads, scale, float(dropout_p), seed)
     return out

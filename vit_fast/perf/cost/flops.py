@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from vit_fast.perf.cost.taxonomy import family, op_name
@@ -128,6 +129,30 @@ def _attn_fwd(a: dict[str, Any], out: Any) -> int:
 def _attn_bwd(a: dict[str, Any], out: Any) -> int:
     # dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q, plus recomputing S = Q K^T: 2.5x forward.
     return _attention(a["qkv"]) * 5 // 2
+
+
+def _varlen_sum_sq(qkv: Tensor, lengths: Tensor, padded: bool) -> int:
+    """sum(len^2) of a varlen attention call. Fake/meta length tables have no values: then each
+    sequence is taken as equally long (packed: total^2 / N; padded: B * T^2, the masked cost)."""
+    try:
+        host = lengths.detach().to("cpu", torch.int64)
+        lens = host if padded else host[1:] - host[:-1]
+        return int((lens * lens).sum())
+    except Exception:  # FakeTensor / meta: data-dependent values are not available
+        if padded:
+            return qkv.shape[0] * qkv.shape[1] ** 2
+        return qkv.shape[0] ** 2 // max(1, lengths.shape[0] - 1)
+
+
+@_family_formula("attention_varlen", "fwd")
+def _attn_varlen_fwd(a: dict[str, Any], out: Any) -> int:
+    # Per sequence 4 * len^2 * D (QK^T and PV), so 4 * sum(len^2) * D: no work on padding.
+    return 4 * _varlen_sum_sq(a["qkv"], a["lengths"], a["padded"]) * (a["qkv"].shape[-1] // 3)
+
+
+@_family_formula("attention_varlen", "bwd")
+def _attn_varlen_bwd(a: dict[str, Any], out: Any) -> int:
+    return _attn_varlen_fwd(a, out) * 5 // 2
 
 
 @_family_formula("layer_norm_linear", "fwd")

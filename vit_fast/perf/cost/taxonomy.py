@@ -104,7 +104,7 @@ def kernel_class(kind: str) -> str:
     """The kernel class of a record of `kind` (from `op_kind`)."""
     if kind in ("gemm", "conv"):
         return "cublas_gemm"
-    if kind.endswith("attention"):
+    if kind.endswith(("attention", "attention_varlen")):
         return "flash_attention"
     if kind.startswith("vit_fast::") and kind.removeprefix("vit_fast::") in TRITON_GEMM_FAMILIES:
         return "triton_gemm"
