@@ -109,3 +109,15 @@ def test_rope_model_left_stock():
     assert not any(isinstance(b, NaFlexBlock) for b in model.blocks)
     with pytest.raises(TypeError, match="NaFlexVit"):
         patch_naflex(torch.nn.Linear(2, 2))
+
+
+def test_generic_and_timm_entry_points_dispatch_to_naflex():
+    """vit_fast.patch and vit_fast.patch_timm both route a NaFlexVit to patch_naflex; unpatch too."""
+    import vit_fast
+
+    for patch, unpatch in ((vit_fast.patch, vit_fast.unpatch), (vit_fast.patch_timm, vit_fast.unpatch_timm)):
+        model = _model()
+        assert patch(model) is model and vit_fast.is_patched(model)
+        assert all(isinstance(b, NaFlexBlock) for b in model.blocks)
+        unpatch(model)
+        assert not vit_fast.is_patched(model) and not any(isinstance(b, NaFlexBlock) for b in model.blocks)

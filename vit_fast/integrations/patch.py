@@ -202,7 +202,7 @@ def patch(model: nn.Module, impl: str = "fused") -> nn.Module:
     warning naming them. Patching a patched model is a no-op; `unpatch` undoes it.
     """
     op_namespace(impl)  # validates impl
-    if _library(model) == "timm" and type(model).__name__ == "VisionTransformer":
+    if _library(model) == "timm" and type(model).__name__ in ("VisionTransformer", "NaFlexVit"):
         from vit_fast.integrations.timm import patch_timm
 
         return patch_timm(model, impl)
@@ -225,7 +225,7 @@ def patch(model: nn.Module, impl: str = "fused") -> nn.Module:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo `patch`: every overridden method goes; the stock forwards run again (same parameters)."""
-    if _library(model) == "timm" and type(model).__name__ == "VisionTransformer":
+    if _library(model) == "timm" and type(model).__name__ in ("VisionTransformer", "NaFlexVit"):
         from vit_fast.integrations.timm import unpatch_timm
 
         return unpatch_timm(model)

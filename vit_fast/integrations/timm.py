@@ -122,6 +122,10 @@ def patch_timm(model: nn.Module, impl: str = "fused") -> nn.Module:
     from timm.models.vision_transformer import Block as TimmBlock
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
+    from vit_fast.integrations.naflex import is_naflex, patch_naflex
+
+    if is_naflex(model):  # variable resolution: its own patcher (patch_valid -> sequence lengths)
+        return patch_naflex(model, impl)
     if not isinstance(model, TimmViT):
         raise TypeError(f"patch_timm expects a timm VisionTransformer, got {type(model).__name__}")
     op_namespace(impl)
@@ -157,6 +161,10 @@ def patch_timm(model: nn.Module, impl: str = "fused") -> nn.Module:
 
 def unpatch_timm(model: nn.Module) -> nn.Module:
     """Undo `patch_timm`: the original timm modules and methods come back (same parameters)."""
+    from vit_fast.integrations.naflex import is_naflex, unpatch_naflex
+
+    if is_naflex(model):
+        return unpatch_naflex(model)
     originals = getattr(model, _ORIGINAL_BLOCKS, None)
     if originals is None:
         return model
