@@ -74,6 +74,13 @@ def run(args: argparse.Namespace) -> int:
     print("environment")
     for k, v in info.items():
         print(f"  {k:20} {v}")
+    try:  # executed vs useful attention FLOPs per head dim (the padded tail columns are the waste)
+        from vit_fast.ops.attention import format_head_dim_flops
+
+        print()
+        print(format_head_dim_flops())
+    except ImportError:  # triton not installed: no Triton kernels to report on
+        pass
     if args.no_aot:
         return 0
     from vit_fast.perf import aot
