@@ -191,7 +191,7 @@ def test_cpu_backend_contract_call(monkeypatch):
         return list(pe_ops.reference_patch_embed_backward(*a))
 
     fake_ext = types.SimpleNamespace(patch_embed_forward=fwd, patch_embed_backward=bwd)
-    monkeypatch.setattr(pe_ops, "select_backend", lambda device, family: "cpu")
+    monkeypatch.setattr(pe_ops, "tuned_backend", lambda device, family, *rest: "cpu")
     monkeypatch.setattr(pe_ops, "cpu_extension", lambda: fake_ext)
     args, kwargs = make_args(2, 3, 16, 16, 8, 16, num_reg=1)
     run_check(args, kwargs)
