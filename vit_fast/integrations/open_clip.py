@@ -19,23 +19,16 @@ from vit_fast.integrations.patch import (
     PatchPlan,
     fused_block,
     gelu_variant,
-    layer_norm_blocker,
-    mha_qkv,
+    mha_pre_ln_block,
     mha_spec_kwargs,
 )
 from vit_fast.nn.block import op_namespace
 
 
 def block_spec(block: nn.Module, impl: str) -> tuple[BlockSpec | None, list[str]]:
-    attn = getattr(block, "attn", None)
-    qkv, why = mha_qkv(attn)
-    if qkv is None:
+    attn, why = mha_pre_ln_block(block, "attn")
+    if attn is None:
         return None, why
-    dim = attn.embed_dim
-    for name in ("ln_1", "ln_2"):
-        bad = layer_norm_blocker(getattr(block, name, None), name, dim)
-        if bad:
-            why.append(bad)
     if hasattr(block, "ln_1_kv"):
         why.append("block is a cross-attention block")
     mlp = getattr(block, "mlp", None)
@@ -62,7 +55,7 @@ def block_spec(block: nn.Module, impl: str) -> tuple[BlockSpec | None, list[str]
         fc1=fc1,
         fc2=fc2,
         approximate=approximate,
-        packed_qkv=qkv,
+        packed_qkv=attn,
         layer_scale1=gammas[0],
         layer_scale2=gammas[1],
         impl=impl,

@@ -258,6 +258,20 @@ def mha_qkv(attn: object) -> tuple[nn.MultiheadAttention | None, list[str]]:
     return (None if why else attn), why
 
 
+def mha_pre_ln_block(block: nn.Module, attn_attr: str) -> tuple[nn.MultiheadAttention | None, list[str]]:
+    """The fusable parts shared by torchvision's and open_clip's pre-LN blocks: the packed
+    `nn.MultiheadAttention` at `block.<attn_attr>` (None when it cannot be fused) and the reasons
+    against it or against the block's `ln_1` / `ln_2`."""
+    qkv, why = mha_qkv(getattr(block, attn_attr, None))
+    if qkv is None:
+        return None, why
+    for name in ("ln_1", "ln_2"):
+        bad = layer_norm_blocker(getattr(block, name, None), name, qkv.embed_dim)
+        if bad:
+            why.append(bad)
+    return qkv, why
+
+
 def mha_spec_kwargs(attn: nn.MultiheadAttention) -> dict:
     return {
         "num_heads": attn.num_heads,

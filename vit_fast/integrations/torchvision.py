@@ -18,23 +18,16 @@ from vit_fast.integrations.patch import (
     PatchPlan,
     fused_block,
     gelu_variant,
-    layer_norm_blocker,
-    mha_qkv,
+    mha_pre_ln_block,
     mha_spec_kwargs,
 )
 from vit_fast.nn.block import op_namespace
 
 
 def block_spec(block: nn.Module, impl: str) -> tuple[BlockSpec | None, list[str]]:
-    attn = getattr(block, "self_attention", None)
-    qkv, why = mha_qkv(attn)
-    if qkv is None:
+    attn, why = mha_pre_ln_block(block, "self_attention")
+    if attn is None:
         return None, why
-    dim = attn.embed_dim
-    for name in ("ln_1", "ln_2"):
-        bad = layer_norm_blocker(getattr(block, name, None), name, dim)
-        if bad:
-            why.append(bad)
     mlp = getattr(block, "mlp", None)
     layers = list(mlp) if isinstance(mlp, nn.Sequential) else []
     kinds = [type(m) for m in layers]
@@ -56,7 +49,7 @@ def block_spec(block: nn.Module, impl: str) -> tuple[BlockSpec | None, list[str]
         fc1=layers[0],
         fc2=layers[3],
         approximate=approximate,
-        packed_qkv=qkv,
+        packed_qkv=attn,
         stock_dropouts=(block.dropout, layers[2], layers[4]),
         impl=impl,
         **mha_spec_kwargs(attn),
