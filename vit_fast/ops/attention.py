@@ -207,6 +207,94 @@ def attention_forward(
     return out, lse
 
 
+def _launch_backward(
+    qkv: Tensor,
+    out: Tensor,
+    grad_out: Tensor,
+    lse: Tensor,
+    delta: Tensor,
+    dqkv: Tensor,
+    table: Tensor,
+    strides: tuple[int, ...],
+    out_strides: tuple[int, int],
+    *,
+    rows: int,
+    max_len: int,
+    programs: int,
+    num_heads: int,
+    head_dim: int,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    varlen: bool,
+    idx64: bool,
+) -> None:
+    """The three backward launches shared by the fixed-length and the varlen backward: the delta
+    pre-pass, then dK/dV and dQ, on a (sequence or batch) x head grid of `programs` rows.
+
+    `strides` = (qkv batch, qkv token, grad_out batch, grad_out token, dqkv batch, dqkv token) and
+    `out_strides` = (out batch, out token); varlen calls pass batch strides 0 (rows are addressed
+    through `table`'s first rows). `rows` is the kernels' T argument, `max_len` the longest sequence."""
+    import triton
+
+    from vit_fast.kernels import attention as K
+
+    block_d, tail_d = K.head_split(head_dim)
+    cap = _capability(qkv.device)
+    width = qkv.shape[-1] // 3
+    common = (
+        table[0],
+        table[1],
+        *strides,
+        rows,
+        max_len,
+        num_heads,
+        width,
+        head_dim,
+        float(scale),
+        float(scale) * _LOG2E,
+        float(dropout_p),
+        int(seed),
+    )
+    flags = {
+        "BLOCK_D": block_d,
+        "TAIL_D": tail_d,
+        "HAS_DROPOUT": dropout_p > 0.0,
+        "VARLEN": varlen,
+        "IDX64": idx64,
+        "UPCAST": triton_interpreting() and qkv.dtype != torch.float32,
+        "IEEE": qkv.dtype == torch.float32,
+    }
+    with torch.cuda.device(qkv.device) if qkv.is_cuda else contextlib.nullcontext():
+        bm, warps = K.delta_tile(block_d + tail_d)
+        K._attn_bwd_delta_kernel[(programs, triton.cdiv(max_len, bm))](
+            out,
+            grad_out,
+            delta,
+            table[0],
+            table[1],
+            *out_strides,
+            strides[2],
+            strides[3],
+            rows,
+            max_len,
+            num_heads,
+            head_dim,
+            BLOCK_M=bm,
+            BLOCK_D=block_d,
+            TAIL_D=tail_d,
+            VARLEN=varlen,
+            IDX64=idx64,
+            num_warps=warps,
+        )
+        K.tuned_kernel("dkdv", block_d, cap, tail_d, varlen, idx64)[
+            lambda meta: (programs, triton.cdiv(max_len, meta["BLOCK_N"]))
+        ](qkv, grad_out, lse, delta, dqkv, *common, **flags)
+        K.tuned_kernel("dq", block_d, cap, tail_d, varlen, idx64)[
+            lambda meta: (programs, triton.cdiv(max_len, meta["BLOCK_M"]))
+        ](qkv, grad_out, lse, delta, dqkv, *common, **flags)
+
+
 def attention_backward(
     grad_out: Tensor,
     qkv: Tensor,
@@ -223,9 +311,6 @@ def attention_backward(
     delta = rowsum(dO * O) pre-pass (fp32 [B, H, T] scratch), dk/dv over key blocks, dq over query
     blocks; each writes its own columns of dqkv, so no zero fill and no atomics.
     """
-    import triton
-
-    from vit_fast.kernels import attention as K
 
     _check_params(num_heads, scale, dropout_p)
     head_dim = _check_qkv(qkv, num_heads)
@@ -249,70 +334,39 @@ def attention_backward(
         grad_out = grad_out.contiguous()
     lse = lse.contiguous()
 
-    block_d, tail_d = K.head_split(head_dim)
-    cap = _capability(qkv.device)
     delta = torch.empty((batch, num_heads, tokens), dtype=torch.float32, device=qkv.device)
     dqkv = torch.empty((batch, tokens, width3), dtype=qkv.dtype, device=qkv.device)
     bh = batch * num_heads
     table = _dummy_table(qkv.device)
     idx64 = _idx64(qkv, out, grad_out, dqkv)
-    common = (
-        table[0],
-        table[1],
-        qkv.stride(0),
-        qkv.stride(1),
-        grad_out.stride(0),
-        grad_out.stride(1),
-        dqkv.stride(0),
-        dqkv.stride(1),
-        tokens,
-        tokens,
-        num_heads,
-        width,
-        head_dim,
-        float(scale),
-        float(scale) * _LOG2E,
-        float(dropout_p),
-        int(seed),
-    )
-    flags = {
-        "BLOCK_D": block_d,
-        "TAIL_D": tail_d,
-        "HAS_DROPOUT": dropout_p > 0.0,
-        "VARLEN": False,
-        "IDX64": idx64,
-        "UPCAST": triton_interpreting() and qkv.dtype != torch.float32,
-        "IEEE": qkv.dtype == torch.float32,
-    }
-    with torch.cuda.device(qkv.device) if qkv.is_cuda else contextlib.nullcontext():
-        bm, warps = K.delta_tile(block_d + tail_d)
-        K._attn_bwd_delta_kernel[(bh, triton.cdiv(tokens, bm))](
-            out,
-            grad_out,
-            delta,
-            table[0],
-            table[1],
-            out.stride(0),
-            out.stride(1),
+    _launch_backward(
+        qkv,
+        out,
+        grad_out,
+        lse,
+        delta,
+        dqkv,
+        table,
+        (
+            qkv.stride(0),
+            qkv.stride(1),
             grad_out.stride(0),
             grad_out.stride(1),
-            tokens,
-            tokens,
-            num_heads,
-            head_dim,
-            BLOCK_M=bm,
-            BLOCK_D=block_d,
-            TAIL_D=tail_d,
-            VARLEN=False,
-            IDX64=idx64,
-            num_warps=warps,
-        )
-        K.tuned_kernel("dkdv", block_d, cap, tail_d, False, idx64)[
-            lambda meta: (bh, triton.cdiv(tokens, meta["BLOCK_N"]))
-        ](qkv, grad_out, lse, delta, dqkv, *common, **flags)
-        K.tuned_kernel("dq", block_d, cap, tail_d, False, idx64)[
-            lambda meta: (bh, triton.cdiv(tokens, meta["BLOCK_M"]))
-        ](qkv, grad_out, lse, delta, dqkv, *common, **flags)
+            dqkv.stride(0),
+            dqkv.stride(1),
+        ),
+        (out.stride(0), out.stride(1)),
+        rows=tokens,
+        max_len=tokens,
+        programs=bh,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        scale=scale,
+        dropout_p=dropout_p,
+        seed=seed,
+        varlen=False,
+        idx64=idx64,
+    )
     return dqkv
 
 
@@ -689,9 +743,6 @@ def attention_varlen_backward(
     """Triton varlen backward: grad_out, out [R, D]; lse [H, R] fp32; returns dqkv [R, 3*D]
     (rows outside every sequence zero when zero_fill). Same three launches as the fixed-length
     backward, on the (sequence, head, tile) grid."""
-    import triton
-
-    from vit_fast.kernels import attention as K
 
     rows, width3 = qkv.shape
     width = width3 // 3
@@ -703,68 +754,29 @@ def attention_varlen_backward(
     dqkv = (torch.zeros if zero_fill else torch.empty)((rows, width3), dtype=qkv.dtype, device=qkv.device)
     if max_len == 0:
         return dqkv
-    block_d, tail_d = K.head_split(head_dim)
-    cap = _capability(qkv.device)
     delta = torch.empty((num_heads, rows), dtype=torch.float32, device=qkv.device)
     idx64 = _idx64(qkv, out, grad_out, dqkv)
-    nh = n_seq * num_heads
-    common = (
-        dev_table[0],
-        dev_table[1],
-        0,
-        qkv.stride(0),
-        0,
-        grad_out.stride(0),
-        0,
-        dqkv.stride(0),
-        rows,
-        max_len,
-        num_heads,
-        width,
-        head_dim,
-        float(scale),
-        float(scale) * _LOG2E,
-        float(dropout_p),
-        int(seed),
+    _launch_backward(
+        qkv,
+        out,
+        grad_out,
+        lse,
+        delta,
+        dqkv,
+        dev_table,
+        (0, qkv.stride(0), 0, grad_out.stride(0), 0, dqkv.stride(0)),
+        (0, out.stride(0)),
+        rows=rows,
+        max_len=max_len,
+        programs=n_seq * num_heads,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        scale=scale,
+        dropout_p=dropout_p,
+        seed=seed,
+        varlen=True,
+        idx64=idx64,
     )
-    flags = {
-        "BLOCK_D": block_d,
-        "TAIL_D": tail_d,
-        "HAS_DROPOUT": dropout_p > 0.0,
-        "VARLEN": True,
-        "IDX64": idx64,
-        "UPCAST": triton_interpreting() and qkv.dtype != torch.float32,
-        "IEEE": qkv.dtype == torch.float32,
-    }
-    with torch.cuda.device(qkv.device) if qkv.is_cuda else contextlib.nullcontext():
-        bm, warps = K.delta_tile(block_d + tail_d)
-        K._attn_bwd_delta_kernel[(nh, triton.cdiv(max_len, bm))](
-            out,
-            grad_out,
-            delta,
-            dev_table[0],
-            dev_table[1],
-            0,
-            out.stride(0),
-            0,
-            grad_out.stride(0),
-            rows,
-            max_len,
-            num_heads,
-            head_dim,
-            BLOCK_M=bm,
-            BLOCK_D=block_d,
-            TAIL_D=tail_d,
-            VARLEN=True,
-            IDX64=idx64,
-            num_warps=warps,
-        )
-        K.tuned_kernel("dkdv", block_d, cap, tail_d, True, idx64)[
-            lambda meta: (nh, triton.cdiv(max_len, meta["BLOCK_N"]))
-        ](qkv, grad_out, lse, delta, dqkv, *common, **flags)
-        K.tuned_kernel("dq", block_d, cap, tail_d, True, idx64)[
-            lambda meta: (nh, triton.cdiv(max_len, meta["BLOCK_M"]))
-        ](qkv, grad_out, lse, delta, dqkv, *common, **flags)
     return dqkv
 
 
