@@ -142,6 +142,18 @@ def tuned_backend(
     return choose_backend(device, family, op, key_args, run, backend)
 
 
+def backend_module(family: str, backend: str) -> Any:
+    """The module implementing op family `family`'s contract functions (vit_fast.ops.contract) on
+    `backend`: `vit_fast.kernels.<family>` (Triton), the C++ extension, or `vit_fast.plain.<family>`.
+
+    Imported on first use: triton is optional for CPU-only installs."""
+    if backend == "triton":
+        return importlib.import_module(f"vit_fast.kernels.{family}")
+    if backend == "cpu":
+        return cpu_extension()
+    return importlib.import_module(f"vit_fast.plain.{family}")
+
+
 def active_backends(device: torch.device | str = "cpu") -> dict[str, str]:
     """Which backend each op family uses on `device` right now (for `vit-fast check`)."""
     device = torch.device(device)
