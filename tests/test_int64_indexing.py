@@ -19,8 +19,9 @@ import torch
 
 from vit_fast import ops, reference
 from vit_fast.kernels import _common
+from vit_fast.kernels import gemm as gm
 from vit_fast.kernels import layer_norm as ln
-from vit_fast.kernels import matmul as mm
+from vit_fast.kernels import mlp as mk
 from vit_fast.kernels import patch_embed as pe
 from vit_fast.testing import check_numerics
 
@@ -87,39 +88,39 @@ def _assert_widths(launches: list, expect_big: bool) -> None:
 @pytest.mark.parametrize("tokens", [3600 * 197, 64])
 def test_mlp_backward_plans_int64_at_issue_shape(monkeypatch, tokens):
     monkeypatch.delenv(_common.FORCE_INT64_ENV, raising=False)
-    launches = _record(monkeypatch, mm, ("_gemm_kernel",))
+    launches = _record(monkeypatch, gm, ("_gemm_kernel",))
     ln_launches = _record(monkeypatch, ln, ("_ln_fwd_kernel", "_ln_bwd_kernel"))
     d, f = 768, 3072
     t = lambda *s, dt=torch.bfloat16: torch.empty(*s, device=META, dtype=dt)
     x, dout, h_pre = t(tokens, d), t(tokens, d), t(tokens, f)
     stats = t(tokens, dt=torch.float32)
-    mm.mlp_backward(
+    mk.mlp_backward(
         dout, x, t(d), t(d), t(f, d), t(d, f), t(d), t(d), None, 197, stats, stats, h_pre, "none", True, True
     )
     _assert_widths(launches, expect_big=tokens > 64)
-    wgrad = [kw for name, args, kw in launches if kw["PROLOGUE"] == mm.PRO_LN_COL]
+    wgrad = [kw for name, args, kw in launches if kw["PROLOGUE"] == gm.PRO_LN_COL]
     assert len(wgrad) == 1 and wgrad[0]["IDX64"] == (tokens > 64)  # the dW1 GEMM of the issue
     assert len(launches) == 4 and ln_launches  # four GEMMs, then the LN backward
 
 
 def test_layer_norm_linear_backward_plans_int64_at_issue_shape(monkeypatch):
     monkeypatch.delenv(_common.FORCE_INT64_ENV, raising=False)
-    launches = _record(monkeypatch, mm, ("_gemm_kernel",))
+    launches = _record(monkeypatch, gm, ("_gemm_kernel",))
     _record(monkeypatch, ln, ("_ln_fwd_kernel", "_ln_bwd_kernel"))
     m, d, n = 4800 * 197, 768, 3 * 768
     t = lambda *s, dt=torch.bfloat16: torch.empty(*s, device=META, dtype=dt)
     stats = t(m, dt=torch.float32)
-    mm.layer_norm_linear_backward(t(m, n), t(m, d), t(d), t(d), t(n, d), stats, stats, True)
+    ln.layer_norm_linear_backward(t(m, n), t(m, d), t(d), t(d), t(n, d), stats, stats, True)
     _assert_widths(launches, expect_big=True)
     assert all(kw["IDX64"] for _, _, kw in launches)  # both GEMMs read dout [m, 2304]: 2.18e9
 
 
 def test_linear_residual_forward_plans_int32_below_and_int64_above(monkeypatch):
     monkeypatch.delenv(_common.FORCE_INT64_ENV, raising=False)
-    launches = _record(monkeypatch, mm, ("_gemm_kernel",))
+    launches = _record(monkeypatch, gm, ("_gemm_kernel",))
     t = lambda *s: torch.empty(*s, device=META, dtype=torch.bfloat16)
     for m in (2**31 // 768, 2**31 // 768 + 1):  # out [m, 768] just below / just past 2**31 elements
-        mm.linear_residual_forward(t(m, 768), t(768, 768), t(768), t(m, 768), None, None, 1)
+        mk.linear_residual_forward(t(m, 768), t(768, 768), t(768), t(m, 768), None, None, 1)
     assert [kw["IDX64"] for _, _, kw in launches] == [False, True]
 
 
@@ -171,7 +172,7 @@ def forced_int64(monkeypatch, triton_backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forced_int64_layer_norm_mlp(forced_int64, monkeypatch, device, dtype):
-    spy = _spy(monkeypatch, mm, "_gemm_kernel")
+    spy = _spy(monkeypatch, gm, "_gemm_kernel")
     b, t, d, f = 2, 5, 32, 48
     x = torch.randn(b, t, d, device=device).requires_grad_()
     lw = (1.0 + 0.1 * torch.randn(d, device=device)).requires_grad_()
@@ -191,7 +192,7 @@ def test_forced_int64_layer_norm_mlp(forced_int64, monkeypatch, device, dtype):
 
 
 def test_forced_int64_linear_residual_and_layer_norm_linear(forced_int64, monkeypatch, device):
-    spy = _spy(monkeypatch, mm, "_gemm_kernel")
+    spy = _spy(monkeypatch, gm, "_gemm_kernel")
     b, t, k, n = 2, 7, 48, 40
     x = torch.randn(b, t, k, device=device).requires_grad_()
     w = (torch.randn(n, k, device=device) / k**0.5).requires_grad_()
@@ -282,7 +283,7 @@ def test_wgrad_gemm_reads_past_2_31_elements(sparse_base):
     assert _common.needs_int64(a)
     b = torch.randn(24, 3)
     out = torch.empty(40, 24)
-    mm.gemm(a, b, out)
+    gm.gemm(a, b, out)
     torch.testing.assert_close(out, a.contiguous() @ b.t(), rtol=1e-5, atol=1e-5)
 
 

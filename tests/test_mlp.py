@@ -109,12 +109,15 @@ def test_layer_norm_mlp_adversarial_rows(triton_backend, device):
 
 def test_layer_norm_mlp_uses_triton_kernels(triton_backend, device):
     """Guard against a silent fallback: 2 GEMMs forward, 4 backward, all Triton."""
-    from vit_fast.kernels import matmul
+    from vit_fast.kernels import gemm, layer_norm, mlp
 
     args = _mlp_args(1, 3, 32, 64, device=device)
-    with mock.patch.object(matmul, "gemm", wraps=matmul.gemm) as spy:
+    with (
+        mock.patch.object(mlp, "gemm", wraps=gemm.gemm) as spy,
+        mock.patch.object(layer_norm, "gemm", wraps=gemm.gemm) as spy_ln,
+    ):
         ops.layer_norm_mlp(*args).sum().backward()
-    assert spy.call_count == 6
+    assert spy.call_count + spy_ln.call_count == 6
 
 
 # ------------------------------------------------------------------------------------ bad input

@@ -15,6 +15,7 @@ from vit_fast import reference
 from vit_fast.nn.patch_embed import PatchEmbed
 from vit_fast.ops import use_backend
 from vit_fast.ops.patch_embed import patch_embed
+from vit_fast.plain import patch_embed as plain_pe
 from vit_fast.testing import check_numerics
 
 # The module (vit_fast.ops.patch_embed is also the name of the op function re-exported by vit_fast.ops).
@@ -176,23 +177,22 @@ def test_reference_backend(cl):
 
 
 def test_cpu_backend_contract_call(monkeypatch):
-    """The 'cpu' branch calls vit_fast._C with exactly the contract's positional arguments: a stand-in
-    extension implementing the contract with the reference functions must reproduce the result."""
+    """The op calls its backend with exactly the contract's positional arguments: a stand-in
+    extension implementing the contract with the plain-PyTorch functions must reproduce the result."""
     calls = []
 
     def fwd(*a):
         assert len(a) == 8 and isinstance(a[6], int) and isinstance(a[7], bool)
         calls.append("fwd")
-        return pe_ops.reference_patch_embed_forward(*a)
+        return plain_pe.patch_embed_forward(*a)
 
     def bwd(*a):
         assert len(a) == 10 and isinstance(a[6], int) and isinstance(a[9], bool)
         calls.append("bwd")
-        return list(pe_ops.reference_patch_embed_backward(*a))
+        return list(plain_pe.patch_embed_backward(*a))
 
     fake_ext = types.SimpleNamespace(patch_embed_forward=fwd, patch_embed_backward=bwd)
-    monkeypatch.setattr(pe_ops, "tuned_backend", lambda device, family, *rest: "cpu")
-    monkeypatch.setattr(pe_ops, "cpu_extension", lambda: fake_ext)
+    monkeypatch.setattr(pe_ops, "backend_fns", lambda device, family, *rest: fake_ext)
     args, kwargs = make_args(2, 3, 16, 16, 8, 16, num_reg=1)
     run_check(args, kwargs)
     assert "fwd" in calls and "bwd" in calls

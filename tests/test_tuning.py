@@ -12,9 +12,9 @@ import warnings
 import pytest
 import torch
 
-from vit_fast.ops import _ln_mlp_ref, use_backend
-from vit_fast.ops._ln_mlp_common import _TunedFns, backend_fns, backend_module
-from vit_fast.ops.backend import cpu_extension
+from vit_fast.ops import use_backend
+from vit_fast.ops.backend import _TunedFns, backend_fns, backend_module, cpu_extension
+from vit_fast.plain import mlp as plain_mlp
 from vit_fast.testing import compare
 from vit_fast.tuning import cache as cache_mod
 from vit_fast.tuning import gemm as gemm_tuning
@@ -219,8 +219,8 @@ def test_signature_keys_shape_dtype_layout():
 def test_cpu_op_choice_routes_to_the_pick(cache_dir, monkeypatch):
     args = _mlp_args()
     ref_calls = []
-    real_ref = _ln_mlp_ref.mlp_forward
-    monkeypatch.setattr(_ln_mlp_ref, "mlp_forward", lambda *a: ref_calls.append(1) or real_ref(*a))
+    real_ref = plain_mlp.mlp_forward
+    monkeypatch.setattr(plain_mlp, "mlp_forward", lambda *a: ref_calls.append(1) or real_ref(*a))
     decisions = []
     with tuning_session(timer=QueueTimer(5.0, 1.0), on_decision=decisions.append, model="Test CPU"):
         fns = backend_fns(torch.device("cpu"), "mlp")
@@ -240,9 +240,9 @@ def test_cpu_op_choice_routes_to_the_pick(cache_dir, monkeypatch):
 def test_forced_backend_and_tuning_off_are_not_tuned(cache_dir, monkeypatch):
     with tuning_session(timer=QueueTimer(), model="Test CPU"):
         with use_backend("reference"):
-            assert backend_fns(torch.device("cpu"), "mlp") is _ln_mlp_ref
+            assert backend_fns(torch.device("cpu"), "mlp") is plain_mlp
         monkeypatch.setenv("VIT_FAST_BACKEND", "reference")
-        assert backend_fns(torch.device("cpu"), "mlp") is _ln_mlp_ref
+        assert backend_fns(torch.device("cpu"), "mlp") is plain_mlp
         monkeypatch.delenv("VIT_FAST_BACKEND")
     monkeypatch.setenv("VIT_FAST_TUNE", "off")
     with tuning_session(timer=QueueTimer(), model="Test CPU"):
@@ -263,7 +263,7 @@ def _cuda_like(timer, run, decisions=None, model="Fake GPU 80GB"):
 
 
 def _run_real(backend, args):
-    return backend_module(backend).mlp_forward(*args)
+    return backend_module("mlp", backend).mlp_forward(*args)
 
 
 @pytest.mark.parametrize("times,pick", [((1.0, 2.0), "triton"), ((2.0, 1.0), "reference")])
@@ -275,9 +275,9 @@ def test_cuda_like_choice_between_triton_and_cublas_path(cache_dir, times, pick)
     assert (cache_dir / "tuning-Fake_GPU_80GB.json").exists()
     # Both candidates compute the contract's numbers (Triton interpreted), within the rule.
     args = _mlp_args()
-    ref64 = _ln_mlp_ref.mlp_forward(*[a.double() if isinstance(a, torch.Tensor) else a for a in args])
+    ref64 = plain_mlp.mlp_forward(*[a.double() if isinstance(a, torch.Tensor) else a for a in args])
     for b in ("triton", "reference"):
-        assert compare(f"{b} out", _run_real(b, args)[0], ref64[0], _ln_mlp_ref.mlp_forward(*args)[0]).ok
+        assert compare(f"{b} out", _run_real(b, args)[0], ref64[0], plain_mlp.mlp_forward(*args)[0]).ok
 
 
 def test_cuda_like_fallbacks(cache_dir):

@@ -6,7 +6,9 @@ of the centred row) on values shifted by the row's first element, so rows with a
 tiny spread (mean 1e4, std 1e-3) lose neither their variance (one-pass E[x^2] - E[x]^2 would) nor
 their mean's last bits.
 
-The launchers at the bottom implement the `layer_norm` family of docs/backend_contract.md.
+The launchers implement the `layer_norm` family of vit_fast/ops/contract.py: `layer_norm_*` on these
+kernels, `layer_norm_linear_*` as the GEMM of kernels/gemm.py with the LN applied in its prologue
+(the LN output never goes to memory).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from vit_fast.kernels._common import KernelSpec, triton_interpreting
+from vit_fast.kernels.gemm import PRO_LN_COL, PRO_LN_ROW, gemm
 
 
 @triton.jit
@@ -298,6 +301,100 @@ def layer_norm_backward(
     whether a bias was given; dbias is returned whenever weight is (affine LN always has both), and
     callers that had no bias drop it."""
     return layer_norm_backward_fused(dy, x, weight, mean, rstd, need_dbias=weight is not None)
+
+
+# ------------------------------------------------- LN fused into the GEMM prologue (LN+Linear)
+
+
+def layer_norm_linear_forward(
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Contract `layer_norm_linear_forward`: x [M, D] -> (LN(x) @ weight^T + bias [M, N], mean, rstd).
+    Two launches: row statistics, then the GEMM normalising A tiles in its prologue (the LN output
+    never goes to memory)."""
+    mean, rstd = row_stats(x, eps)
+    out = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
+    gemm(
+        x,
+        weight,
+        out,
+        prologue=PRO_LN_ROW,
+        mean=mean,
+        rstd=rstd,
+        ln_weight=ln_weight,
+        ln_bias=ln_bias,
+        bias=bias,
+    )
+    return out, mean, rstd
+
+
+def layer_norm_input_grads(
+    dxn: Tensor,
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    dres: Tensor | None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """LN backward from dLN(x) = dxn (fp32 [M, D], a dgrad GEMM output), plus `dres` (the residual
+    path's gradient, or None) added into dx: (dx, dln_weight, dln_bias) in the parameters' dtypes."""
+    dx, dlnw, dlnb = layer_norm_backward_fused(
+        dxn, x, ln_weight, mean, rstd, need_dbias=ln_bias is not None, dres=dres
+    )
+    if ln_bias is not None and dlnb is not None:
+        dlnb = dlnb.to(ln_bias.dtype)
+    return dx, dlnw, dlnb
+
+
+def layer_norm_linear_wgrad(
+    dout: Tensor,
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    dw: Tensor,
+) -> Tensor:
+    """dw [N, D] = dout^T @ LN(x), computed as dw^T = LN(x)^T @ dout with the LN in the prologue
+    (statistics along K = tokens), written through transposed strides."""
+    return gemm(
+        x.t(),
+        dout.t(),
+        dw.t(),
+        prologue=PRO_LN_COL,
+        mean=mean,
+        rstd=rstd,
+        ln_weight=ln_weight,
+        ln_bias=ln_bias,
+    )
+
+
+def layer_norm_linear_backward(
+    dout: Tensor,
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    weight: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    has_bias: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor, Tensor | None]:
+    """Contract `layer_norm_linear_backward`: (dx, dln_weight, dln_bias, dweight, dbias). The LN
+    output is recomputed inside the wgrad GEMM's prologue; dLN(x) = dout @ weight is kept in fp32
+    for the LN backward."""
+    dw = torch.empty_like(weight)
+    layer_norm_linear_wgrad(dout, x, ln_weight, ln_bias, mean, rstd, dw)
+    db = dout.float().sum(0).to(weight.dtype) if has_bias else None
+    dxn = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+    gemm(dout, weight.t(), dxn)
+    dx, dlnw, dlnb = layer_norm_input_grads(dxn, x, ln_weight, ln_bias, mean, rstd, None)
+    return dx, dlnw, dlnb, dw, db
 
 
 # ------------------------------------------------------------------------------------------ AOT

@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from torch import Tensor
 
 # The interpreter flag lives with the kernels (the ground floor); re-exported for existing callers.
 from vit_fast.kernels._common import triton_interpreting
@@ -152,6 +153,42 @@ def backend_module(family: str, backend: str) -> Any:
     if backend == "cpu":
         return cpu_extension()
     return importlib.import_module(f"vit_fast.plain.{family}")
+
+
+class _TunedFns:
+    """Stands in for a backend module when the choice is automatic: each contract function call
+    picks its backend by measurement for its argument shapes (vit_fast.tuning.ops)."""
+
+    def __init__(self, device: torch.device, family: str, dtype: torch.dtype | None) -> None:
+        self._device, self._family, self._dtype = device, family, dtype
+
+    def __getattr__(self, op: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            def run(backend: str) -> Any:
+                return getattr(backend_module(self._family, backend), op)(*args, **kwargs)
+
+            key_args = (*args, *(x for k, v in sorted(kwargs.items()) for x in (k, v)))
+            return run(tuned_backend(self._device, self._family, op, key_args, run, self._dtype))
+
+        return call
+
+
+def backend_fns(device: torch.device, family: str, dtype: torch.dtype | None = None, *weights: Tensor) -> Any:
+    """The module implementing the contract functions of `family` on the selected backend (a
+    measuring stand-in for it when no backend is forced and tuning is on).
+
+    `weights`: the op's GEMM weights. A zero-sized one (a layer of width 0) leaves nothing to
+    multiply; the C++ GEMM wrappers do not take empty operands, so such a call runs the
+    plain-PyTorch functions, which give the exact result (bias/residual terms only).
+    """
+    from vit_fast.tuning import ops as tuning_ops
+
+    backend = select_backend(device, family, dtype)
+    if backend == "cpu" and any(w.numel() == 0 for w in weights):
+        return backend_module(family, "reference")
+    if forced_backend() is None and len(tuning_ops.candidates(device, backend)) > 1 and tuning_ops.enabled():
+        return _TunedFns(device, family, dtype)
+    return backend_module(family, backend)
 
 
 def active_backends(device: torch.device | str = "cpu") -> dict[str, str]:

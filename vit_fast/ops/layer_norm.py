@@ -5,7 +5,7 @@ Each public op validates its arguments, applies autocast, and calls a `torch.lib
 (`vit_fast::layer_norm_fwd`, `vit_fast::add_layer_norm_fwd`, `vit_fast::layer_norm_linear_fwd`
 and their `_bwd` ops) whose body runs the backend `select_backend(device, "layer_norm")` picks.
 All have fake kernels and autograd, so `torch.compile(fullgraph=True)` traces them as single
-nodes. `linear_residual` (family `mlp`) is re-exported from `vit_fast.ops.mlp`.
+nodes.
 """
 
 from __future__ import annotations
@@ -13,9 +13,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vit_fast.ops import _ln_mlp_common as C
-from vit_fast.ops._checks import autocast_off
-from vit_fast.ops.backend import select_backend
+from vit_fast.ops._checks import (
+    autocast_args,
+    autocast_off,
+    check_eps,
+    check_input,
+    check_param,
+    check_shape,
+    check_tensor,
+    contig,
+    empty_like_none,
+    none_if_empty,
+    rows2d,
+)
+from vit_fast.ops.backend import backend_fns, select_backend
 
 # ------------------------------------------------------------------------------- custom ops
 
@@ -24,7 +35,7 @@ from vit_fast.ops.backend import select_backend
 def _layer_norm_fwd(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    y, mean, rstd = C.backend_fns(x.device, "layer_norm", x.dtype).layer_norm_forward(x, weight, bias, eps)
+    y, mean, rstd = backend_fns(x.device, "layer_norm", x.dtype).layer_norm_forward(x, weight, bias, eps)
     return y, mean, rstd
 
 
@@ -43,7 +54,7 @@ def _add_layer_norm_fwd(
 
         return add_layer_norm_forward(x, residual, weight, bias, eps)
     s = x + residual
-    y, mean, rstd = C.backend_fns(x.device, "layer_norm", x.dtype).layer_norm_forward(s, weight, bias, eps)
+    y, mean, rstd = backend_fns(x.device, "layer_norm", x.dtype).layer_norm_forward(s, weight, bias, eps)
     return y, s, mean, rstd
 
 
@@ -70,7 +81,7 @@ def _layer_norm_bwd(
 
         dx, dw, db = layer_norm_backward_fused(dy, x, weight, mean, rstd, need_dbias=has_bias, dres=dres)
     else:
-        dx, dw, db = C.backend_fns(x.device, "layer_norm", x.dtype).layer_norm_backward(
+        dx, dw, db = backend_fns(x.device, "layer_norm", x.dtype).layer_norm_backward(
             dy, x, weight, mean, rstd
         )
         if dres is not None:
@@ -79,7 +90,7 @@ def _layer_norm_bwd(
             db = None
         elif db is None:  # LN with a bias but no weight: dbias is the column sum of dy.
             db = dy.float().sum(0).to(x.dtype)
-    return dx, C.empty_like_none(dw, x), C.empty_like_none(db, x)
+    return dx, empty_like_none(dw, x), empty_like_none(db, x)
 
 
 @_layer_norm_bwd.register_fake
@@ -102,7 +113,7 @@ def _ln_setup(ctx, inputs, output):
 def _ln_backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     dx, dw, db = _layer_norm_bwd(dy.contiguous(), x, weight, mean, rstd, ctx.has_bias, None)
-    return dx, C.none_if_empty(dw), C.none_if_empty(db), None
+    return dx, none_if_empty(dw), none_if_empty(db), None
 
 
 _layer_norm_fwd.register_autograd(_ln_backward, setup_context=_ln_setup)
@@ -121,7 +132,7 @@ def _add_ln_backward(ctx, dy, ds, _dmean, _drstd):
     s, weight, mean, rstd = ctx.saved_tensors
     dres = ds.contiguous() if ds is not None else None
     dx, dw, db = _layer_norm_bwd(dy.contiguous(), s, weight, mean, rstd, ctx.has_bias, dres)
-    return dx, dx, C.none_if_empty(dw), C.none_if_empty(db), None
+    return dx, dx, none_if_empty(dw), none_if_empty(db), None
 
 
 _add_layer_norm_fwd.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
@@ -136,7 +147,7 @@ def _layer_norm_linear_fwd(
     bias: Tensor | None,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    fns = C.backend_fns(x.device, "layer_norm", x.dtype, weight)
+    fns = backend_fns(x.device, "layer_norm", x.dtype, weight)
     out, mean, rstd = fns.layer_norm_linear_forward(x, ln_weight, ln_bias, weight, bias, eps)
     return out, mean, rstd
 
@@ -159,11 +170,11 @@ def _layer_norm_linear_bwd(
     rstd: Tensor,
     has_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    fns = C.backend_fns(x.device, "layer_norm", x.dtype, weight)
+    fns = backend_fns(x.device, "layer_norm", x.dtype, weight)
     dx, dlw, dlb, dw, db = fns.layer_norm_linear_backward(
         dout, x, ln_weight, ln_bias, weight, mean, rstd, has_bias
     )
-    return dx, C.empty_like_none(dlw, x), C.empty_like_none(dlb, x), dw, C.empty_like_none(db, x)
+    return dx, empty_like_none(dlw, x), empty_like_none(dlb, x), dw, empty_like_none(db, x)
 
 
 @_layer_norm_linear_bwd.register_fake
@@ -195,7 +206,7 @@ def _lnl_backward(ctx, dout, _dmean, _drstd):
     dx, dlw, dlb, dw, db = _layer_norm_linear_bwd(
         dout.contiguous(), x, ln_weight, ln_bias, weight, mean, rstd, ctx.has_bias
     )
-    return dx, C.none_if_empty(dlw), C.none_if_empty(dlb), dw, C.none_if_empty(db), None
+    return dx, none_if_empty(dlw), none_if_empty(dlb), dw, none_if_empty(db), None
 
 
 _layer_norm_linear_fwd.register_autograd(_lnl_backward, setup_context=_lnl_setup)
@@ -220,25 +231,23 @@ def layer_norm(
     Saved for backward: the LN input (x, or s with a residual), weight, mean [M] and rstd [M]
     (fp32); the normalised output is recomputed.
     """
-    x = C.check_input(x)
+    x = check_input(x)
     d = x.shape[-1]
-    eps = C.check_eps(eps)
+    eps = check_eps(eps)
     if residual is not None:
-        residual = C.check_input(residual, "residual")
-    x, weight, bias, residual = C.autocast_args(x.device.type, x, weight, bias, residual)
-    C.check_param(weight, "weight", (d,), x)
-    C.check_param(bias, "bias", (d,), x)
+        residual = check_input(residual, "residual")
+    x, weight, bias, residual = autocast_args(x.device.type, x, weight, bias, residual)
+    check_param(weight, "weight", (d,), x)
+    check_param(bias, "bias", (d,), x)
     if residual is not None:
-        C.check_tensor(residual, "residual", device=x.device, dtype=x.dtype)
-        C.check_shape(residual, "residual", tuple(x.shape))
+        check_tensor(residual, "residual", device=x.device, dtype=x.dtype)
+        check_shape(residual, "residual", tuple(x.shape))
     shape = x.shape
     with autocast_off(x.device.type):
         if residual is None:
-            y, _, _ = _layer_norm_fwd(C.rows2d(x), C.contig(weight), C.contig(bias), eps)
+            y, _, _ = _layer_norm_fwd(rows2d(x), contig(weight), contig(bias), eps)
             return y.reshape(shape)
-        y, s, _, _ = _add_layer_norm_fwd(
-            C.rows2d(x), C.rows2d(residual), C.contig(weight), C.contig(bias), eps
-        )
+        y, s, _, _ = _add_layer_norm_fwd(rows2d(x), rows2d(residual), contig(weight), contig(bias), eps)
         return y.reshape(shape), s.reshape(shape)
 
 
@@ -257,23 +266,20 @@ def layer_norm_linear(
     Saved for backward: x, mean [M] and rstd [M] (fp32) and the parameters; the LN output is
     recomputed inside the weight-gradient GEMM's prologue.
     """
-    x = C.check_input(x)
-    eps = C.check_eps(eps)
-    C.check_tensor(weight, "weight", ndim=2)
-    x, ln_weight, ln_bias, weight, bias = C.autocast_args(x.device.type, x, ln_weight, ln_bias, weight, bias)
+    x = check_input(x)
+    eps = check_eps(eps)
+    check_tensor(weight, "weight", ndim=2)
+    x, ln_weight, ln_bias, weight, bias = autocast_args(x.device.type, x, ln_weight, ln_bias, weight, bias)
     d = x.shape[-1]
-    C.check_param(weight, "weight", (weight.shape[0], d), x, optional=False)
-    C.check_param(ln_weight, "ln_weight", (d,), x)
-    C.check_param(ln_bias, "ln_bias", (d,), x)
-    C.check_param(bias, "bias", (weight.shape[0],), x)
+    check_param(weight, "weight", (weight.shape[0], d), x, optional=False)
+    check_param(ln_weight, "ln_weight", (d,), x)
+    check_param(ln_bias, "ln_bias", (d,), x)
+    check_param(bias, "bias", (weight.shape[0],), x)
     with autocast_off(x.device.type):
         out, _, _ = _layer_norm_linear_fwd(
-            C.rows2d(x), C.contig(ln_weight), C.contig(ln_bias), weight.contiguous(), C.contig(bias), eps
+            rows2d(x), contig(ln_weight), contig(ln_bias), weight.contiguous(), contig(bias), eps
         )
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-# Re-exported here because `vit_fast.ops` imports it from this module; it belongs to family `mlp`.
-from vit_fast.ops.mlp import linear_residual  # noqa: E402
-
-__all__ = ["layer_norm", "layer_norm_linear", "linear_residual"]
+__all__ = ["layer_norm", "layer_norm_linear"]

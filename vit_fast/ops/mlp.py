@@ -12,8 +12,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vit_fast.ops import _ln_mlp_common as C
-from vit_fast.ops._checks import autocast_off
+from vit_fast.ops._checks import (
+    autocast_args,
+    autocast_off,
+    check_approximate,
+    check_dps,
+    check_eps,
+    check_input,
+    check_param,
+    check_shape,
+    check_tensor,
+    contig,
+    empty_like_none,
+    none_if_empty,
+    rows2d,
+)
+from vit_fast.ops.backend import backend_fns
 
 __all__ = ["layer_norm_mlp", "linear_residual"]
 
@@ -31,7 +45,7 @@ def _linear_residual_fwd(
     dps: Tensor | None,
     tokens_per_sample: int,
 ) -> Tensor:
-    fns = C.backend_fns(x.device, "mlp", x.dtype, weight)
+    fns = backend_fns(x.device, "mlp", x.dtype, weight)
     return fns.linear_residual_forward(x, weight, bias, residual, gamma, dps, tokens_per_sample)
 
 
@@ -53,11 +67,11 @@ def _linear_residual_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (dx, dweight, dbias or empty, dgamma or empty); dresidual is dout itself (handled by the
     autograd formula without a copy, since custom-op outputs may not alias inputs)."""
-    fns = C.backend_fns(x.device, "mlp", x.dtype, weight)
+    fns = backend_fns(x.device, "mlp", x.dtype, weight)
     dx, dw, db, _, dg = fns.linear_residual_backward(
         dout, x, weight, bias, gamma, dps, tokens_per_sample, needs_gamma_grad
     )
-    return dx, dw, C.empty_like_none(db, x), C.empty_like_none(dg, x)
+    return dx, dw, empty_like_none(db, x), empty_like_none(dg, x)
 
 
 @_linear_residual_bwd.register_fake
@@ -84,7 +98,7 @@ def _lr_backward(ctx, dout):
     needs_dgamma = gamma is not None and ctx.needs_input_grad[4]
     dout = dout.contiguous()
     dx, dw, db, dg = _linear_residual_bwd(dout, x, weight, bias, gamma, dps, ctx.tokens, needs_dgamma)
-    return dx, dw, C.none_if_empty(db), dout, C.none_if_empty(dg), None, None
+    return dx, dw, none_if_empty(db), dout, none_if_empty(dg), None, None
 
 
 _linear_residual_fwd.register_autograd(_lr_backward, setup_context=_lr_setup)
@@ -106,25 +120,25 @@ def linear_residual(
     sample, 1/keep_prob for a kept one). Returns [..., N] in x's dtype (autocast dtype under
     autocast). Saved for backward: x and the parameters (not the GEMM output).
     """
-    x = C.check_input(x)
-    C.check_tensor(weight, "weight", ndim=2)
-    residual = C.check_input(residual, "residual")
-    x, weight, bias, residual, gamma = C.autocast_args(x.device.type, x, weight, bias, residual, gamma)
+    x = check_input(x)
+    check_tensor(weight, "weight", ndim=2)
+    residual = check_input(residual, "residual")
+    x, weight, bias, residual, gamma = autocast_args(x.device.type, x, weight, bias, residual, gamma)
     n, k = weight.shape[0], x.shape[-1]
-    C.check_param(weight, "weight", (n, k), x, optional=False)
-    C.check_param(bias, "bias", (n,), x)
-    C.check_param(gamma, "gamma", (n,), x)
-    C.check_tensor(residual, "residual", device=x.device, dtype=x.dtype)
-    C.check_shape(residual, "residual", (*x.shape[:-1], n))
-    drop_path_scale = C.check_dps(drop_path_scale, x)
+    check_param(weight, "weight", (n, k), x, optional=False)
+    check_param(bias, "bias", (n,), x)
+    check_param(gamma, "gamma", (n,), x)
+    check_tensor(residual, "residual", device=x.device, dtype=x.dtype)
+    check_shape(residual, "residual", (*x.shape[:-1], n))
+    drop_path_scale = check_dps(drop_path_scale, x)
     tokens = x.shape[1] if drop_path_scale is not None else 1
     with autocast_off(x.device.type):
         out = _linear_residual_fwd(
-            C.rows2d(x),
+            rows2d(x),
             weight.contiguous(),
-            C.contig(bias),
-            C.rows2d(residual),
-            C.contig(gamma),
+            contig(bias),
+            rows2d(residual),
+            contig(gamma),
             drop_path_scale,
             tokens,
         )
@@ -149,7 +163,7 @@ def _mlp_fwd(
     tokens_per_sample: int,
     approximate: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    fns = C.backend_fns(x.device, "mlp", x.dtype, fc1_weight)
+    fns = backend_fns(x.device, "mlp", x.dtype, fc1_weight)
     out, mean, rstd, h_pre = fns.mlp_forward(
         x,
         ln_weight,
@@ -197,7 +211,7 @@ def _mlp_bwd(
 ) -> list[Tensor]:
     """-> [dx, dln_weight, dln_bias, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma], absent
     ones as 0-element tensors."""
-    fns = C.backend_fns(x.device, "mlp", x.dtype, fc1_weight)
+    fns = backend_fns(x.device, "mlp", x.dtype, fc1_weight)
     grads = fns.mlp_backward(
         dout,
         x,
@@ -216,7 +230,7 @@ def _mlp_bwd(
         has_fc1_bias,
         needs_gamma_grad,
     )
-    return [C.empty_like_none(g, x) for g in grads]
+    return [empty_like_none(g, x) for g in grads]
 
 
 @_mlp_bwd.register_fake
@@ -280,7 +294,7 @@ def _mlp_backward(ctx, dout, _dmean, _drstd, _dh_pre):
         needs_dgamma,
     )
     dx, dlw, dlb, dw1, db1, dw2, db2, dg = grads
-    e = C.none_if_empty
+    e = none_if_empty
     return dx, e(dlw), e(dlb), dw1, e(db1), dw2, e(db2), None, e(dg), None, None, None
 
 
@@ -310,34 +324,34 @@ def layer_norm_mlp(
     Saved for backward: x, mean [M] and rstd [M] (fp32), h_pre [M, F] (fc1 pre-activation) and
     the parameters; LN(x) and GELU(h_pre) are recomputed.
     """
-    x = C.check_input(x)
-    eps = C.check_eps(eps)
-    approximate = C.check_approximate(approximate)
-    C.check_tensor(fc1_weight, "fc1_weight", ndim=2)
-    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma = C.autocast_args(
+    x = check_input(x)
+    eps = check_eps(eps)
+    approximate = check_approximate(approximate)
+    check_tensor(fc1_weight, "fc1_weight", ndim=2)
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma = autocast_args(
         x.device.type, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma
     )
     d, f = x.shape[-1], fc1_weight.shape[0]
-    C.check_param(fc1_weight, "fc1_weight", (f, d), x, optional=False)
-    C.check_param(fc2_weight, "fc2_weight", (d, f), x, optional=False)
-    C.check_param(ln_weight, "ln_weight", (d,), x)
-    C.check_param(ln_bias, "ln_bias", (d,), x)
-    C.check_param(fc1_bias, "fc1_bias", (f,), x)
-    C.check_param(fc2_bias, "fc2_bias", (d,), x)
-    C.check_param(gamma, "gamma", (d,), x)
-    drop_path_scale = C.check_dps(drop_path_scale, x)
+    check_param(fc1_weight, "fc1_weight", (f, d), x, optional=False)
+    check_param(fc2_weight, "fc2_weight", (d, f), x, optional=False)
+    check_param(ln_weight, "ln_weight", (d,), x)
+    check_param(ln_bias, "ln_bias", (d,), x)
+    check_param(fc1_bias, "fc1_bias", (f,), x)
+    check_param(fc2_bias, "fc2_bias", (d,), x)
+    check_param(gamma, "gamma", (d,), x)
+    drop_path_scale = check_dps(drop_path_scale, x)
     tokens = x.shape[1] if drop_path_scale is not None else 1
     with autocast_off(x.device.type):
         out, _, _, _ = _mlp_fwd(
-            C.rows2d(x),
-            C.contig(ln_weight),
-            C.contig(ln_bias),
+            rows2d(x),
+            contig(ln_weight),
+            contig(ln_bias),
             fc1_weight.contiguous(),
-            C.contig(fc1_bias),
+            contig(fc1_bias),
             fc2_weight.contiguous(),
-            C.contig(fc2_bias),
+            contig(fc2_bias),
             eps,
-            C.contig(gamma),
+            contig(gamma),
             drop_path_scale,
             tokens,
             approximate,

@@ -7,8 +7,8 @@ Layers:
   * `vit_fast::patch_embed` / `vit_fast::patch_embed_backward`: torch.library custom ops with fake
     kernels and autograd; their bodies dispatch by `select_backend(device, "patch_embed")` to the
     Triton kernels (`vit_fast.kernels.patch_embed`), the C++ extension (`vit_fast._C`), or the
-    pure-PyTorch `reference_patch_embed_forward/backward` below. All three implement the functions
-    of docs/backend_contract.md, family `patch_embed`.
+    plain-PyTorch `vit_fast.plain.patch_embed`. All three implement the functions of
+    vit_fast/ops/contract.py, family `patch_embed`.
 
 Saved for backward: `images` and `weight` only (the patches are gathered again from the image for
 dweight; bias / pos / cls / reg need nothing but the upstream gradient).
@@ -20,135 +20,26 @@ import torch
 from torch import Tensor
 
 from vit_fast.ops._checks import autocast_args, autocast_off, check_nonempty, check_shape, check_tensor
-from vit_fast.ops.backend import cpu_extension, tuned_backend
+from vit_fast.ops.backend import backend_fns
 
-__all__ = [
-    "patch_embed",
-    "reference_patch_embed_backward",
-    "reference_patch_embed_forward",
-]
+__all__ = ["patch_embed"]
 
 _FAMILY = "patch_embed"
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure-PyTorch backend (contract functions).
-
-
-def _patches(images: Tensor, p: int) -> Tensor:
-    """[B, C, H, W] -> [B*Np, C*p*p], rows row-major over the grid, columns in Conv2d weight order."""
-    B, C, H, W = images.shape
-    x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(B * (H // p) * (W // p), C * p * p)
-
-
-def reference_patch_embed_forward(
-    images: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    pos_embed: Tensor | None,
-    cls_token: Tensor | None,
-    reg_tokens: Tensor | None,
-    patch_size: int,
-    no_embed_class: bool,
-) -> Tensor:
-    """Reference backend of `patch_embed_forward`: fp32 math, result in the images' dtype."""
-    B, _, H, W = images.shape
-    p = patch_size
-    Np = (H // p) * (W // p)
-    D = weight.shape[0]
-    x = (_patches(images.float(), p) @ weight.float().reshape(D, -1).t()).reshape(B, Np, D)
-    if bias is not None:
-        x = x + bias.float()
-    prefix = [t.float().expand(B, -1, -1) for t in (cls_token, reg_tokens) if t is not None]
-    if pos_embed is not None and no_embed_class:
-        x = x + pos_embed.float()
-    if prefix:
-        x = torch.cat([*prefix, x], dim=1)
-    if pos_embed is not None and not no_embed_class:
-        x = x + pos_embed.float()
-    return x.to(images.dtype)
-
-
-def reference_patch_embed_backward(
-    grad: Tensor,
-    images: Tensor,
-    weight: Tensor,
-    has_bias: bool,
-    has_pos: bool,
-    has_cls: bool,
-    num_reg: int,
-    patch_size: int,
-    no_embed_class: bool,
-    needs_image_grad: bool,
-) -> tuple[Tensor | None, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """Reference backend of `patch_embed_backward` (fp32 reductions, grads in the weight's dtype)."""
-    B, C, H, W = images.shape
-    p = patch_size
-    gh, gw = H // p, W // p
-    D = weight.shape[0]
-    prefix = int(has_cls) + num_reg
-    g = grad.float()
-    gp = g[:, prefix:].reshape(B * gh * gw, D)
-    dweight = (gp.t() @ _patches(images.float(), p)).reshape(weight.shape).to(weight.dtype)
-    dbias = gp.sum(0).to(weight.dtype) if has_bias else None
-    gsum = g.sum(0, keepdim=True)  # [1, T, D]
-    dpos = (gsum[:, prefix:] if no_embed_class else gsum).to(weight.dtype) if has_pos else None
-    dcls = gsum[:, :1].to(weight.dtype) if has_cls else None
-    dreg = gsum[:, int(has_cls) : prefix].to(weight.dtype) if num_reg else None
-    dimages = None
-    if needs_image_grad:
-        dx = (gp @ weight.float().reshape(D, -1)).reshape(B, gh, gw, C, p, p)
-        dx = dx.permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
-        dimages = torch.empty_like(images).copy_(dx)
-    # Distinct storage per output: custom ops must not return aliasing tensors.
-    return tuple(None if t is None else t.clone() for t in (dimages, dweight, dbias, dpos, dcls, dreg))
-
-
-# ---------------------------------------------------------------------------------------------
-# Backend dispatch.
-
-
-def _choose(args: tuple[Any, ...], op: str, run: Any) -> str:
-    """select_backend's answer, refined by measurement (vit_fast.tuning.ops) when nothing is forced."""
-    return tuned_backend(args[0].device, _FAMILY, op, args, run, args[0].dtype)
+# Backend dispatch: the contract functions on the backend `backend_fns` picks (measured per call
+# shape when nothing is forced). Autocast is off inside: every backend does its own fp32 math.
 
 
 def _backend_forward(*args: Any) -> Tensor:
-    def run(backend: str) -> Tensor:
-        return _run_forward(backend, *args)
-
-    return run(_choose(args, "patch_embed_forward", run))
-
-
-def _run_forward(backend: str, *args: Any) -> Tensor:
-    if backend == "triton":
-        from vit_fast.kernels.patch_embed import patch_embed_forward
-
-        return patch_embed_forward(*args)
-    if backend == "cpu":
-        return cpu_extension().patch_embed_forward(*args)
-    # The reference does its own fp32 math: keep an enclosing autocast from re-casting it.
     with autocast_off(args[0].device.type):
-        return reference_patch_embed_forward(*args)
+        return backend_fns(args[0].device, _FAMILY, args[0].dtype).patch_embed_forward(*args)
 
 
 def _backend_backward(*args: Any) -> tuple[Tensor | None, ...]:
-    def run(backend: str) -> tuple[Tensor | None, ...]:
-        return _run_backward(backend, *args)
-
-    return run(_choose(args, "patch_embed_backward", run))
-
-
-def _run_backward(backend: str, *args: Any) -> tuple[Tensor | None, ...]:
-    if backend == "triton":
-        from vit_fast.kernels.patch_embed import patch_embed_backward
-
-        return patch_embed_backward(*args)
-    if backend == "cpu":
-        return tuple(cpu_extension().patch_embed_backward(*args))
-    with autocast_off(args[0].device.type):
-        return reference_patch_embed_backward(*args)
+    with autocast_off(args[1].device.type):
+        return tuple(backend_fns(args[1].device, _FAMILY, args[1].dtype).patch_embed_backward(*args))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Op-level choice by measurement: for each fused op call (family, function, argument shapes and
 dtypes), the fused backend or the plain-PyTorch one, whichever is faster on this device.
 
-On CPU the candidates are "cpu" (the C++ extension) and "reference" (`vit_fast/ops/_ln_mlp_ref.py`
+On CPU the candidates are "cpu" (the C++ extension) and "reference" (`vit_fast/plain/`
 and friends: torch GEMMs and elementwise ops); on CUDA "triton" and "reference" (there the reference
 is the cuBLAS path: torch's GEMMs with the elementwise work around them). Both implement the same
 backend contract (docs/backend_contract.md: pure functions, same outputs and saved tensors), so a

@@ -1,8 +1,6 @@
-"""The "reference" backend of the `layer_norm` and `mlp` families: plain PyTorch functions with the
-names and signatures of docs/backend_contract.md, used when neither Triton nor the C++ extension
-serves the device. Forwards compute statistics in fp32; backwards recompute the forward from the
-same saved tensors the kernels use (x, mean/rstd, h_pre) with explicit gradient formulas, so
-this backend saves exactly what the fused ones save.
+"""The `mlp` family of vit_fast/ops/contract.py in plain PyTorch: `linear_residual_*` and `mlp_*`
+(composed from the layer_norm family's LN+Linear), with explicit backward formulas; the GELU output
+is recomputed from the saved h_pre, as the fused backends do.
 """
 
 from __future__ import annotations
@@ -11,74 +9,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vit_fast import reference
+from vit_fast.plain.layer_norm import layer_norm_linear_backward, layer_norm_linear_forward
 
 
-def _ln(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor) -> Tensor:
-    """LN(x) from given fp32 statistics, in x's dtype."""
-    y = (x.float() - mean[:, None]) * rstd[:, None]
-    if weight is not None:
-        y = y * weight.float()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+def gelu(x: Tensor, approximate: str) -> Tensor:
+    """GELU: 'none' (erf), 'tanh', or 'quick' (CLIP's x * sigmoid(1.702 x), in fp32 for 16-bit x)."""
+    if approximate == "quick":
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        return (xf * torch.sigmoid(1.702 * xf)).to(x.dtype)
+    return F.gelu(x, approximate=approximate)
 
 
-def layer_norm_forward(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    var, mean = torch.var_mean(x.float(), dim=1, unbiased=False)
-    rstd = torch.rsqrt(var + eps)
-    return _ln(x, weight, bias, mean, rstd), mean, rstd
-
-
-def layer_norm_backward(
-    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    # Closed-form LN backward in fp32 (mean and rstd depend on x; the formula accounts for it).
-    xhat = (x.float() - mean[:, None]) * rstd[:, None]
-    dyf = dy.float()
-    g = dyf * weight.float() if weight is not None else dyf
-    c1 = (g * xhat).mean(1, keepdim=True)
-    c2 = g.mean(1, keepdim=True)
-    dx = ((g - xhat * c1 - c2) * rstd[:, None]).to(x.dtype)
-    if weight is None:
-        return dx, None, None
-    return dx, (dyf * xhat).sum(0).to(weight.dtype), dyf.sum(0).to(weight.dtype)
-
-
-def layer_norm_linear_forward(
-    x: Tensor,
-    ln_weight: Tensor | None,
-    ln_bias: Tensor | None,
-    weight: Tensor,
-    bias: Tensor | None,
-    eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    y, mean, rstd = layer_norm_forward(x, ln_weight, ln_bias, eps)
-    return F.linear(y, weight, bias), mean, rstd
-
-
-def layer_norm_linear_backward(
-    dout: Tensor,
-    x: Tensor,
-    ln_weight: Tensor | None,
-    ln_bias: Tensor | None,
-    weight: Tensor,
-    mean: Tensor,
-    rstd: Tensor,
-    has_bias: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor, Tensor | None]:
-    y = _ln(x, ln_weight, ln_bias, mean, rstd)  # recomputed, as the fused backends do
-    dw = dout.t() @ y
-    db = dout.float().sum(0).to(weight.dtype) if has_bias else None
-    dy = dout @ weight
-    dx, _, _ = layer_norm_backward(dy, x, ln_weight, mean, rstd)
-    dyf = dy.float()
-    xhat = (x.float() - mean[:, None]) * rstd[:, None]
-    dlw = (dyf * xhat).sum(0).to(ln_weight.dtype) if ln_weight is not None else None
-    dlb = dyf.sum(0).to(ln_bias.dtype) if ln_bias is not None else None
-    return dx, dlw, dlb, dw, db
+def gelu_backward(dy: Tensor, x: Tensor, approximate: str) -> Tensor:
+    """dy * GELU'(x) by formula (no autograd below the custom op); the variants of `gelu`."""
+    if approximate == "quick":
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        s = torch.sigmoid(1.702 * xf)
+        return (dy.to(xf.dtype) * (s + 1.702 * xf * s * (1 - s))).to(dy.dtype)
+    return torch.ops.aten.gelu_backward(dy, x, approximate=approximate)
 
 
 def linear_residual_forward(
@@ -141,7 +89,7 @@ def mlp_forward(
     approximate: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     h_pre, mean, rstd = layer_norm_linear_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, eps)
-    h = reference.gelu(h_pre, approximate)
+    h = gelu(h_pre, approximate)
     out = linear_residual_forward(h, fc2_weight, fc2_bias, x, gamma, dps, tokens_per_sample)
     return out, mean, rstd, h_pre
 
@@ -164,11 +112,11 @@ def mlp_backward(
     has_fc1_bias: bool,
     needs_gamma_grad: bool,
 ) -> tuple[Tensor, ...]:
-    h = reference.gelu(h_pre, approximate)
+    h = gelu(h_pre, approximate)
     dh, dw2, db2, _, dgamma = linear_residual_backward(
         dout, h, fc2_weight, fc2_bias, gamma, dps, tokens_per_sample, needs_gamma_grad
     )
-    dh_pre = reference.gelu_backward(dh, h_pre, approximate)
+    dh_pre = gelu_backward(dh, h_pre, approximate)
     dx, dlw, dlb, dw1, db1 = layer_norm_linear_backward(
         dh_pre, x, ln_weight, ln_bias, fc1_weight, mean, rstd, has_fc1_bias
     )
