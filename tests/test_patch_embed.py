@@ -240,7 +240,7 @@ def test_bad_input_raises_before_launch(over, exc, match, monkeypatch):
     def no_launch(*a):
         raise AssertionError("a kernel was launched despite invalid input")
 
-    monkeypatch.setattr(pe_ops, "_backend_forward", no_launch)
+    monkeypatch.setattr(pe_ops, "backend_fns", no_launch)
     d = _valid(**over)
     with pytest.raises(exc, match=match):
         patch_embed(
@@ -269,7 +269,7 @@ def test_pos_embed_no_embed_class_length():
 def test_opcheck(device, triton_backend):
     (x, w, b, pe, c, r), _ = make_args(2, 3, 16, 16, 8, 16, num_reg=1, device=device)
     torch.library.opcheck(
-        torch.ops.vit_fast.patch_embed.default,
+        torch.ops.vit_fast.patch_embed_fwd.default,
         (x, w, b, pe, c, r, 8, False),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )

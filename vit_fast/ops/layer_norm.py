@@ -10,6 +10,8 @@ nodes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -27,22 +29,30 @@ from vit_fast.ops._checks import (
     rows2d,
 )
 from vit_fast.ops.backend import backend_fns, select_backend
+from vit_fast.ops.contract import bind, schema
 
 # ------------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("vit_fast::layer_norm_fwd", mutates_args=())
-def _layer_norm_fwd(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    y, mean, rstd = backend_fns(x.device, "layer_norm", x.dtype).layer_norm_forward(x, weight, bias, eps)
-    return y, mean, rstd
+@torch.library.custom_op(
+    "vit_fast::layer_norm_fwd",
+    mutates_args=(),
+    schema=schema("layer_norm_forward", "(Tensor, Tensor, Tensor)"),
+)
+def _layer_norm_fwd(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """Inputs: contract `layer_norm_forward` -> (y [M, D], mean [M], rstd [M])."""
+    x = bind("layer_norm_forward", args).x
+    return tuple(backend_fns(x.device, "layer_norm", x.dtype).layer_norm_forward(*args))
 
 
 @_layer_norm_fwd.register_fake
-def _(x, weight, bias, eps):
-    m = x.shape[0]
-    return torch.empty_like(x), x.new_empty(m, dtype=torch.float32), x.new_empty(m, dtype=torch.float32)
+def _(*args):
+    x = bind("layer_norm_forward", args).x
+    return (
+        torch.empty_like(x),
+        x.new_empty(x.shape[0], dtype=torch.float32),
+        x.new_empty(x.shape[0], dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("vit_fast::add_layer_norm_fwd", mutates_args=())
@@ -138,54 +148,48 @@ def _add_ln_backward(ctx, dy, ds, _dmean, _drstd):
 _add_layer_norm_fwd.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
 
 
-@torch.library.custom_op("vit_fast::layer_norm_linear_fwd", mutates_args=())
-def _layer_norm_linear_fwd(
-    x: Tensor,
-    ln_weight: Tensor | None,
-    ln_bias: Tensor | None,
-    weight: Tensor,
-    bias: Tensor | None,
-    eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    fns = backend_fns(x.device, "layer_norm", x.dtype, weight)
-    out, mean, rstd = fns.layer_norm_linear_forward(x, ln_weight, ln_bias, weight, bias, eps)
-    return out, mean, rstd
+@torch.library.custom_op(
+    "vit_fast::layer_norm_linear_fwd",
+    mutates_args=(),
+    schema=schema("layer_norm_linear_forward", "(Tensor, Tensor, Tensor)"),
+)
+def _layer_norm_linear_fwd(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """Inputs: contract `layer_norm_linear_forward` -> (out [M, N], mean [M], rstd [M])."""
+    a = bind("layer_norm_linear_forward", args)
+    return tuple(backend_fns(a.x.device, "layer_norm", a.x.dtype, a.weight).layer_norm_linear_forward(*args))
 
 
 @_layer_norm_linear_fwd.register_fake
-def _(x, ln_weight, ln_bias, weight, bias, eps):
-    m = x.shape[0]
-    stats = x.new_empty(m, dtype=torch.float32)
-    return x.new_empty(m, weight.shape[0]), stats, torch.empty_like(stats)
+def _(*args):
+    a = bind("layer_norm_linear_forward", args)
+    stats = a.x.new_empty(a.x.shape[0], dtype=torch.float32)
+    return a.x.new_empty(a.x.shape[0], a.weight.shape[0]), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("vit_fast::layer_norm_linear_bwd", mutates_args=())
-def _layer_norm_linear_bwd(
-    dout: Tensor,
-    x: Tensor,
-    ln_weight: Tensor | None,
-    ln_bias: Tensor | None,
-    weight: Tensor,
-    mean: Tensor,
-    rstd: Tensor,
-    has_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    fns = backend_fns(x.device, "layer_norm", x.dtype, weight)
-    dx, dlw, dlb, dw, db = fns.layer_norm_linear_backward(
-        dout, x, ln_weight, ln_bias, weight, mean, rstd, has_bias
-    )
-    return dx, empty_like_none(dlw, x), empty_like_none(dlb, x), dw, empty_like_none(db, x)
+@torch.library.custom_op(
+    "vit_fast::layer_norm_linear_bwd",
+    mutates_args=(),
+    schema=schema("layer_norm_linear_backward", "(Tensor, Tensor, Tensor, Tensor, Tensor)"),
+)
+def _layer_norm_linear_bwd(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Inputs: contract `layer_norm_linear_backward` -> (dx, dln_weight, dln_bias, dweight, dbias),
+    absent ones as 0-element tensors."""
+    a = bind("layer_norm_linear_backward", args)
+    fns = backend_fns(a.x.device, "layer_norm", a.x.dtype, a.weight)
+    dx, dlw, dlb, dw, db = fns.layer_norm_linear_backward(*args)
+    return dx, empty_like_none(dlw, a.x), empty_like_none(dlb, a.x), dw, empty_like_none(db, a.x)
 
 
 @_layer_norm_linear_bwd.register_fake
-def _(dout, x, ln_weight, ln_bias, weight, mean, rstd, has_bias):
-    d = x.shape[1]
+def _(*args):
+    a = bind("layer_norm_linear_backward", args)
+    d = a.x.shape[1]
     return (
-        torch.empty_like(x),
-        x.new_empty(d if ln_weight is not None else 0),
-        x.new_empty(d if ln_bias is not None else 0),
-        torch.empty_like(weight),
-        x.new_empty(weight.shape[0] if has_bias else 0),
+        torch.empty_like(a.x),
+        a.x.new_empty(d if a.ln_weight is not None else 0),
+        a.x.new_empty(d if a.ln_bias is not None else 0),
+        torch.empty_like(a.weight),
+        a.x.new_empty(a.weight.shape[0] if a.has_bias else 0),
     )
 
 

@@ -9,6 +9,8 @@ plain-PyTorch reference, all with the signatures of docs/backend_contract.md).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -28,6 +30,7 @@ from vit_fast.ops._checks import (
     rows2d,
 )
 from vit_fast.ops.backend import backend_fns
+from vit_fast.ops.contract import bind, schema
 
 __all__ = ["layer_norm_mlp", "linear_residual"]
 
@@ -35,53 +38,43 @@ __all__ = ["layer_norm_mlp", "linear_residual"]
 # ------------------------------------------------------------------------- linear_residual
 
 
-@torch.library.custom_op("vit_fast::linear_residual_fwd", mutates_args=())
-def _linear_residual_fwd(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    residual: Tensor,
-    gamma: Tensor | None,
-    dps: Tensor | None,
-    tokens_per_sample: int,
-) -> Tensor:
-    fns = backend_fns(x.device, "mlp", x.dtype, weight)
-    return fns.linear_residual_forward(x, weight, bias, residual, gamma, dps, tokens_per_sample)
+@torch.library.custom_op(
+    "vit_fast::linear_residual_fwd", mutates_args=(), schema=schema("linear_residual_forward", "Tensor")
+)
+def _linear_residual_fwd(*args: Any) -> Tensor:
+    """Inputs: contract `linear_residual_forward` -> out [M, N]."""
+    a = bind("linear_residual_forward", args)
+    return backend_fns(a.x.device, "mlp", a.x.dtype, a.weight).linear_residual_forward(*args)
 
 
 @_linear_residual_fwd.register_fake
-def _(x, weight, bias, residual, gamma, dps, tokens_per_sample):
-    return torch.empty_like(residual)
+def _(*args):
+    return torch.empty_like(bind("linear_residual_forward", args).residual)
 
 
-@torch.library.custom_op("vit_fast::linear_residual_bwd", mutates_args=())
-def _linear_residual_bwd(
-    dout: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    gamma: Tensor | None,
-    dps: Tensor | None,
-    tokens_per_sample: int,
-    needs_gamma_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (dx, dweight, dbias or empty, dgamma or empty); dresidual is dout itself (handled by the
-    autograd formula without a copy, since custom-op outputs may not alias inputs)."""
-    fns = backend_fns(x.device, "mlp", x.dtype, weight)
-    dx, dw, db, _, dg = fns.linear_residual_backward(
-        dout, x, weight, bias, gamma, dps, tokens_per_sample, needs_gamma_grad
-    )
-    return dx, dw, empty_like_none(db, x), empty_like_none(dg, x)
+@torch.library.custom_op(
+    "vit_fast::linear_residual_bwd",
+    mutates_args=(),
+    schema=schema("linear_residual_backward", "(Tensor, Tensor, Tensor, Tensor)"),
+)
+def _linear_residual_bwd(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Inputs: contract `linear_residual_backward` -> (dx, dweight, dbias or empty, dgamma or empty);
+    dresidual is dout itself (handled by the autograd formula without a copy, since custom-op
+    outputs may not alias inputs)."""
+    a = bind("linear_residual_backward", args)
+    dx, dw, db, _, dg = backend_fns(a.x.device, "mlp", a.x.dtype, a.weight).linear_residual_backward(*args)
+    return dx, dw, empty_like_none(db, a.x), empty_like_none(dg, a.x)
 
 
 @_linear_residual_bwd.register_fake
-def _(dout, x, weight, bias, gamma, dps, tokens_per_sample, needs_gamma_grad):
-    n = weight.shape[0]
+def _(*args):
+    a = bind("linear_residual_backward", args)
+    n = a.weight.shape[0]
     return (
-        torch.empty_like(x),
-        torch.empty_like(weight),
-        x.new_empty(n if bias is not None else 0),
-        x.new_empty(n if gamma is not None and needs_gamma_grad else 0),
+        torch.empty_like(a.x),
+        torch.empty_like(a.weight),
+        a.x.new_empty(n if a.bias is not None else 0),
+        a.x.new_empty(n if a.gamma is not None and a.needs_gamma_grad else 0),
     )
 
 
@@ -148,108 +141,53 @@ def linear_residual(
 # -------------------------------------------------------------------------- layer_norm_mlp
 
 
-@torch.library.custom_op("vit_fast::layer_norm_mlp_fwd", mutates_args=())
-def _mlp_fwd(
-    x: Tensor,
-    ln_weight: Tensor | None,
-    ln_bias: Tensor | None,
-    fc1_weight: Tensor,
-    fc1_bias: Tensor | None,
-    fc2_weight: Tensor,
-    fc2_bias: Tensor | None,
-    eps: float,
-    gamma: Tensor | None,
-    dps: Tensor | None,
-    tokens_per_sample: int,
-    approximate: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    fns = backend_fns(x.device, "mlp", x.dtype, fc1_weight)
-    out, mean, rstd, h_pre = fns.mlp_forward(
-        x,
-        ln_weight,
-        ln_bias,
-        fc1_weight,
-        fc1_bias,
-        fc2_weight,
-        fc2_bias,
-        eps,
-        gamma,
-        dps,
-        tokens_per_sample,
-        approximate,
-    )
-    return out, mean, rstd, h_pre
+@torch.library.custom_op(
+    "vit_fast::layer_norm_mlp_fwd",
+    mutates_args=(),
+    schema=schema("mlp_forward", "(Tensor, Tensor, Tensor, Tensor)"),
+)
+def _mlp_fwd(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Inputs: contract `mlp_forward` -> (out [M, D], mean [M], rstd [M], h_pre [M, F])."""
+    a = bind("mlp_forward", args)
+    return tuple(backend_fns(a.x.device, "mlp", a.x.dtype, a.fc1_weight).mlp_forward(*args))
 
 
 @_mlp_fwd.register_fake
-def _(
-    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, gamma, dps, tokens, approximate
-):
-    m = x.shape[0]
-    stats = x.new_empty(m, dtype=torch.float32)
-    return torch.empty_like(x), stats, torch.empty_like(stats), x.new_empty(m, fc1_weight.shape[0])
+def _(*args):
+    a = bind("mlp_forward", args)
+    m = a.x.shape[0]
+    stats = a.x.new_empty(m, dtype=torch.float32)
+    return torch.empty_like(a.x), stats, torch.empty_like(stats), a.x.new_empty(m, a.fc1_weight.shape[0])
 
 
-@torch.library.custom_op("vit_fast::layer_norm_mlp_bwd", mutates_args=())
-def _mlp_bwd(
-    dout: Tensor,
-    x: Tensor,
-    ln_weight: Tensor | None,
-    ln_bias: Tensor | None,
-    fc1_weight: Tensor,
-    fc2_weight: Tensor,
-    fc2_bias: Tensor | None,
-    gamma: Tensor | None,
-    dps: Tensor | None,
-    tokens_per_sample: int,
-    mean: Tensor,
-    rstd: Tensor,
-    h_pre: Tensor,
-    approximate: str,
-    has_fc1_bias: bool,
-    needs_gamma_grad: bool,
-) -> list[Tensor]:
-    """-> [dx, dln_weight, dln_bias, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma], absent
-    ones as 0-element tensors."""
-    fns = backend_fns(x.device, "mlp", x.dtype, fc1_weight)
-    grads = fns.mlp_backward(
-        dout,
-        x,
-        ln_weight,
-        ln_bias,
-        fc1_weight,
-        fc2_weight,
-        fc2_bias,
-        gamma,
-        dps,
-        tokens_per_sample,
-        mean,
-        rstd,
-        h_pre,
-        approximate,
-        has_fc1_bias,
-        needs_gamma_grad,
-    )
-    return [empty_like_none(g, x) for g in grads]
+@torch.library.custom_op(
+    "vit_fast::layer_norm_mlp_bwd", mutates_args=(), schema=schema("mlp_backward", "Tensor[]")
+)
+def _mlp_bwd(*args: Any) -> list[Tensor]:
+    """Inputs: contract `mlp_backward` -> [dx, dln_weight, dln_bias, dfc1_weight, dfc1_bias,
+    dfc2_weight, dfc2_bias, dgamma], absent ones as 0-element tensors."""
+    a = bind("mlp_backward", args)
+    grads = backend_fns(a.x.device, "mlp", a.x.dtype, a.fc1_weight).mlp_backward(*args)
+    return [empty_like_none(g, a.x) for g in grads]
 
 
 @_mlp_bwd.register_fake
-def _(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, fc2_bias, gamma, dps, tokens, mean, rstd, h_pre,
-      approximate, has_fc1_bias, needs_gamma_grad):  # fmt: skip
-    d, f = x.shape[1], fc1_weight.shape[0]
+def _(*args):
+    a = bind("mlp_backward", args)
+    d, f = a.x.shape[1], a.fc1_weight.shape[0]
 
     def maybe(cond: bool, n: int) -> Tensor:
-        return x.new_empty(n if cond else 0)
+        return a.x.new_empty(n if cond else 0)
 
     return [
-        torch.empty_like(x),
-        maybe(ln_weight is not None, d),
-        maybe(ln_bias is not None, d),
-        torch.empty_like(fc1_weight),
-        maybe(has_fc1_bias, f),
-        torch.empty_like(fc2_weight),
-        maybe(fc2_bias is not None, d),
-        maybe(gamma is not None and needs_gamma_grad, d),
+        torch.empty_like(a.x),
+        maybe(a.ln_weight is not None, d),
+        maybe(a.ln_bias is not None, d),
+        torch.empty_like(a.fc1_weight),
+        maybe(a.has_fc1_bias, f),
+        torch.empty_like(a.fc2_weight),
+        maybe(a.fc2_bias is not None, d),
+        maybe(a.gamma is not None and a.needs_gamma_grad, d),
     ]
 
 

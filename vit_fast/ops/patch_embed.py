@@ -3,8 +3,8 @@ position embedding) as one fused op, with its backward.
 
 Layers:
   * `patch_embed` (public): validates every argument (raising before any launch), applies autocast,
-    then calls the custom op `vit_fast::patch_embed`.
-  * `vit_fast::patch_embed` / `vit_fast::patch_embed_backward`: torch.library custom ops with fake
+    then calls the custom op `vit_fast::patch_embed_fwd`.
+  * `vit_fast::patch_embed_fwd` / `vit_fast::patch_embed_bwd`: torch.library custom ops with fake
     kernels and autograd; their bodies dispatch by `select_backend(device, "patch_embed")` to the
     Triton kernels (`vit_fast.kernels.patch_embed`), the C++ extension (`vit_fast._C`), or the
     plain-PyTorch `vit_fast.plain.patch_embed`. All three implement the functions of
@@ -21,6 +21,7 @@ from torch import Tensor
 
 from vit_fast.ops._checks import autocast_args, autocast_off, check_nonempty, check_shape, check_tensor
 from vit_fast.ops.backend import backend_fns
+from vit_fast.ops.contract import bind, schema
 
 __all__ = ["patch_embed"]
 
@@ -28,100 +29,62 @@ _FAMILY = "patch_embed"
 
 
 # ---------------------------------------------------------------------------------------------
-# Backend dispatch: the contract functions on the backend `backend_fns` picks (measured per call
-# shape when nothing is forced). Autocast is off inside: every backend does its own fp32 math.
+# torch.library registration, the inputs of each op exactly its contract function's. Backend
+# dispatch: the contract function on the backend `backend_fns` picks (measured per call shape when
+# nothing is forced), with autocast off inside: every backend does its own fp32 math. The backward
+# op cannot return optional tensors (schema limit), so absent gradients travel as empty tensors and
+# are turned back into None by the autograd formula.
 
 
-def _backend_forward(*args: Any) -> Tensor:
-    with autocast_off(args[0].device.type):
-        return backend_fns(args[0].device, _FAMILY, args[0].dtype).patch_embed_forward(*args)
+@torch.library.custom_op(
+    "vit_fast::patch_embed_fwd", mutates_args=(), schema=schema("patch_embed_forward", "Tensor")
+)
+def _patch_embed_fwd(*args: Any) -> Tensor:
+    """Inputs: contract `patch_embed_forward` -> tokens [B, T, D]."""
+    images = bind("patch_embed_forward", args).images
+    with autocast_off(images.device.type):
+        return backend_fns(images.device, _FAMILY, images.dtype).patch_embed_forward(*args)
 
 
-def _backend_backward(*args: Any) -> tuple[Tensor | None, ...]:
-    with autocast_off(args[1].device.type):
-        return tuple(backend_fns(args[1].device, _FAMILY, args[1].dtype).patch_embed_backward(*args))
+@_patch_embed_fwd.register_fake
+def _(*args):
+    a = bind("patch_embed_forward", args)
+    grid = (a.images.shape[2] // a.patch_size) * (a.images.shape[3] // a.patch_size)
+    prefix = (a.cls_token is not None) + (0 if a.reg_tokens is None else a.reg_tokens.shape[1])
+    return a.images.new_empty((a.images.shape[0], grid + prefix, a.weight.shape[0]))
 
 
-# ---------------------------------------------------------------------------------------------
-# torch.library registration. The backward op cannot return optional tensors (schema limit), so
-# absent gradients travel as empty tensors and are turned back into None by the autograd formula.
-
-
-@torch.library.custom_op("vit_fast::patch_embed", mutates_args=())
-def _patch_embed_op(
-    images: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    pos_embed: Tensor | None,
-    cls_token: Tensor | None,
-    reg_tokens: Tensor | None,
-    patch_size: int,
-    no_embed_class: bool,
-) -> Tensor:
-    return _backend_forward(
-        images, weight, bias, pos_embed, cls_token, reg_tokens, patch_size, no_embed_class
-    )
-
-
-def _num_tokens(images: Tensor, patch_size: int, cls_token: Tensor | None, reg_tokens: Tensor | None) -> Any:
-    n = (images.shape[2] // patch_size) * (images.shape[3] // patch_size)
-    return n + (cls_token is not None) + (0 if reg_tokens is None else reg_tokens.shape[1])
-
-
-@_patch_embed_op.register_fake
-def _(images, weight, bias, pos_embed, cls_token, reg_tokens, patch_size, no_embed_class):
-    T = _num_tokens(images, patch_size, cls_token, reg_tokens)
-    return images.new_empty((images.shape[0], T, weight.shape[0]))
-
-
-@torch.library.custom_op("vit_fast::patch_embed_backward", mutates_args=())
-def _patch_embed_backward_op(
-    grad: Tensor,
-    images: Tensor,
-    weight: Tensor,
-    has_bias: bool,
-    has_pos: bool,
-    has_cls: bool,
-    num_reg: int,
-    patch_size: int,
-    no_embed_class: bool,
-    needs_image_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _backend_backward(
-        grad,
-        images,
-        weight,
-        has_bias,
-        has_pos,
-        has_cls,
-        num_reg,
-        patch_size,
-        no_embed_class,
-        needs_image_grad,
-    )
-    empty = weight.new_empty(0)
+@torch.library.custom_op(
+    "vit_fast::patch_embed_bwd",
+    mutates_args=(),
+    schema=schema("patch_embed_backward", "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"),
+)
+def _patch_embed_bwd(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Inputs: contract `patch_embed_backward` -> (dimages, dweight, dbias, dpos_embed, dcls_token,
+    dreg_tokens), absent ones as 0-element tensors."""
+    a = bind("patch_embed_backward", args)
+    with autocast_off(a.images.device.type):
+        grads = backend_fns(a.images.device, _FAMILY, a.images.dtype).patch_embed_backward(*args)
+    empty = a.weight.new_empty(0)
     return tuple(empty.clone() if g is None else g for g in grads)  # type: ignore[return-value]
 
 
-@_patch_embed_backward_op.register_fake
-def _(
-    grad, images, weight, has_bias, has_pos, has_cls, num_reg, patch_size, no_embed_class, needs_image_grad
-):
-    D = weight.shape[0]
-    T = grad.shape[1]
-    prefix = int(has_cls) + num_reg
+@_patch_embed_bwd.register_fake
+def _(*args):
+    a = bind("patch_embed_backward", args)
+    D, T = a.weight.shape[0], a.grad.shape[1]
+    prefix = int(a.has_cls) + a.num_reg
 
     def maybe(flag: bool, shape: tuple) -> Tensor:
-        return weight.new_empty(shape if flag else (0,))
+        return a.weight.new_empty(shape if flag else (0,))
 
-    dimages = torch.empty_like(images) if needs_image_grad else weight.new_empty(0)
     return (
-        dimages,
-        torch.empty_like(weight, memory_format=torch.contiguous_format),
-        maybe(has_bias, (D,)),
-        maybe(has_pos, (1, T - prefix if no_embed_class else T, D)),
-        maybe(has_cls, (1, 1, D)),
-        maybe(num_reg > 0, (1, num_reg, D)),
+        torch.empty_like(a.images) if a.needs_image_grad else a.weight.new_empty(0),
+        torch.empty_like(a.weight, memory_format=torch.contiguous_format),
+        maybe(a.has_bias, (D,)),
+        maybe(a.has_pos, (1, T - prefix if a.no_embed_class else T, D)),
+        maybe(a.has_cls, (1, 1, D)),
+        maybe(a.num_reg > 0, (1, a.num_reg, D)),
     )
 
 
@@ -141,7 +104,7 @@ def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
 def _backward(ctx: Any, grad: Tensor) -> tuple:
     images, weight = ctx.saved_tensors
     has_bias, has_pos, has_cls, num_reg, patch_size, no_embed_class = ctx.flags
-    dimages, dweight, dbias, dpos, dcls, dreg = _patch_embed_backward_op(
+    dimages, dweight, dbias, dpos, dcls, dreg = _patch_embed_bwd(
         grad.contiguous(),
         images,
         weight,
@@ -165,7 +128,7 @@ def _backward(ctx: Any, grad: Tensor) -> tuple:
     )
 
 
-torch.library.register_autograd("vit_fast::patch_embed", _backward, setup_context=_setup_context)
+_patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,6 +230,6 @@ def patch_embed(
     _validate(images, weight, bias, pos_embed, cls_token, reg_tokens, patch_size, no_embed_class)
     if reg_tokens is not None and reg_tokens.shape[1] == 0:
         reg_tokens = None
-    return _patch_embed_op(
+    return _patch_embed_fwd(
         images, weight, bias, pos_embed, cls_token, reg_tokens, int(patch_size), bool(no_embed_class)
     )
