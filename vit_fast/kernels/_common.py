@@ -130,6 +130,17 @@ class KernelSpec:
         return cls(name, fn, sig, dict(constexprs), num_warps, num_stages, tuple(divisible_by_16), archs)
 
 
+#: Row tiles per group in the grouped tile order (`grouped_tile`): 8 keeps a group's B tiles in L2.
+GROUP_M = 8
+
+
+def tile_meta(config: tuple[int, int, int, int, int]) -> dict[str, int]:
+    """A GEMM-like kernel's tile config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) as the
+    launch keywords every grouped-tile kernel takes."""
+    bm, bn, bk, warps, stages = config
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=warps, num_stages=stages)
+
+
 try:
     import triton
     import triton.language as tl

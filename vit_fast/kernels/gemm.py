@@ -32,12 +32,14 @@ from torch import Tensor
 
 from vit_fast.kernels._common import (
     ARCHS,
+    GROUP_M,
     KernelSpec,
     arch_key,
     grouped_tile,
     index,
     kernel_parameters,
     needs_int64,
+    tile_meta,
     triton_interpreting,
 )
 
@@ -271,8 +273,8 @@ def gemm(
     # The 1-D operands (statistics, LN affine, bias, gamma, dps) are indexed by a row, column or k
     # index, each below 2**31; only the matrices can need 64-bit offsets.
     idx64 = needs_int64(a, b, out, aux, residual)
-    bm, bn, bk, warps, stages = _config(a.device, a.dtype, m, n, k, epilogue)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    config = _config(a.device, a.dtype, m, n, k, epilogue)
+    grid = (triton.cdiv(m, config[0]) * triton.cdiv(n, config[1]),)
     _gemm_kernel[grid](
         a,
         b,
@@ -311,12 +313,7 @@ def gemm(
         UPCAST=triton_interpreting(),
         IEEE=a.dtype == torch.float32,
         IDX64=idx64,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=bk,
-        GROUP_M=8,
-        num_warps=warps,
-        num_stages=stages,
+        **tile_meta(config),
     )
     return out
 
@@ -378,7 +375,7 @@ def aot_specs() -> list[KernelSpec]:
                     consts: dict[str, object] = dict.fromkeys(unit, 1)
                     consts |= {f: f in flags for f in _GEMM_FLAGS}
                     consts |= dict(PROLOGUE=pro, EPILOGUE=epi, UPCAST=False, IEEE=False, IDX64=idx64)
-                    consts |= dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+                    consts |= dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
                     types = dict.fromkeys(("mean_ptr", "rstd_ptr", "dps_ptr"), "*fp32")
                     if c_f32:
                         types["c_ptr"] = "*fp32"

@@ -333,26 +333,7 @@ def layer_norm_linear_forward(
     return out, mean, rstd
 
 
-def layer_norm_input_grads(
-    dxn: Tensor,
-    x: Tensor,
-    ln_weight: Tensor | None,
-    ln_bias: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
-    dres: Tensor | None,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """LN backward from dLN(x) = dxn (fp32 [M, D], a dgrad GEMM output), plus `dres` (the residual
-    path's gradient, or None) added into dx: (dx, dln_weight, dln_bias) in the parameters' dtypes."""
-    dx, dlnw, dlnb = layer_norm_backward_fused(
-        dxn, x, ln_weight, mean, rstd, need_dbias=ln_bias is not None, dres=dres
-    )
-    if ln_bias is not None and dlnb is not None:
-        dlnb = dlnb.to(ln_bias.dtype)
-    return dx, dlnw, dlnb
-
-
-def layer_norm_linear_wgrad(
+def _ln_wgrad(
     dout: Tensor,
     x: Tensor,
     ln_weight: Tensor | None,
@@ -375,6 +356,34 @@ def layer_norm_linear_wgrad(
     )
 
 
+def layer_norm_linear_grads(
+    dout: Tensor,
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    weight: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    has_bias: bool,
+    dres: Tensor | None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor, Tensor | None]:
+    """The backward of out = LN(x) @ weight^T + bias from dout [M, N]: (dx, dln_weight, dln_bias,
+    dweight, dbias), with `dres` [M, D] (a gradient reaching x past the LN: the MLP's residual
+    path) added into dx, or None. The LN output is recomputed inside the wgrad GEMM's prologue;
+    dLN(x) = dout @ weight is kept in fp32 for the LN backward."""
+    dw = torch.empty_like(weight)
+    _ln_wgrad(dout, x, ln_weight, ln_bias, mean, rstd, dw)
+    db = dout.float().sum(0).to(weight.dtype) if has_bias else None
+    dxn = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+    gemm(dout, weight.t(), dxn)
+    dx, dlnw, dlnb = layer_norm_backward_fused(
+        dxn, x, ln_weight, mean, rstd, need_dbias=ln_bias is not None, dres=dres
+    )
+    if ln_bias is not None and dlnb is not None:
+        dlnb = dlnb.to(ln_bias.dtype)
+    return dx, dlnw, dlnb, dw, db
+
+
 def layer_norm_linear_backward(
     dout: Tensor,
     x: Tensor,
@@ -385,16 +394,8 @@ def layer_norm_linear_backward(
     rstd: Tensor,
     has_bias: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor, Tensor | None]:
-    """Contract `layer_norm_linear_backward`: (dx, dln_weight, dln_bias, dweight, dbias). The LN
-    output is recomputed inside the wgrad GEMM's prologue; dLN(x) = dout @ weight is kept in fp32
-    for the LN backward."""
-    dw = torch.empty_like(weight)
-    layer_norm_linear_wgrad(dout, x, ln_weight, ln_bias, mean, rstd, dw)
-    db = dout.float().sum(0).to(weight.dtype) if has_bias else None
-    dxn = torch.empty(x.shape, device=x.device, dtype=torch.float32)
-    gemm(dout, weight.t(), dxn)
-    dx, dlnw, dlnb = layer_norm_input_grads(dxn, x, ln_weight, ln_bias, mean, rstd, None)
-    return dx, dlnw, dlnb, dw, db
+    """Contract `layer_norm_linear_backward`: (dx, dln_weight, dln_bias, dweight, dbias)."""
+    return layer_norm_linear_grads(dout, x, ln_weight, ln_bias, weight, mean, rstd, has_bias, None)
 
 
 # ------------------------------------------------------------------------------------------ AOT

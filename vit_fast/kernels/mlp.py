@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from vit_fast.kernels.gemm import PRO_LN_ROW, dgelu_epilogue, gelu_prologue, gemm
-from vit_fast.kernels.layer_norm import layer_norm_input_grads, layer_norm_linear_wgrad, row_stats
+from vit_fast.kernels.layer_norm import layer_norm_linear_grads, row_stats
 
 __all__ = ["linear_residual_backward", "linear_residual_forward", "mlp_backward", "mlp_forward"]
 
@@ -170,10 +170,7 @@ def mlp_backward(
     sg = s * gamma.to(s.dtype) if gamma is not None else s
     dh = torch.empty_like(h_pre)
     gemm(sg, fc2_weight.t(), dh, epilogue=dgelu_epilogue(approximate), aux=h_pre)
-    dw1 = torch.empty_like(fc1_weight)
-    layer_norm_linear_wgrad(dh, x, ln_weight, ln_bias, mean, rstd, dw1)
-    db1 = dh.float().sum(0).to(fc1_weight.dtype) if has_fc1_bias else None
-    dxn = torch.empty(x.shape, device=x.device, dtype=torch.float32)
-    gemm(dh, fc1_weight.t(), dxn)
-    dx, dlnw, dlnb = layer_norm_input_grads(dxn, x, ln_weight, ln_bias, mean, rstd, dout)
+    dx, dlnw, dlnb, dw1, db1 = layer_norm_linear_grads(
+        dh, x, ln_weight, ln_bias, fc1_weight, mean, rstd, has_fc1_bias, dout
+    )
     return dx, dlnw, dlnb, dw1, db1, dw2, db2 if fc2_bias is not None else None, dgamma

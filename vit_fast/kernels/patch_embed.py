@@ -33,7 +33,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vit_fast.kernels._common import KernelSpec, grouped_tile, index, needs_int64, triton_interpreting
+from vit_fast.kernels._common import (
+    GROUP_M,
+    KernelSpec,
+    grouped_tile,
+    index,
+    needs_int64,
+    tile_meta,
+    triton_interpreting,
+)
 
 
 @triton.jit
@@ -468,8 +476,8 @@ def patch_embed_forward(
     cl_order, strides = _image_strides(images)
     idx64 = needs_int64(images, weight, pos_embed, reg_tokens, out)
     M = B * T
-    bm, bn, bk, warps, stages = _fwd_config(images.dtype, M, D, K)
-    grid = (triton.cdiv(M, bm) * triton.cdiv(D, bn),)
+    config = _fwd_config(images.dtype, M, D, K)
+    grid = (triton.cdiv(M, config[0]) * triton.cdiv(D, config[1]),)
     _fwd_kernel[grid](
         images,
         weight,
@@ -494,12 +502,7 @@ def patch_embed_forward(
         CL_ORDER=cl_order,
         IDX64=idx64,
         UPCAST=triton_interpreting(),
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=bk,
-        GROUP_M=8,
-        num_warps=warps,
-        num_stages=stages,
+        **tile_meta(config),
     )
     return out
 
@@ -672,7 +675,7 @@ def aot_specs() -> list[KernelSpec]:
                         const = dict(
                             P=p, NUM_CLS=1, HAS_POS=True, NO_EMBED_CLASS=False, CL_ORDER=cl, IDX64=idx64
                         )
-                        const |= dict(prefix, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+                        const |= dict(prefix, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
                         specs.append(
                             KernelSpec.for_kernel(
                                 f"patch_embed_fwd{i64}_{ty}_{fk}_p{p}{'_cl' if cl else ''}",
