@@ -127,33 +127,3 @@ def test_check_piped_into_head_ends_quietly():
     assert head[0] == "environment\n" and head[1].startswith("  key0")
     assert "Traceback" not in err and "BrokenPipe" not in err, err
     assert rc == 1
-
-
-def test_kernels_import_nothing_above_them():
-    """kernels/ is the ground floor: no module in it imports vit_fast.ops, .perf, .nn, .models,
-    .integrations or .cli (at module level or inside functions)."""
-    import ast
-    import pathlib
-
-    import vit_fast.kernels as pkg
-
-    higher = (
-        "vit_fast.ops",
-        "vit_fast.perf",
-        "vit_fast.nn",
-        "vit_fast.models",
-        "vit_fast.integrations",
-        "vit_fast.cli",
-    )
-    files = sorted(pathlib.Path(pkg.__path__[0]).glob("*.py"))
-    assert len(files) >= 5
-    for path in files:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                names = [node.module or ""]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            else:
-                continue
-            for name in names:
-                assert not name.startswith(higher), f"{path.name} imports {name}"
