@@ -4,6 +4,7 @@ section 3), on the Triton backend (interpreted on CPU) and the plain-PyTorch ref
 
 from __future__ import annotations
 
+import importlib
 from unittest import mock
 
 import pytest
@@ -298,3 +299,122 @@ def test_layer_norm_linear_realistic(triton_backend, device, d, tokens, dtype):
     w = (torch.randn(3 * d, d, device=device) / d**0.5).requires_grad_()
     b = (0.1 * torch.randn(3 * d, device=device)).requires_grad_()
     check_numerics(ops.layer_norm_linear, reference.layer_norm_linear, [x, lw, lb, w, b, 1e-6], dtype=dtype)
+
+
+# ------------------------------------------------------ LN+Linear over row blocks (separate q/k/v)
+
+BLOCKS = (16, 8, 24)
+
+
+def _blocks_fn(adjacent: bool):
+    """layer_norm_linear over the row blocks of w and b: as views of one storage (adjacent, the
+    layout `vit_fast.patch` gives separate q/k/v projections) or as separate copies."""
+
+    def fn(x, lw, lb, w, b, eps):
+        ws, bs = list(w.split(BLOCKS)), list(b.split(BLOCKS))
+        if not adjacent:
+            ws, bs = [t.clone() for t in ws], [t.clone() for t in bs]
+        return ops.layer_norm_linear(x, lw, lb, ws, bs, eps)
+
+    return fn
+
+
+@pytest.fixture(params=["triton", "cpu", "reference"])
+def any_backend(request):
+    if request.param == "cpu":
+        from vit_fast.ops.backend import has_cpu_kernel
+
+        if not has_cpu_kernel("layer_norm"):
+            pytest.skip("C++ extension not built")
+    with use_backend(request.param):
+        yield request.param
+
+
+@pytest.mark.parametrize("adjacent", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_linear_row_blocks(any_backend, device, dtype, adjacent):
+    """Row blocks give the stacked weight's output and each block its gradient, every backend."""
+    if any_backend == "cpu" and device.type != "cpu":
+        pytest.skip("cpu backend")
+    x = torch.randn(2, 5, 32, device=device).requires_grad_()
+    lw, lb = _ln_params(32)
+    w = (torch.randn(sum(BLOCKS), 32) / 32**0.5).requires_grad_()
+    b = (0.1 * torch.randn(sum(BLOCKS))).requires_grad_()
+    check_numerics(_blocks_fn(adjacent), reference.layer_norm_linear, [x, lw, lb, w, b, 1e-6], dtype=dtype)
+
+
+@pytest.mark.parametrize("adjacent", [True, False])
+def test_row_blocks_stack_without_a_copy_when_adjacent(any_backend, device, adjacent, monkeypatch):
+    """Adjacent blocks are read in place, forward and backward (the stacked weight the backend
+    gets shares the blocks' storage: no copy, none saved for backward); separate ones are stacked
+    by one copy. Each block gets its own gradient."""
+    if any_backend == "cpu" and device.type != "cpu":
+        pytest.skip("cpu backend")
+    ln_ops = importlib.import_module("vit_fast.ops.layer_norm")  # (vit_fast.ops.layer_norm is also the op)
+
+    buf = torch.randn(sum(BLOCKS), 32, device=device)
+    params = [torch.nn.Parameter(t if adjacent else t.clone()) for t in buf.split(BLOCKS)]
+    in_place = []
+
+    def spy(blocks, dtype):
+        out = ln_ops.join_rows.__wrapped__(blocks, dtype)
+        in_place.append(out.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr())
+        return out
+
+    spy.__wrapped__ = ln_ops.join_rows
+    monkeypatch.setattr(ln_ops, "join_rows", spy)
+    x = torch.randn(2, 5, 32, device=device, requires_grad=True)
+    ops.layer_norm_linear(x, None, None, params, None, 1e-6).sum().backward()
+    assert in_place == [adjacent, adjacent]  # forward, backward
+    w = buf.clone().requires_grad_()
+    gx, gw = torch.autograd.grad(reference.layer_norm_linear(x, None, None, w, None, 1e-6).sum(), (x, w))
+    torch.testing.assert_close(x.grad, gx, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([p.grad for p in params]), gw, atol=1e-4, rtol=1e-4)
+
+
+def test_row_blocks_under_autocast_keep_their_dtype(triton_backend, device):
+    """fp32 blocks under bf16 autocast: output in bf16, each block's gradient in fp32, equal to the
+    stacked weight's run under the same autocast."""
+    x = torch.randn(2, 5, 32, device=device)
+    w = torch.randn(sum(BLOCKS), 32, device=device) / 32**0.5
+    blocks = [t.clone().requires_grad_() for t in w.split(BLOCKS)]
+    stacked = w.clone().requires_grad_()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = ops.layer_norm_linear(x, None, None, blocks, None, 1e-6)
+        ref = ops.layer_norm_linear(x, None, None, stacked, None, 1e-6)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)
+    out.float().sum().backward()
+    ref.float().sum().backward()
+    assert all(b.grad.dtype == torch.float32 for b in blocks)
+    torch.testing.assert_close(torch.cat([b.grad for b in blocks]), stacked.grad)
+
+
+def test_row_blocks_compile_fullgraph(triton_backend, device):
+    torch._dynamo.reset()
+    blocks = [torch.randn(n, 32, device=device, requires_grad=True) for n in BLOCKS]
+    x = torch.randn(2, 5, 32, device=device)
+    fn = lambda x: ops.layer_norm_linear(x, None, None, blocks, None, 1e-6).square().sum()
+    eager = torch.autograd.grad(fn(x), blocks)
+    compiled = torch.autograd.grad(torch.compile(fn, fullgraph=True, backend="aot_eager")(x), blocks)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_row_blocks_bad_input(device):
+    x = torch.randn(2, 3, 8, device=device)
+    w = [torch.randn(4, 8, device=device), torch.randn(4, 8, device=device)]
+    with pytest.raises(ValueError, match="at least one"):
+        ops.layer_norm_linear(x, None, None, [], None, 1e-6)
+    with pytest.raises(ValueError, match="one per weight block"):
+        ops.layer_norm_linear(x, None, None, w, [torch.zeros(4, device=device)], 1e-6)
+    with pytest.raises(ValueError, match=r"weight\[1\] must have shape"):
+        ops.layer_norm_linear(x, None, None, [w[0], torch.randn(4, 9, device=device)], None, 1e-6)
+    with pytest.raises(ValueError, match=r"bias\[0\] must have shape"):
+        ops.layer_norm_linear(
+            x, None, None, w, [torch.zeros(5, device=device), torch.zeros(4, device=device)], 1e-6
+        )
+    with pytest.raises(ValueError, match=r"weight\[0\] has overlapping memory"):
+        ops.layer_norm_linear(
+            x, None, None, [torch.randn(1, 8, device=device).expand(4, 8), w[1]], None, 1e-6
+        )

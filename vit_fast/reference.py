@@ -149,7 +149,11 @@ def layer_norm_linear(
     bias: Tensor | None,
     eps: float,
 ) -> Tensor:
-    """LN(x) @ weight^T + bias: x [..., D]; ln_weight, ln_bias [D]; weight [N, D]; bias [N] -> [..., N]."""
+    """LN(x) @ weight^T + bias: x [..., D]; ln_weight, ln_bias [D]; weight [N, D]; bias [N] -> [..., N].
+    weight (and bias) may be sequences of row blocks: their concatenation is the weight (bias)."""
+    if isinstance(weight, (list, tuple)):
+        weight = torch.cat(list(weight))
+        bias = None if bias is None else torch.cat(list(bias))
     return F.linear(layer_norm(x, ln_weight, ln_bias, eps), weight, bias)
 
 

@@ -10,6 +10,7 @@ nodes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from vit_fast.ops._checks import (
     autocast_off,
     check_eps,
     check_input,
+    check_no_overlap,
     check_param,
     check_shape,
     check_tensor,
@@ -216,6 +218,116 @@ def _lnl_backward(ctx, dout, _dmean, _drstd):
 _layer_norm_linear_fwd.register_autograd(_lnl_backward, setup_context=_lnl_setup)
 
 
+# ------------------------------------------- LN+Linear over a weight given as row blocks
+# Separate q/k/v projections (Hugging Face) are one GEMM over their stacked weights. Stacking with
+# torch.cat would copy 3*D*D elements every call and save that copy for backward; instead the op
+# takes the blocks themselves and stacks them inside its body, as a view when they already lie one
+# after another in one storage (what `vit_fast.patch` arranges), else as a copy. The blocks are
+# read in their own dtype and cast once to x's (the compute dtype: autocast's, under autocast).
+
+
+def join_rows(blocks: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """Stack [N_i, ...] blocks along dim 0 in `dtype`: a zero-copy view when they are contiguous,
+    of that dtype and adjacent in one storage (block i + 1 starts where block i ends), else a copy."""
+    first = blocks[0]
+    offset = first.storage_offset()
+    adjacent = all(b.dtype == dtype and b.is_contiguous() for b in blocks)
+    for b in blocks:
+        adjacent = adjacent and b.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        adjacent = adjacent and b.storage_offset() == offset
+        offset += b.numel()
+    if adjacent:
+        rows = sum(b.shape[0] for b in blocks)
+        shape = (rows, *first.shape[1:])
+        return first.as_strided(shape, torch.empty(shape, device="meta").stride(), first.storage_offset())
+    return torch.cat([b.to(dtype) for b in blocks])
+
+
+@torch.library.custom_op("vit_fast::layer_norm_linear_rows_fwd", mutates_args=())
+def _layer_norm_linear_rows_fwd(
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    weights: list[Tensor],
+    biases: list[Tensor],
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LN(x) @ stack(weights)^T + stack(biases) (biases: one per block, or an empty list) ->
+    (out [M, sum N_i], mean [M], rstd [M])."""
+    w = join_rows(weights, x.dtype)
+    b = join_rows(biases, x.dtype) if biases else None
+    return tuple(
+        backend_fns(x.device, "layer_norm", x.dtype, w).layer_norm_linear_forward(
+            x, ln_weight, ln_bias, w, b, eps
+        )
+    )
+
+
+@_layer_norm_linear_rows_fwd.register_fake
+def _(x, ln_weight, ln_bias, weights, biases, eps):
+    stats = x.new_empty(x.shape[0], dtype=torch.float32)
+    return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights)), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("vit_fast::layer_norm_linear_rows_bwd", mutates_args=())
+def _layer_norm_linear_rows_bwd(
+    dout: Tensor,
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    weights: list[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    has_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (dx, dln_weight, dln_bias, dweight [sum N_i, D], dbias [sum N_i]) in x's dtype, absent ones
+    empty; the autograd formula splits dweight/dbias into the blocks (views, no copy)."""
+    w = join_rows(weights, x.dtype)
+    fns = backend_fns(x.device, "layer_norm", x.dtype, w)
+    dx, dlw, dlb, dw, db = fns.layer_norm_linear_backward(
+        dout, x, ln_weight, ln_bias, w, mean, rstd, has_bias
+    )
+    return dx, empty_like_none(dlw, x), empty_like_none(dlb, x), dw, empty_like_none(db, x)
+
+
+@_layer_norm_linear_rows_bwd.register_fake
+def _(dout, x, ln_weight, ln_bias, weights, mean, rstd, has_bias):
+    d, n = x.shape[1], sum(w.shape[0] for w in weights)
+    return (
+        torch.empty_like(x),
+        x.new_empty(d if ln_weight is not None else 0),
+        x.new_empty(d if ln_bias is not None else 0),
+        x.new_empty(n, d),
+        x.new_empty(n if has_bias else 0),
+    )
+
+
+def _rows_setup(ctx, inputs, output):
+    x, ln_weight, ln_bias, weights, biases, _ = inputs
+    _, mean, rstd = output
+    # Saved: x, mean/rstd and the parameters themselves (no stacked copy of the weight).
+    ctx.save_for_backward(x, ln_weight, ln_bias, mean, rstd, *weights)
+    ctx.bias_dtypes = [b.dtype for b in biases]
+    ctx.set_materialize_grads(False)
+
+
+def _rows_backward(ctx, dout, _dmean, _drstd):
+    x, ln_weight, ln_bias, mean, rstd, *weights = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None, None, None
+    has_bias = bool(ctx.bias_dtypes)
+    dx, dlw, dlb, dw, db = _layer_norm_linear_rows_bwd(
+        dout.contiguous(), x, ln_weight, ln_bias, weights, mean, rstd, has_bias
+    )
+    sizes = [w.shape[0] for w in weights]
+    dws = [g.to(w.dtype) for g, w in zip(dw.split(sizes), weights)]
+    dbs = [g.to(t) for g, t in zip(db.split(sizes), ctx.bias_dtypes)] if has_bias else []
+    return dx, none_if_empty(dlw), none_if_empty(dlb), dws, dbs, None
+
+
+_layer_norm_linear_rows_fwd.register_autograd(_rows_backward, setup_context=_rows_setup)
+
+
 # ----------------------------------------------------------------------------- public ops
 
 
@@ -259,8 +371,8 @@ def layer_norm_linear(
     x: Tensor,
     ln_weight: Tensor | None,
     ln_bias: Tensor | None,
-    weight: Tensor,
-    bias: Tensor | None,
+    weight: Tensor | Sequence[Tensor],
+    bias: Tensor | Sequence[Tensor] | None,
     eps: float,
 ) -> Tensor:
     """LN(x) @ weight^T + bias with the LN fused into the GEMM's A-tile prologue.
@@ -269,9 +381,17 @@ def layer_norm_linear(
     (fp32/fp16/bf16; the autocast dtype under autocast). Returns [..., N] in that dtype.
     Saved for backward: x, mean [M] and rstd [M] (fp32) and the parameters; the LN output is
     recomputed inside the weight-gradient GEMM's prologue.
+
+    `weight` may also be a sequence of row blocks [N_i, D] (separate q/k/v projections), with
+    `bias` None or one [N_i] per block: the result is that of their stacked weight, N = sum N_i,
+    without stacking them per call when they are adjacent in memory (`join_rows`); the blocks may
+    be float32 under autocast (read in their dtype, cast once inside the op) and each gets its own
+    gradient in its own dtype.
     """
     x = check_input(x)
     eps = check_eps(eps)
+    if isinstance(weight, (list, tuple)):
+        return _layer_norm_linear_rows(x, ln_weight, ln_bias, list(weight), bias, eps)
     check_tensor(weight, "weight", ndim=2)
     x, ln_weight, ln_bias, weight, bias = autocast_args(x.device.type, x, ln_weight, ln_bias, weight, bias)
     d = x.shape[-1]
@@ -284,6 +404,38 @@ def layer_norm_linear(
             rows2d(x), contig(ln_weight), contig(ln_bias), weight.contiguous(), contig(bias), eps
         )
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _layer_norm_linear_rows(
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    weights: list[Tensor],
+    biases: object,
+    eps: float,
+) -> Tensor:
+    """`layer_norm_linear` with the weight as row blocks: validation, then the rows op."""
+    if not weights:
+        raise ValueError("weight: a sequence of row blocks must hold at least one tensor")
+    if biases is not None and (not isinstance(biases, (list, tuple)) or len(biases) != len(weights)):
+        raise ValueError(f"bias must be None or a sequence of {len(weights)} tensors, one per weight block")
+    x, ln_weight, ln_bias = autocast_args(x.device.type, x, ln_weight, ln_bias)
+    d = x.shape[-1]
+    check_param(ln_weight, "ln_weight", (d,), x)
+    check_param(ln_bias, "ln_bias", (d,), x)
+    for i, w in enumerate(weights):
+        check_tensor(w, f"weight[{i}]", ndim=2, device=x.device)
+        check_shape(w, f"weight[{i}]", (w.shape[0], d))
+        check_no_overlap(w, f"weight[{i}]")
+        if biases is not None:
+            check_tensor(biases[i], f"bias[{i}]", ndim=1, device=x.device)
+            check_shape(biases[i], f"bias[{i}]", (w.shape[0],))
+    bias_list = [] if biases is None else list(biases)
+    with autocast_off(x.device.type):
+        out, _, _ = _layer_norm_linear_rows_fwd(
+            rows2d(x), contig(ln_weight), contig(ln_bias), weights, bias_list, eps
+        )
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 __all__ = ["layer_norm", "layer_norm_linear"]
