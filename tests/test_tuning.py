@@ -485,3 +485,115 @@ def test_attention_forced_or_with_dropout_is_not_measured(cache_dir):
         y.sum().backward()  # outside the block: still the forward's forced backend, not measured
         ops.attention(qkv, 2, dropout_p=0.3).sum().backward()  # masks are per backend: not measured
     assert decisions == []
+
+
+# ------------------------------------------------ Triton launch configs (the GEMM autotune space)
+
+
+class _LaunchSpy:
+    """Stands in for _gemm_kernel: records each launch's grid and tile, then launches the real one."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, kwargs["BLOCK_M"], kwargs["PERSISTENT"]))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.fixture
+def gemm_space(monkeypatch, cache_dir):
+    """Three interpreter configs for every GEMM (normally one): the default 32x32x32, a 16x16x16 and
+    a persistent 16x16x16 (its 2 programs loop over the tiles), and a spy on the launches."""
+    from vit_fast.kernels import gemm
+
+    space = [
+        gemm.GemmConfig(32, 32, 32, 1, 1),
+        gemm.GemmConfig(16, 16, 16, 1, 1),
+        gemm.GemmConfig(16, 16, 16, 1, 1, True),
+    ]
+    monkeypatch.setattr(gemm, "INTERP_CANDIDATES", space)
+    spy = _LaunchSpy(gemm._gemm_kernel)
+    monkeypatch.setattr(gemm, "_gemm_kernel", spy)
+    return gemm, spy
+
+
+def _gemm_call(gemm, m=40, n=24, k=48):
+    a, b = torch.randn(m, k), torch.randn(n, k)
+    out = torch.empty(m, n)
+    gemm.gemm(a, b, out)
+    torch.testing.assert_close(out, a @ b.t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("times,pick", [((3.0, 1.0, 2.0), 16), ((3.0, 2.0, 1.0), 16), ((1.0, 2.0, 3.0), 32)])
+def test_triton_gemm_config_is_measured_and_cached(triton_backend, gemm_space, times, pick):
+    gemm, spy = gemm_space
+    timer, decisions = QueueTimer(*times), []
+    with tuning_session(timer=timer, model="Fake GPU 80GB", on_decision=decisions.append):
+        _gemm_call(gemm)
+        chosen = spy.launches[-1]
+        assert timer.calls == 3 and len(spy.launches) == 4  # three timed, then the real call
+        assert chosen[1] == pick and chosen[2] == (times.index(min(times)) == 2)
+        if chosen[2]:
+            assert chosen[0] == (2,)  # persistent: 2 programs for 3 x 2 tiles
+        _gemm_call(gemm)  # same shape: the cached pick, nothing timed
+        assert timer.calls == 3 and spy.launches[-1] == chosen and decisions[-1].source == "cache"
+        timer.ms = [1.0, 5.0, 5.0]
+        _gemm_call(gemm, m=17)  # a new shape is measured again
+        assert timer.calls == 6 and spy.launches[-1][1] == 32
+    assert decisions[0].key.startswith("triton/gemm/40x24x48/float32>float32/")
+
+
+def test_triton_gemm_config_off_and_failing_candidates(triton_backend, gemm_space, monkeypatch):
+    gemm, spy = gemm_space
+    timer = QueueTimer(9.0, 9.0, 9.0)
+    monkeypatch.setenv("VIT_FAST_TUNE", "off")
+    with tuning_session(timer=timer, model="Fake GPU 80GB"):
+        _gemm_call(gemm)
+    assert timer.calls == 0 and [launch[1] for launch in spy.launches] == [32]  # the default
+    monkeypatch.setenv("VIT_FAST_TUNE", "on")
+    bad = gemm.GemmConfig(16, 16, 0, 1, 1)  # BLOCK_K = 0 cannot compile: skipped, not fatal
+    monkeypatch.setattr(gemm, "INTERP_CANDIDATES", [gemm.INTERP_CANDIDATES[0], bad])
+    with tuning_session(timer=QueueTimer(5.0, 1.0), model="Fake GPU 80GB"):
+        _gemm_call(gemm, m=9)
+    assert spy.launches[-1][1] == 32
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_every_triton_gemm_config_computes_the_same(triton_backend, monkeypatch, persistent):
+    """An MLP forward + backward (GEMMs with LN and GELU prologues, dGELU and residual epilogues)
+    with a 16x16x16 (optionally persistent) config equals the default config's result."""
+    from vit_fast import ops
+    from vit_fast.kernels import gemm
+
+    args = _mlp_args(m=40, d=32, f=48)
+    x = args[0].reshape(5, 8, 32).detach().requires_grad_()
+
+    def run():
+        out = ops.layer_norm_mlp(x, *args[1:8])
+        (g,) = torch.autograd.grad(out.square().sum(), x)
+        return out.detach(), g
+
+    ref = run()
+    monkeypatch.setattr(gemm, "INTERP_CANDIDATES", [gemm.GemmConfig(16, 16, 16, 1, 1, persistent)])
+    got = run()
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_autotune_space_is_in_the_aot_specs():
+    """Every candidate of every arch ships as an AOT spec (the spill check compiles them:
+    `python -m vit_fast.perf.aot gemm_`), the default also with 64-bit offsets."""
+    from vit_fast.kernels import gemm
+
+    names = {s.name for s in gemm.aot_specs()}
+    for (arch, width), configs in gemm.GEMM_CANDIDATES.items():
+        if width != 2:
+            continue
+        assert f"gemm_ln_row_bias_i64_bf16_sm{arch}" in names
+        for config in configs[1:]:
+            assert f"gemm_ln_row_bias_{config.name}_bf16_sm{arch}" in names
+    assert any(c.persistent for configs in gemm.GEMM_CANDIDATES.values() for c in configs)

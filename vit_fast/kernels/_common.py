@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,11 +134,33 @@ class KernelSpec:
 GROUP_M = 8
 
 
-def tile_meta(config: tuple[int, int, int, int, int]) -> dict[str, int]:
-    """A GEMM-like kernel's tile config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) as the
-    launch keywords every grouped-tile kernel takes."""
-    bm, bn, bk, warps, stages = config
+def tile_meta(config: Sequence[int]) -> dict[str, int]:
+    """A GEMM-like kernel's tile config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, ...) as
+    the launch keywords every grouped-tile kernel takes."""
+    bm, bn, bk, warps, stages = config[:5]
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=warps, num_stages=stages)
+
+
+#: How a launcher with several candidate configs picks one for a call: installed by
+#: vit_fast.tuning.kernels (measured on the device at first use, cached per GPU model). Without it,
+#: or with one candidate, the first (default) config runs.
+_config_chooser: list[Callable[..., Any]] = []
+
+
+def set_config_chooser(chooser: Callable[..., Any] | None) -> None:
+    """Install `chooser(device, key, configs, launch) -> config` (None removes it)."""
+    _config_chooser[:] = [] if chooser is None else [chooser]
+
+
+def choose_config(
+    device: Any, configs: Sequence[Any], launch: Callable[[Any], None], key: Callable[[], str]
+) -> Any:
+    """The config to launch with: configs[0] unless there are several and a chooser is installed.
+    `launch(config)` runs the call with a config (the chooser times it); `key()` names the call's
+    shape class for the cache (only built when there is a choice to make)."""
+    if len(configs) == 1 or not _config_chooser:
+        return configs[0]
+    return _config_chooser[0](device, key(), list(configs), launch)
 
 
 try:

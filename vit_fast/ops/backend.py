@@ -23,6 +23,11 @@ from torch import Tensor
 # The interpreter flag lives with the kernels (the ground floor); re-exported for existing callers.
 from vit_fast.kernels._common import triton_interpreting
 
+# The Triton launchers choose their tile configs by measurement (vit_fast.tuning.kernels).
+from vit_fast.tuning import kernels as _kernel_tuning
+
+_kernel_tuning.install()
+
 BACKENDS = ("triton", "cpu", "reference")
 # The C++ kernels compute in float32 and store float32 or bfloat16; float16 CPU tensors (rare: CPU
 # float16 GEMMs are slow everywhere) run on the plain-PyTorch backend instead.

@@ -60,7 +60,8 @@ def enabled() -> bool:
     return tuning_enabled() if forced is None else forced
 
 
-def _selector(device: torch.device) -> Selector:
+def selector(device: torch.device) -> Selector:
+    """The selector of `device` under the current `tuning_session` settings."""
     name = str(device)
     if name not in _selectors:
         _selectors[name] = Selector(
@@ -116,13 +117,13 @@ def choose_backend(
     names = list(names) if names is not None else candidates(device, default)
     if len(names) < 2 or not enabled() or getattr(_local, "measuring", False):
         return default
-    selector = _selector(device)
+    chooser = selector(device)
     key = f"op/{family}/{op}/{signature(key_args)}"
     capturing = (
         device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     )
     if capturing:
-        cached = selector.cache.get(key)
+        cached = chooser.cache.get(key)
         return cached["pick"] if cached is not None and cached["pick"] in names else default
 
     def measured(name: str) -> Callable[[], Any]:
@@ -130,7 +131,7 @@ def choose_backend(
 
     _local.measuring = True
     try:
-        decision = selector.choose(key, {n: measured(n) for n in names}, default=default, enabled=True)
+        decision = chooser.choose(key, {n: measured(n) for n in names}, default=default, enabled=True)
     finally:
         _local.measuring = False
     if decision.source == "measured" and device.type == "cpu":
