@@ -1,4 +1,5 @@
-"""Benchmark harness: per-op and whole-model timings of fused vs stock timm, torch.compile(timm) and the reference.
+"""Benchmark harness: per-op and whole-model timings of fused vs stock timm, torch.compile(timm) and the
+reference; stock vs patched models (zoo, NaFlexVit) in the same process.
 
 Timing: on CUDA `triton.testing.do_bench` (CUDA events, L2 flushed between reps, quantiles); on CPU
 `torch.utils.benchmark.Timer.blocked_autorange` (blocks of calls, per-call medians). Every number is a
@@ -11,8 +12,14 @@ impls: "fused" = `vit_fast.ops` / `create_model(impl="fused")` on the backend `s
 "reference" = `vit_fast.reference` / `impl="reference"` (plain PyTorch eager); "compiled" =
 `torch.compile` of the reference (slow to compile on CPU: opt in there); "timm" = stock timm's model
 of the same name (eager, its SDPA attention: what users run), "timm_compiled" = `torch.compile` of it.
-The timm impls are whole-model only. Model results come with the GEMM floor of the step on this
-machine (vit_fast.perf.gemm_floor): kind "floor" rows, one per mode.
+The timm impls are whole-model only. Models are built and stepped by `vit_fast.perf.workload` (one
+builder, one training step for every tool). Model results come with the GEMM floor of the step on
+this machine (vit_fast.perf.gemm_floor): kind "floor" rows, one per mode; `gemm_ablation` adds the
+fused model with each C++ GEMM library forced ("fused-aten", "fused-onednn").
+
+Public API for other harnesses (benchmarks/ uses it): `op_callable`, `op_inputs`, `op_mode_calls`
+(an op's timed calls), `measure` / `timed`, `bench_op`, `bench_model`, `bench_zoo`, `bench_naflex`,
+`run_suite`, `write_outputs`.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import torch
 from torch import Tensor
 
 from vit_fast.perf.memory import SavedTensorRecorder
+from vit_fast.perf.tables import text_table
 from vit_fast.perf.workload import build_model, cross_entropy, image_batch, make_steps, unwrap
 
 OPS = ("patch_embed", "layer_norm_linear", "attention", "linear_residual", "layer_norm_mlp")
@@ -692,26 +700,30 @@ def floor_fractions(results: list[BenchResult]) -> list[dict[str, Any]]:
 def format_floor_fractions(rows: list[dict[str, Any]]) -> str:
     """Plain-text table of `floor_fractions`."""
     head = f"{'name':22} {'mode':9} {'impl':14} {'impl ms':>10} {'floor ms':>10} {'GEMM GFLOP':>10} {'of floor':>8}"
-    lines = ["GEMM floor: the step's GEMMs alone at the best measured library speed per shape", head]
-    lines.append("-" * len(head))
-    for r in rows:
-        lines.append(
+    title = "GEMM floor: the step's GEMMs alone at the best measured library speed per shape"
+    return text_table(
+        title,
+        head,
+        (
             f"{r['name'][:22]:22} {r['mode']:9} {r['impl']:14} {r['impl_ms']:10.2f} {r['floor_ms']:10.2f} "
             f"{r['gemm_gflop']:10.2f} {r['fraction']:8.0%}"
-        )
-    return "\n".join(lines)
+            for r in rows
+        ),
+    )
 
 
 def format_speedups(rows: list[dict[str, Any]]) -> str:
     """Plain-text speedup table (impl time / fused time)."""
     head = f"{'kind':6} {'name':22} {'mode':9} {'vs impl':13} {'impl ms':>10} {'fused ms':>10} {'speedup':>8}"
-    lines = ["speedup of fused (impl time / fused time, same run; > 1 = fused faster)", head, "-" * len(head)]
-    for r in rows:
-        lines.append(
+    return text_table(
+        "speedup of fused (impl time / fused time, same run; > 1 = fused faster)",
+        head,
+        (
             f"{r['kind']:6} {r['name'][:22]:22} {r['mode']:9} {r['impl']:13} {r['impl_ms']:10.2f} "
             f"{r['fused_ms']:10.2f} {r['speedup']:7.2f}x"
-        )
-    return "\n".join(lines)
+            for r in rows
+        ),
+    )
 
 
 def format_table(results: list[BenchResult]) -> str:
@@ -720,7 +732,7 @@ def format_table(results: list[BenchResult]) -> str:
         f"{'kind':6} {'name':22} {'mode':9} {'impl':13} {'backend':10} {'B':>3} {'T':>4} {'D':>4} "
         f"{'median ms':>10} {'IQR ms':>8} {'samples/s':>10} {'saved MiB':>9} {'peak MiB':>8}"
     )
-    lines = [head, "-" * len(head)]
+    lines = []
     for r in results:
         if r.kind == "sweep":
             continue
@@ -732,7 +744,7 @@ def format_table(results: list[BenchResult]) -> str:
             f"{r.width:>4} {r.median_ms:10.3f} {r.iqr_ms:8.3f} {sps} {sav} {peak}"
             + (f"  ERROR {r.error}" if r.error else "")
         )
-    return "\n".join(lines)
+    return text_table(None, head, lines)
 
 
 def print_rich_table(results: list[BenchResult]) -> bool:

@@ -36,6 +36,7 @@ import torch
 from vit_fast.perf.cost.dispatch import OpRecord
 from vit_fast.perf.cost.gpus import GPUS, LAUNCH_OVERHEAD_S
 from vit_fast.perf.cost.predict import FITTED, Efficiency, record_s
+from vit_fast.perf.tables import text_table
 
 #: The modeled SDPA kernel for an attention with an arbitrary mask on a GPU (see the module doc).
 MASKED_SDPA_KERNEL = "SDPA memory-efficient (additive bias; flash takes no mask)"
@@ -238,13 +239,7 @@ def format_compare(rows: list[dict[str, Any]], gpus: Sequence[str], what: str) -
         f"{'mix':10} {'B':>3} {'T':>5} {'real':>5} {'impl':12} {'GFLOP':>8} {'MB HBM':>9} {'launch':>6}"
         + "".join(f" {'ms ' + g.upper():>9} {'pred ' + g.upper():>10}" for g in gpus)
     )
-    lines = [
-        f"MODELED (not measured), one attention layer, {what}. varlen: {VARLEN_KERNEL}, work on real "
-        f"tokens (sum len^2). masked: {MASKED_SDPA_KERNEL}, B*T^2 work + the mask. "
-        "ms = roofline at spec peaks, pred = calibrated predictor.",
-        head,
-        "-" * len(head),
-    ]
+    lines = []
     for r in rows:
         lines.append(
             f"{r['mix'][:10]:10} {r['batch']:>3} {r['padded']:>5} {r['real_fraction']:>5.0%} {r['impl']:12} "
@@ -261,7 +256,11 @@ def format_compare(rows: list[dict[str, Any]], gpus: Sequence[str], what: str) -
                     for g in gpus
                 )
             )
-    lines.append(
-        "mask_build: timm's mask, built once per forward and shared by all layers (not in the ratios)."
+    return text_table(
+        f"MODELED (not measured), one attention layer, {what}. varlen: {VARLEN_KERNEL}, work on real "
+        f"tokens (sum len^2). masked: {MASKED_SDPA_KERNEL}, B*T^2 work + the mask. "
+        "ms = roofline at spec peaks, pred = calibrated predictor.",
+        head,
+        lines,
+        ["mask_build: timm's mask, built once per forward and shared by all layers (not in the ratios)."],
     )
-    return "\n".join(lines)
