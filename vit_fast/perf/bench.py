@@ -42,7 +42,14 @@ from torch import Tensor
 
 from vit_fast.perf.memory import SavedTensorRecorder
 from vit_fast.perf.tables import text_table
-from vit_fast.perf.workload import build_model, cross_entropy, image_batch, make_steps, unwrap
+from vit_fast.perf.workload import (
+    DEFAULT_COMPILE_BACKEND,
+    build_model,
+    cross_entropy,
+    image_batch,
+    make_steps,
+    unwrap,
+)
 
 OPS = ("patch_embed", "layer_norm_linear", "attention", "linear_residual", "layer_norm_mlp")
 OP_MODES = ("fwd", "bwd", "fwd+bwd")
@@ -50,9 +57,9 @@ IMPLS = ("fused", "reference", "compiled", "timm", "timm_compiled")
 #: The impls that have per-op cases (timm is a model library: its impls are whole-model only).
 OP_IMPLS = ("fused", "reference", "compiled")
 
-#: torch.compile backend for the "compiled" impl ("inductor" is what users run; tests use
-#: "aot_eager" to exercise the path without minutes of C++ compilation).
-COMPILE_BACKEND = "inductor"
+#: torch.compile backend of the compiled impls when a case names none ("inductor" is what users run;
+#: `vit-fast bench --compile-backend` sets it; tests use "aot_eager", which skips code generation).
+COMPILE_BACKEND = DEFAULT_COMPILE_BACKEND
 
 
 @dataclass
