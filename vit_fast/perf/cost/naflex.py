@@ -21,8 +21,10 @@ two GEMMs of the forward (4 * l^2 * D per sequence; softmax not counted) and 2.5
 backward, as for every attention in this cost model (flops.py). Times: the roofline (`modeled_ms`,
 100% of spec peaks plus a launch overhead) and the calibrated predictor (`predicted_ms`, which
 charges both kernels at the efficiency fitted for SDPA's flash kernel: optimistic for the
-memory-efficient kernel, so the masked side's time is if anything too low). A MODEL, not a
-measurement.
+memory-efficient kernel, so the masked side's time is if anything too low). Also not counted, so
+the masked side is a lower bound: a padded copy of the mask when PyTorch aligns its last dimension
+for the kernel (T not a multiple of 16), and any extra launches of the memory-efficient backward.
+A MODEL, not a measurement.
 """
 
 from __future__ import annotations
