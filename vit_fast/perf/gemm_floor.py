@@ -180,21 +180,25 @@ def gemm_floor(
 def format_libraries(floor: Floor) -> str:
     """The GEMM libraries alone: per GEMM of the step (name, kind, m x n x k, batch), each library's
     GFLOP/s at exactly that shape (measured one call at a time), and the fastest."""
+    from vit_fast.perf.tables import text_table
+
     libs = list(dict.fromkeys(lib for _, times in floor.libraries for lib in times))
-    head = (
-        f"{'GEMM':<22} {'m x n x k (batch)':<24}" + "".join(f" {lib[:16]:>16}" for lib in libs) + "  fastest"
-    )
-    lines = [f"GEMM libraries alone, GFLOP/s per call at the step's shapes ({floor.mode}, measured)", head]
+    # one column per library, as wide as its name (the C++ candidates are named "C++ <variant>")
+    widths = [max(8, len(lib)) for lib in libs]
+    head = f"{'GEMM':<18} {'m x n x k (batch)':<22}" + "".join(f" {lib:>{w}}" for lib, w in zip(libs, widths))
+    rows = []
     for g, times in floor.libraries:
         flop = 2.0 * g.m * g.n * g.k * g.batch
         cells = "".join(
-            f" {flop / times[lib] / 1e6:16.0f}" if lib in times else f" {'-':>16}" for lib in libs
+            f" {flop / times[lib] / 1e6:{w}.0f}" if lib in times else f" {'-':>{w}}"
+            for lib, w in zip(libs, widths)
         )
-        lines.append(
-            f"{g.name + ' ' + g.kind:<22} {f'{g.m}x{g.n}x{g.k} ({g.batch})':<24}{cells}  "
+        rows.append(
+            f"{g.name + ' ' + g.kind:<18} {f'{g.m}x{g.n}x{g.k} ({g.batch})':<22}{cells}  "
             f"{min(times, key=times.__getitem__)}"
         )
-    return "\n".join(lines)
+    title = f"GEMM libraries alone, GFLOP/s per call at the step's shapes ({floor.mode}, measured)"
+    return text_table(title, head + "  fastest", rows)
 
 
 def format_floor(floors: dict[str, Floor], measured: dict[tuple[str, str], float], device_model: str) -> str:
