@@ -434,7 +434,7 @@ def test_naflex_compare_ratios_grow_with_padding():
     from vit_fast.perf.cost import naflex
 
     mixes = {"uniform": (64, 64), "skewed": (256, 16, 16, 16)}
-    rows = naflex.compare(mixes, width=64, heads=2, prefix=1, gpus=("h100", "a100"))
+    rows = naflex.compare(mixes, width=64, heads=2, prefix=1, gpus=("h100", "a100"), depth=3)
     assert [(r["mix"], r["impl"]) for r in rows] == [
         (m, i) for m in mixes for i in ("varlen", "masked_sdpa", "mask_build")
     ]
@@ -444,6 +444,12 @@ def test_naflex_compare_ratios_grow_with_padding():
     assert skew["lengths"] == [257, 17, 17, 17] and skew["padded"] == 257
     assert skew["ratio"]["flops"] == pytest.approx(4 * 257**2 / (257**2 + 3 * 17**2))
     assert skew["ratio"]["bytes"] > 1
+    # the whole model: 3 layers each way, plus the one mask build on the masked side
+    mask, varlen = by[("skewed", "mask_build")], by[("skewed", "varlen")]
+    assert skew["ratio"]["model"]["layers"] == 3
+    assert skew["ratio"]["model"]["bytes"] == pytest.approx(
+        (3 * skew["bytes"] + mask["bytes"]) / (3 * varlen["bytes"])
+    )
     # at this tiny width the launches decide the time (varlen: 1 + 3, masked: 1 + 1), at ViT-B's the work
     assert skew["ratio"]["modeled_ms"]["h100"] < 1
     (big,) = [r for r in naflex.compare({"s": (1024,) + (64,) * 15}, 768, 12) if r["impl"] == "masked_sdpa"]

@@ -198,7 +198,9 @@ def run_naflex(args: argparse.Namespace, gpus: list[str], dtype: object, eff: ob
             raise SystemExit(f"--naflex-lengths: need patch counts >= 0, got {args.naflex_lengths!r}")
         mixes["custom"] = custom
     train = args.mode == "train"
-    rows = naflex.compare(mixes, shape["width"], shape["heads"], shape["prefix"], dtype, gpus, train, eff)
+    rows = naflex.compare(
+        mixes, shape["width"], shape["heads"], shape["prefix"], dtype, gpus, train, eff, shape["depth"]
+    )
     what = f"{'forward + backward' if train else 'forward'}, {args.dtype}"
     print(
         f"{args.naflex_model}: D {shape['width']}, {shape['heads']} heads, {shape['prefix']} prefix tokens, "

@@ -198,10 +198,12 @@ def compare(
     gpus: Sequence[str] = ("h100",),
     train: bool = True,
     eff: Efficiency | None = None,
+    depth: int = 1,
 ) -> list[dict[str, Any]]:
     """Per mix ({name: patches per image}): one row per impl (varlen, masked_sdpa, mask_build) with
-    FLOPs, HBM bytes, launches, modeled_ms / predicted_ms per GPU, and on the masked row the ratios
-    masked / varlen (the mask build, once per forward, is a row of its own: not in the ratios)."""
+    FLOPs, HBM bytes, launches, modeled_ms / predicted_ms per GPU of one layer, and on the masked row
+    the ratios masked / varlen of one layer (the mask build, once per forward, is a row of its own)
+    and, under "model", of all `depth` layers with the one mask build added to the masked side."""
     rows = []
     for mix, patches in mixes.items():
         lengths = tuple(prefix + p for p in patches)
@@ -225,14 +227,28 @@ def compare(
                 "predicted_ms": {g: c.predicted_ms(g, train, eff) for g in gpus},
             }
             rows.append(row)
-        varlen, masked = rows[-3], rows[-2]
-        masked["ratio"] = {
-            "flops": masked["flops"] / varlen["flops"] if varlen["flops"] else None,
-            "bytes": masked["bytes"] / varlen["bytes"],
-            "modeled_ms": {g: masked["modeled_ms"][g] / varlen["modeled_ms"][g] for g in gpus},
-            "predicted_ms": {g: masked["predicted_ms"][g] / varlen["predicted_ms"][g] for g in gpus},
-        }
+        rows[-2]["ratio"] = _ratios(*rows[-3:], depth, gpus)
     return rows
+
+
+def _ratios(
+    varlen: dict[str, Any], masked: dict[str, Any], mask: dict[str, Any], depth: int, gpus: Sequence[str]
+) -> dict[str, Any]:
+    """masked / varlen of one layer, and of `depth` layers with the one mask build on the masked side."""
+    one = lambda key, g: masked[key][g] / varlen[key][g]
+    whole = lambda key, g: (depth * masked[key][g] + mask[key][g]) / (depth * varlen[key][g])
+    return {
+        "flops": masked["flops"] / varlen["flops"] if varlen["flops"] else None,
+        "bytes": masked["bytes"] / varlen["bytes"],
+        "modeled_ms": {g: one("modeled_ms", g) for g in gpus},
+        "predicted_ms": {g: one("predicted_ms", g) for g in gpus},
+        "model": {
+            "layers": depth,
+            "bytes": (depth * masked["bytes"] + mask["bytes"]) / (depth * varlen["bytes"]),
+            "modeled_ms": {g: whole("modeled_ms", g) for g in gpus},
+            "predicted_ms": {g: whole("predicted_ms", g) for g in gpus},
+        },
+    }
 
 
 def format_compare(rows: list[dict[str, Any]], gpus: Sequence[str], what: str) -> str:
@@ -255,6 +271,14 @@ def format_compare(rows: list[dict[str, Any]], gpus: Sequence[str], what: str) -
                 f"{'':10} masked / varlen: FLOPs {flops}, bytes {q['bytes']:.2f}x, "
                 + ", ".join(
                     f"{g.upper()} modeled {q['modeled_ms'][g]:.2f}x predicted {q['predicted_ms'][g]:.2f}x"
+                    for g in gpus
+                )
+            )
+            m = q["model"]
+            lines.append(
+                f"{'':10} {m['layers']} layers + 1 mask build, masked / varlen: bytes {m['bytes']:.2f}x, "
+                + ", ".join(
+                    f"{g.upper()} modeled {m['modeled_ms'][g]:.2f}x predicted {m['predicted_ms'][g]:.2f}x"
                     for g in gpus
                 )
             )
