@@ -164,7 +164,7 @@ class _FailingBackward(torch.autograd.Function):
 
 def test_failing_case_is_reported_not_fatal(monkeypatch):
     monkeypatch.setattr(
-        bench, "_op_fn", lambda op, impl: (lambda qkv, heads: _FailingBackward.apply(qkv), "x")
+        bench, "op_callable", lambda op, impl: (lambda qkv, heads: _FailingBackward.apply(qkv), "x")
     )
     fwd, bwd, both = bench.bench_op("attention", "fused", TINY, bench.OP_MODES, min_run_time=0.01)
     assert fwd.error == "" and fwd.median_ms > 0
@@ -254,3 +254,158 @@ def test_timm_baselines_run(monkeypatch):
         for r in res:
             _check_result(r)
             assert r.error == "" and r.backend == backend and r.reps >= 3 and r.width == 192
+
+
+def test_op_public_api_calls_every_mode():
+    # op_callable / op_inputs / op_mode_calls are what the harness times (and benchmarks/ uses).
+    fn, label = bench.op_callable("attention", "reference")
+    assert label == "eager"
+    args, kwargs = bench.op_inputs("attention", TINY)
+    qkv = args[0]
+    assert qkv.shape == (1, 17, 96) and qkv.requires_grad and args[1] == 2
+    calls = bench.op_mode_calls(fn, args, kwargs)
+    assert set(calls) == set(bench.OP_MODES)
+    calls["fwd"]()
+    assert qkv.grad is None  # no-grad forward
+    calls["fwd+bwd"]()
+    first = qkv.grad.clone()
+    calls["fwd+bwd"]()  # gradients are reset between calls, not accumulated
+    torch.testing.assert_close(qkv.grad, first)
+    calls["bwd"]()
+    calls["bwd"]()  # the retained graph can be differentiated again
+    images = bench.op_inputs("patch_embed", TINY)[0][0]
+    assert not images.requires_grad  # training from pixels: no image gradient
+    with pytest.raises(ValueError, match="unknown op"):
+        bench.op_callable("softmax", "fused")
+    with pytest.raises(ValueError, match="impl"):
+        bench.op_callable("attention", "timm")
+
+
+def test_workload_builds_every_impl_and_one_train_step_changes_weights():
+    from vit_fast.perf import workload
+
+    kw = {"depth": 1, "img_size": 32}
+    with pytest.raises(ValueError, match="impl"):
+        workload.build_model("vit_tiny_patch16_224", "tensorrt")
+    model = workload.build_model("vit_tiny_patch16_224", "reference", "cpu", torch.float32, **kw)
+    images, labels = workload.image_batch(model, 3)
+    assert images.shape == (3, 3, 32, 32) and labels.shape == (3,) and int(labels.max()) < 1000
+    steps = workload.make_steps(model, images, workload.cross_entropy(labels), lr=0.1)
+    before = model.head.weight.detach().clone()
+    steps["inference"]()
+    assert torch.equal(model.head.weight, before) and not model.training
+    steps["train"]()
+    assert model.training and not torch.equal(model.head.weight, before)
+    if bench.timm_available():
+        math_attn = workload.build_model("vit_tiny_patch16_224", "timm-math", **kw)
+        assert all(not m.fused_attn for m in math_attn.modules() if hasattr(m, "fused_attn"))
+
+
+def test_naflex_grids_and_batch_are_seeded_prefix_padded():
+    from vit_fast.perf import workload
+
+    grids = workload.naflex_grids(6, 64, seed=3)
+    assert grids == workload.naflex_grids(6, 64, seed=3) != workload.naflex_grids(6, 64, seed=4)
+    assert all(1 <= h * w <= 64 for h, w in grids) and len({h * w for h, w in grids}) > 1
+    batch = workload.naflex_batch(grids, patch=4)
+    n = max(h * w for h, w in grids)
+    assert batch["patches"].shape == (6, n, 48) and batch["patch_coord"].shape == (6, n, 2)
+    for b, (h, w) in enumerate(grids):
+        valid = batch["patch_valid"][b]
+        assert valid[: h * w].all() and not valid[h * w :].any()
+        assert batch["patch_coord"][b, h * w - 1].tolist() == [h - 1, w - 1]
+        assert not batch["patches"][b, h * w :].any()
+
+
+@pytest.mark.skipif(not bench.timm_available(), reason="timm not installed")
+def test_bench_naflex_stock_patched_and_compiled_rows():
+    from vit_fast.perf import workload
+
+    kw = {"depth": 1, "embed_dim": 64, "num_heads": 2}
+    res = bench.bench_naflex(
+        batch=3, max_patches=16, min_run_time=0.001, min_reps=1, compile=True, compile_backend="aot_eager", **kw
+    )  # fmt: skip
+    assert [(r.mode, r.impl) for r in res] == [
+        (m, i) for m in ("inference", "train") for i in ("stock", "patched", "stock_compiled")
+    ]
+    grids = workload.naflex_grids(3, 16)
+    for r in res:
+        _check_result(r)
+        assert r.error == "" and r.kind == "naflex" and r.width == 64
+        assert r.extra["lengths"] == [4 + h * w for h, w in grids]  # + its 4 prefix tokens
+        assert r.tokens == 4 + max(h * w for h, w in grids)
+    assert {r.backend for r in res} == {"eager", "fused", "aot_eager"}
+    rows = bench.pair_ratios(res)
+    assert [r["mode"] for r in rows] == ["inference", "train"]
+    for row in rows:
+        assert row["stock/patched"] == pytest.approx(row["stock_ms"] / row["patched_ms"])
+        assert row["stock_compiled/patched"] > 0
+    text = bench.format_pairs(res)
+    assert "stock/patched" in text and "compiled/patched" in text
+    with pytest.raises(ValueError, match="not a timm NaFlexVit"):
+        bench.bench_naflex("vit_tiny_patch16_224", batch=1, depth=1)
+
+
+def test_pair_ratios_show_a_failed_compile():
+    def r(impl, ms, error=""):
+        return bench.BenchResult(
+            "naflex", "m", "train", impl, "x", "cpu", "float32", 2, 9, 8, ms, 0.0, 1, error=error
+        )
+
+    rows = bench.pair_ratios(
+        [r("stock", 30.0), r("patched", 10.0), r("stock_compiled", math.nan, "Boom: no")]
+    )
+    assert rows == [
+        {
+            "kind": "naflex", "name": "m", "mode": "train", "batch": 2, "patched_ms": 10.0, "stock_ms": 30.0,
+            "stock/patched": 3.0, "stock_compiled_ms": None, "stock_compiled/patched": None,
+            "stock_compiled_error": "Boom: no",
+        }
+    ]  # fmt: skip
+    assert "Boom: no" in bench.format_pairs(
+        [r("stock", 30.0), r("patched", 10.0), r("stock_compiled", 1, "Boom: no")]
+    )
+
+
+def _extension():
+    from vit_fast.ops.backend import cpu_extension
+
+    ext = cpu_extension()
+    return ext if ext is not None and hasattr(ext, "set_gemm_backend") else None
+
+
+@pytest.mark.skipif(_extension() is None, reason="needs the C++ extension")
+def test_gemm_ablation_forces_each_library_and_restores_the_pick():
+    ext = _extension()
+    before = ext.gemm_backend()
+    cfg = bench.BenchConfig(
+        impls=("fused",), run_ops=False, sweep=False, gemm_floor=False, gemm_ablation=True,
+        min_run_time=0.01, model_min_reps=1, model_kwargs={"img_size": 32, "depth": 1},
+    )  # fmt: skip
+    with use_backend("cpu"):
+        rows = bench.run_suite(cfg)
+    assert ext.gemm_backend() == before
+    got = {(r.impl, r.mode, r.backend) for r in rows if r.impl != "fused"}
+    assert got == {
+        (i, m, f"cpu/{lib}") for i, lib in bench.GEMM_ABLATION.items() for m in ("inference", "train")
+    }
+    assert all(not r.error for r in rows)
+    assert {s["impl"] for s in bench.speedups(rows)} == set(bench.GEMM_ABLATION)
+
+
+def test_gemm_libraries_table_lists_every_library_timed():
+    from vit_fast.perf.gemm_floor import format_libraries, gemm_floor
+
+    (fl,) = gemm_floor(
+        "vit_tiny_patch16_224", 1, modes=("train",), min_run_time=0.01, depth=1, img_size=32
+    ).values()
+    assert len(fl.libraries) == len(fl.rows)
+    for (g, ms, best), (g2, times) in zip(fl.rows, fl.libraries):
+        assert (
+            g == g2
+            and best == min(times, key=times.__getitem__)
+            and ms == pytest.approx(times[best] * g.count)
+        )
+    text = format_libraries(fl)
+    libs = {lib for _, times in fl.libraries for lib in times}
+    assert "torch.bmm" in libs and all(lib[:16] in text for lib in libs)

@@ -155,3 +155,27 @@ def test_a_broken_command_module_does_not_break_the_others(monkeypatch, capsys):
     assert "failed to import" in capsys.readouterr().err
     args = cli.build_parser().parse_args(["cost", "--batch", "3"])
     assert args.batch == 3
+
+
+def test_bench_naflex_command(tmp_path, capsys):
+    argv = "bench --naflex --batch 2 --max-patches 16 --depth 1 --model-runs 1 --min-run-time 0.001"
+    assert cli.main([*argv.split(), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "naflexvit_base_patch16_gap" in out and "stock/patched" in out and "--compile" in out
+    data = json.loads((tmp_path / "bench.json").read_text())
+    got = {(r["mode"], r["impl"]) for r in data["results"] if not r["error"]}
+    assert got == {(m, i) for m in ("inference", "train") for i in ("stock", "patched")}
+    assert [r["mode"] for r in data["ratios"]] == ["inference", "train"]
+    assert all(r["stock/patched"] > 0 and len(r["lengths"]) == 2 for r in data["ratios"])
+    # not a NaFlexVit: an error row per mode, exit code 1, the suite does not crash
+    assert (
+        cli.main(["bench", "--naflex", "vit_tiny_patch16_224", "--depth", "1", "--out", str(tmp_path)]) == 1
+    )
+    assert "not a timm NaFlexVit" in capsys.readouterr().err
+
+
+def test_bench_gemm_libraries_command(capsys):
+    argv = "bench --gemm-libraries --depth 1 --img-size 32 --batch 1 --min-run-time 0.001"
+    assert cli.main(argv.split()) == 0
+    out = capsys.readouterr().out
+    assert "GEMM libraries alone" in out and "qkv wgrad" in out and "GEMM floor" in out

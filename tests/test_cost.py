@@ -409,3 +409,72 @@ def test_cost_command_every_gpu_json_rows(tmp_path, capsys):
     for r in data["rows"]:
         assert r["predicted_ms"] > 0 and r["modeled_ms"] > 0
     assert data["break_even"] is None  # only with --break-even (tested through the function above)
+
+
+def test_naflex_attention_flops_are_exact_for_a_small_mix():
+    from vit_fast.perf.cost import naflex
+
+    # lengths 1, 2, 3 padded to 3, D = 8, 2 heads. Forward = QK^T + PV = 4 * len^2 * D per sequence.
+    s = naflex.AttentionShape((1, 2, 3), 3, 8, 2)
+    varlen, masked = naflex.varlen_cost(s), naflex.masked_sdpa_cost(s)
+    assert varlen.flops(train=False) == 4 * (1 + 4 + 9) * 8 == 448
+    assert masked.flops(train=False) == 4 * 3 * 9 * 8 == 864  # every (query, key) of the padded batch
+    assert varlen.flops() == 448 + 1120 and masked.flops() == 864 + 2160  # backward 2.5x the forward
+    # bf16 forward bytes: varlen reads 6 valid rows of qkv (6 * 24 * 2) and the 3 int32 lengths, writes
+    # out (3 * 3 * 8 * 2) and the fp32 lse (3 * 2 * 3 * 4); masked reads all 9 rows and the 3 x 3 x 3 bias.
+    assert varlen.bytes(train=False) == 288 + 12 + 144 + 72
+    assert masked.bytes(train=False) == 432 + 54 + 144 + 72
+    assert (varlen.launches(), masked.launches()) == (4, 2)
+    assert naflex.mask_build_cost(s).bytes() == 27 * (4 + 3 * 2) and naflex.mask_build_cost(s).flops() == 0
+    with pytest.raises(ValueError, match="lengths"):
+        naflex.AttentionShape((4,), 3, 8, 2)
+
+
+def test_naflex_compare_ratios_grow_with_padding():
+    from vit_fast.perf.cost import naflex
+
+    mixes = {"uniform": (64, 64), "skewed": (256, 16, 16, 16)}
+    rows = naflex.compare(mixes, width=64, heads=2, prefix=1, gpus=("h100", "a100"), depth=3)
+    assert [(r["mix"], r["impl"]) for r in rows] == [
+        (m, i) for m in mixes for i in ("varlen", "masked_sdpa", "mask_build")
+    ]
+    by = {(r["mix"], r["impl"]): r for r in rows}
+    assert by[("uniform", "masked_sdpa")]["ratio"]["flops"] == 1.0  # no padding, the same work
+    skew = by[("skewed", "masked_sdpa")]
+    assert skew["lengths"] == [257, 17, 17, 17] and skew["padded"] == 257
+    assert skew["ratio"]["flops"] == pytest.approx(4 * 257**2 / (257**2 + 3 * 17**2))
+    assert skew["ratio"]["bytes"] > 1
+    # the whole model: 3 layers each way, plus the one mask build on the masked side
+    mask, varlen = by[("skewed", "mask_build")], by[("skewed", "varlen")]
+    assert skew["ratio"]["model"]["layers"] == 3
+    assert skew["ratio"]["model"]["bytes"] == pytest.approx(
+        (3 * skew["bytes"] + mask["bytes"]) / (3 * varlen["bytes"])
+    )
+    # at this tiny width the launches decide the time (varlen: 1 + 3, masked: 1 + 1), at ViT-B's the work
+    assert skew["ratio"]["modeled_ms"]["h100"] < 1
+    (big,) = [r for r in naflex.compare({"s": (1024,) + (64,) * 15}, 768, 12) if r["impl"] == "masked_sdpa"]
+    assert big["ratio"]["modeled_ms"]["h100"] > 2
+    for r in rows:
+        assert all(r["modeled_ms"][g] > 0 and r["predicted_ms"][g] > 0 for g in ("h100", "a100"))
+    assert "MODELED" in naflex.format_compare(rows, ("h100", "a100"), "forward + backward")
+
+
+def test_cost_command_naflex_json(tmp_path, capsys):
+    import json
+
+    from vit_fast.cli import main as cli
+
+    path = tmp_path / "naflex.json"
+    rc = cli.main(["cost", "--naflex", "--gpu", "h100", "--naflex-lengths", "16,4", "--json", str(path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "MODELED" in out and "masked / varlen" in out and "memory-efficient" in out
+    data = json.loads(path.read_text())
+    assert data["modeled"] is True and data["naflex"]["model"] == "naflexvit_base_patch16_gap"
+    nf = data["naflex"]
+    assert nf["shape"] == {"width": 768, "heads": 12, "depth": 12, "prefix": 4}
+    assert {r["mix"] for r in nf["rows"]} == {"bench", "b256", "one-long", "uniform", "custom"}
+    custom = [r for r in nf["rows"] if r["mix"] == "custom"]
+    assert custom[0]["lengths"] == [20, 8] and custom[1]["ratio"]["flops"] == pytest.approx(2 * 400 / 464)
+    with pytest.raises(SystemExit, match="--naflex-lengths"):
+        cli.main(["cost", "--naflex", "--naflex-lengths", "a,b"])

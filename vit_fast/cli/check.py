@@ -1,4 +1,9 @@
-"""`vit-fast check`: environment report and the ahead-of-time compile report of every Triton kernel."""
+"""`vit-fast check`: environment report and the ahead-of-time compile report of every Triton kernel.
+
+Print the environment (torch, triton, device, C++ extension, active backends), then compile every
+shipped Triton kernel config for sm_80 and sm_90 without a GPU. Exits 1 if any kernel fails to
+compile, spills registers, or exceeds the shared-memory limit.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +12,17 @@ import platform
 import sys
 from typing import TYPE_CHECKING, Any
 
+from vit_fast.cli._common import command
+
 if TYPE_CHECKING:
     from vit_fast.perf.aot import CompileResult
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "check",
-        help="environment report + AOT compile report (sm_80/sm_90: registers, spills, shared memory)",
-        description=(
-            "Print the environment (torch, triton, device, C++ extension, active backends), then compile "
-            "every shipped Triton kernel config for sm_80 and sm_90 without a GPU. Exits 1 if any kernel "
-            "fails to compile, spills registers, or exceeds the shared-memory limit."
-        ),
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `vit-fast check`."""
     p.add_argument("--filter", default="", help="only kernels whose name contains this")
     p.add_argument("--no-aot", action="store_true", help="only the environment report")
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: one per CPU)")
-    p.set_defaults(func=run)
-    return p
 
 
 def environment() -> dict[str, Any]:
@@ -125,3 +122,9 @@ def _progress_bar(jobs: int):
             bar[0].close()
 
     return update
+
+
+#: The one-line summary `vit-fast --help` lists.
+SUMMARY = "environment report + AOT compile report (sm_80/sm_90: registers, spills, shared memory)"
+
+add_parser = command("check", SUMMARY, __doc__, add_arguments, run)

@@ -227,7 +227,7 @@ def _numerics(device: Any, dtype: Any, models: list, batch: int, tiny: bool, sha
     for backend in backends:
         for op in bench.OPS:
             torch.manual_seed(0)
-            args, kwargs = bench._op_args(op, shape, device, torch.float32)
+            args, kwargs = bench.op_inputs(op, shape, device, torch.float32)
             fused_fn = getattr(__import__("vit_fast.ops", fromlist=[op]), op)
             row: dict[str, Any] = {"op": op, "backend": backend, "dtype": str(dtype).removeprefix("torch.")}
             try:
@@ -293,22 +293,18 @@ def _models(device: Any, dtype: Any, models: list, batch: int, tiny: bool, share
     rows: list[dict] = []
     deadline = time.monotonic() + share
     for name in models:
-        for impl in ("timm", "timm-compile", "fused"):
+        for impl, bench_impl in (("timm", "timm"), ("timm-compile", "timm_compiled"), ("fused", "fused")):
             if time.monotonic() > deadline:
                 rows.append({"model": name, "impl": impl, "error": "skipped (budget)"})
                 continue
-            if impl == "fused":
-                res = bench.bench_model(
-                    name, "fused", batch, ("inference", "train"), device, dtype, min_run, reps, **overrides
-                )
-                rows += [
-                    _model_row(r.name, impl, r.mode, r.median_ms, r.iqr_ms, r.samples_per_s, r.error, batch)
-                    for r in res
-                ]
-            else:
-                rows += _bench_timm(
-                    name, impl, batch, device, dtype, min_run, reps, overrides, compile_backend
-                )
+            res = bench.bench_model(
+                name, bench_impl, batch, ("inference", "train"), device, dtype, min_run, reps,
+                compile_backend=compile_backend, **overrides,
+            )  # fmt: skip
+            rows += [
+                _model_row(r.name, impl, r.mode, r.median_ms, r.iqr_ms, r.samples_per_s, r.error, batch)
+                for r in res
+            ]
     ok = all(not r.get("error") for r in rows)
     return {"status": "done" if ok else "fail", "compile_backend": compile_backend, "rows": rows}  # fmt: skip
 
@@ -318,46 +314,6 @@ def _model_row(
 ) -> dict:
     return {"model": model, "impl": impl, "mode": mode, "batch": batch, "median_ms": med, "iqr_ms": iqr,
             "samples_per_s": sps, "error": error}  # fmt: skip
-
-
-def _bench_timm(
-    name: str, impl: str, batch: int, device: Any, dtype: Any, min_run: float, reps: int, overrides: dict,
-    compile_backend: str,
-) -> list[dict]:  # fmt: skip
-    """Stock timm (its SDPA attention), eager or torch.compile'd, timed by the bench harness's
-    `measure` with the same inference / training step as `bench.bench_model` (SGD, fp32 loss)."""
-    import timm
-    import torch
-
-    from vit_fast.perf import bench
-
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, **overrides).to(device=device, dtype=dtype)
-    size = int(model.patch_embed.img_size[0])
-    images = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-    labels = torch.randint(0, model.num_classes, (batch,), device=device)
-    run_model = torch.compile(model, backend=compile_backend) if impl == "timm-compile" else model
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-
-    def infer() -> None:
-        model.eval()
-        with torch.no_grad():
-            run_model(images)
-
-    def train_step() -> None:
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(run_model(images).float(), labels).backward()
-        opt.step()
-
-    rows = []
-    for mode, fn in (("inference", infer), ("train", train_step)):
-        try:
-            med, iqr, _ = bench.measure(fn, device, min_run, reps)
-            rows.append(_model_row(name, impl, mode, med * 1e3, iqr * 1e3, batch / med, "", batch))
-        except Exception as err:
-            rows.append(_model_row(name, impl, mode, math.nan, math.nan, None, bench._error_text(err), batch))
-    return rows
 
 
 def _ops(device: Any, dtype: Any, models: list, batch: int, tiny: bool, share: float) -> dict:

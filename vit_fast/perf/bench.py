@@ -1,4 +1,5 @@
-"""Benchmark harness: per-op and whole-model timings of fused vs stock timm, torch.compile(timm) and the reference.
+"""Benchmark harness: per-op and whole-model timings of fused vs stock timm, torch.compile(timm) and the
+reference; stock vs patched models (zoo, NaFlexVit) in the same process.
 
 Timing: on CUDA `triton.testing.do_bench` (CUDA events, L2 flushed between reps, quantiles); on CPU
 `torch.utils.benchmark.Timer.blocked_autorange` (blocks of calls, per-call medians). Every number is a
@@ -11,12 +12,19 @@ impls: "fused" = `vit_fast.ops` / `create_model(impl="fused")` on the backend `s
 "reference" = `vit_fast.reference` / `impl="reference"` (plain PyTorch eager); "compiled" =
 `torch.compile` of the reference (slow to compile on CPU: opt in there); "timm" = stock timm's model
 of the same name (eager, its SDPA attention: what users run), "timm_compiled" = `torch.compile` of it.
-The timm impls are whole-model only. Model results come with the GEMM floor of the step on this
-machine (vit_fast.perf.gemm_floor): kind "floor" rows, one per mode.
+The timm impls are whole-model only. Models are built and stepped by `vit_fast.perf.workload` (one
+builder, one training step for every tool). Model results come with the GEMM floor of the step on
+this machine (vit_fast.perf.gemm_floor): kind "floor" rows, one per mode; `gemm_ablation` adds the
+fused model with each C++ GEMM library forced ("fused-aten", "fused-onednn").
+
+Public API for other harnesses (benchmarks/ uses it): `op_callable`, `op_inputs`, `op_mode_calls`
+(an op's timed calls), `measure` / `timed`, `bench_op`, `bench_model`, `bench_zoo`, `bench_naflex`,
+`run_suite`, `write_outputs`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -24,7 +32,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
@@ -33,6 +41,15 @@ import torch
 from torch import Tensor
 
 from vit_fast.perf.memory import SavedTensorRecorder
+from vit_fast.perf.tables import text_table
+from vit_fast.perf.workload import (
+    DEFAULT_COMPILE_BACKEND,
+    build_model,
+    cross_entropy,
+    image_batch,
+    make_steps,
+    unwrap,
+)
 
 OPS = ("patch_embed", "layer_norm_linear", "attention", "linear_residual", "layer_norm_mlp")
 OP_MODES = ("fwd", "bwd", "fwd+bwd")
@@ -40,9 +57,9 @@ IMPLS = ("fused", "reference", "compiled", "timm", "timm_compiled")
 #: The impls that have per-op cases (timm is a model library: its impls are whole-model only).
 OP_IMPLS = ("fused", "reference", "compiled")
 
-#: torch.compile backend for the "compiled" impl ("inductor" is what users run; tests use
-#: "aot_eager" to exercise the path without minutes of C++ compilation).
-COMPILE_BACKEND = "inductor"
+#: torch.compile backend of the compiled impls when a case names none ("inductor" is what users run;
+#: `vit-fast bench --compile-backend` sets it; tests use "aot_eager", which skips code generation).
+COMPILE_BACKEND = DEFAULT_COMPILE_BACKEND
 
 
 @dataclass
@@ -115,6 +132,18 @@ def measure(
     return statistics.median(times), iqr, m.number_per_run * len(times)
 
 
+def timed(
+    call: Callable[[], Any], device: torch.device, min_run_time: float = 0.2, min_reps: int = 1
+) -> tuple[float, float, int, str]:
+    """`measure` in milliseconds: (median ms, IQR ms, repetitions, error). A call that raises gives
+    NaN times and the error's first line, so a suite reports the failing case and goes on."""
+    try:
+        med, iqr, reps = measure(call, device, min_run_time, min_reps)
+    except Exception as err:
+        return math.nan, math.nan, 0, _error_text(err)
+    return med * 1e3, iqr * 1e3, reps, ""
+
+
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
     """Peak bytes allocated by one call of `fn` on CUDA (None elsewhere)."""
     if device.type != "cuda":
@@ -149,10 +178,11 @@ class OpShape:
         return max(1, round(math.sqrt(self.tokens - 1)))
 
 
-def _op_args(
-    op: str, s: OpShape, device: torch.device, dtype: torch.dtype
+def op_inputs(
+    op: str, s: OpShape, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[list[Any], dict[str, Any]]:
-    """Inputs (all floating ones require grad, except images) and kwargs of `op` at shape `s`."""
+    """(args, kwargs) of a call of `op` (one of `OPS`) at shape `s`: random inputs, every floating
+    one requiring grad except the images of patch_embed (training from pixels needs no image grad)."""
 
     def p(*shape: int, scale: float = 0.02) -> Tensor:
         return (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_()
@@ -177,21 +207,51 @@ def _op_args(
         return [x(), p(D, D), p(D), x()], {}
     if op == "layer_norm_mlp":
         return [x(), ones(D), p(D), p(F, D), p(F), p(D, F), p(D), 1e-6], {}
-    raise ValueError(f"unknown op {op!r}; known: {OPS}")
+    raise ValueError(f"op: unknown op {op!r}; known: {OPS}")
 
 
-def _op_fn(op: str, impl: str) -> tuple[Callable[..., Tensor], str]:
-    """(callable, backend label) for op `op` in `impl`."""
+def op_callable(op: str, impl: str) -> tuple[Callable[..., Tensor], str]:
+    """(function, backend label) of `op` in `impl` (one of `OP_IMPLS`): "fused" = `vit_fast.ops.<op>`,
+    "reference" = `vit_fast.reference.<op>` (eager), "compiled" = torch.compile of the reference
+    (backend `COMPILE_BACKEND`). The function takes `op_inputs(op, ...)`'s args and kwargs."""
     import vit_fast.ops as fused
     from vit_fast import reference
 
+    if op not in OPS:
+        raise ValueError(f"op: unknown op {op!r}; known: {OPS}")
     if impl == "fused":
         return getattr(fused, op), "fused"
     if impl == "reference":
         return getattr(reference, op), "eager"
     if impl == "compiled":
         return torch.compile(getattr(reference, op), dynamic=False, backend=COMPILE_BACKEND), COMPILE_BACKEND
-    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    raise ValueError(f"impl must be one of {OP_IMPLS}, got {impl!r}")
+
+
+def op_mode_calls(
+    fn: Callable[..., Tensor], args: list[Any], kwargs: dict[str, Any]
+) -> dict[str, Callable[[], Any]]:
+    """The timed call of each of `OP_MODES` for `fn(*args, **kwargs)`: "fwd" a no-grad forward,
+    "bwd" the backward of one retained graph (built on its first call), "fwd+bwd" both."""
+    leaves = [a for a in args if isinstance(a, Tensor) and a.requires_grad]
+    grad = torch.randn_like(fn(*args, **kwargs))
+    graph: list[Tensor] = []
+
+    def fwd() -> None:
+        with torch.no_grad():
+            fn(*args, **kwargs)
+
+    def bwd() -> None:
+        if not graph:
+            graph.append(fn(*args, **kwargs))
+        torch.autograd.grad(graph[0], leaves, grad, retain_graph=True)
+
+    def fwd_bwd() -> None:
+        for t in leaves:
+            t.grad = None
+        fn(*args, **kwargs).backward(grad)
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
 
 
 def _fused_backend(op: str, device: torch.device) -> str:
@@ -219,29 +279,17 @@ def bench_op(
     modes = tuple(modes)
     if op not in OPS:
         raise ValueError(f"op: unknown op {op!r}; known: {OPS}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl not in OP_IMPLS:
+        raise ValueError(f"impl must be one of {OP_IMPLS}, got {impl!r}")
     bad = [m for m in modes if m not in OP_MODES]
     if bad:
         raise ValueError(f"modes: each mode must be one of {OP_MODES}, got {bad}")
     device = torch.device(device)
-    fn, backend = _op_fn(op, impl)
+    fn, backend = op_callable(op, impl)
     if impl == "fused":
         backend = _fused_backend(op, device)
-    args, kwargs = _op_args(op, shape, device, dtype)
-    tensors = [a for a in args if isinstance(a, Tensor) and a.requires_grad]
-    out = fn(*args, **kwargs)
-    grad = torch.randn_like(out)
-
-    def fwd() -> None:
-        with torch.no_grad():
-            fn(*args, **kwargs)
-
-    def fwd_bwd() -> None:
-        for t in tensors:
-            t.grad = None
-        fn(*args, **kwargs).backward(grad)
-
+    args, kwargs = op_inputs(op, shape, device, dtype)
+    calls = op_mode_calls(fn, args, kwargs)
     # The op's inputs exist anyway (they are the previous op's outputs or weights): count only what
     # the op itself adds to the activations kept for backward.
     with SavedTensorRecorder([a for a in args if isinstance(a, Tensor)]) as rec:
@@ -249,27 +297,16 @@ def bench_op(
     saved = rec.result.activation_bytes
     del kept
     try:
-        peak = peak_memory(fwd_bwd, device)
+        peak = peak_memory(calls["fwd+bwd"], device)
     except Exception:
         peak = None  # the fwd+bwd case below reports the error
     results = []
     for mode in modes:
-        error = ""
-        try:
-            if mode == "fwd":
-                call = fwd
-            elif mode == "fwd+bwd":
-                call = fwd_bwd
-            else:
-                graph_out = fn(*args, **kwargs)
-                call = lambda g=graph_out: torch.autograd.grad(g, tensors, grad, retain_graph=True)
-            med, iqr, reps = measure(call, device, min_run_time, min_reps)
-        except Exception as err:  # report the failing case and go on with the others
-            med, iqr, reps, error = math.nan, math.nan, 0, _error_text(err)
+        med, iqr, reps, error = timed(calls[mode], device, min_run_time, min_reps)
         results.append(
             BenchResult(
                 "op", op, mode, impl, backend, device.type, str(dtype).removeprefix("torch."),
-                shape.batch, shape.tokens, shape.width, med * 1e3, iqr * 1e3, reps,
+                shape.batch, shape.tokens, shape.width, med, iqr, reps,
                 saved_bytes=saved, peak_mem_bytes=peak, error=error,
             )
         )  # fmt: skip
@@ -289,30 +326,6 @@ def timm_available() -> bool:
     return True
 
 
-def _build_timm(name: str, compiled: bool, **kwargs: Any) -> torch.nn.Module:
-    """Stock timm's `name` with random weights (no download), torch.compile'd when `compiled`."""
-    import timm
-
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    return torch.compile(model, backend=COMPILE_BACKEND) if compiled else model
-
-
-def build_model(
-    name: str, impl: str, device: torch.device, dtype: torch.dtype, **kwargs: Any
-) -> torch.nn.Module:
-    """`vit_fast.models.create_model(name, impl=...)` ("compiled": torch.compile of the reference;
-    "timm" / "timm_compiled": stock timm's model of that name, eager / torch.compile'd)."""
-    from vit_fast.models import create_model
-
-    if impl in ("timm", "timm_compiled"):
-        return _build_timm(name, impl == "timm_compiled", **kwargs).to(device=device, dtype=dtype)
-    base_impl = "reference" if impl == "compiled" else impl
-    model = create_model(name, impl=base_impl, **kwargs).to(device=device, dtype=dtype)
-    if impl == "compiled":
-        model = torch.compile(model, backend=COMPILE_BACKEND)
-    return model
-
-
 def bench_model(
     name: str,
     impl: str,
@@ -322,50 +335,37 @@ def bench_model(
     dtype: torch.dtype = torch.float32,
     min_run_time: float = 0.5,
     min_reps: int = 5,
+    *,
+    compile_backend: str | None = None,
     **model_kwargs: Any,
 ) -> list[BenchResult]:
-    """Inference (no-grad forward) and training step (forward, cross-entropy, backward, SGD step)
-    of model `name` in `impl` at `batch`: step time (median of at least `min_reps` runs), samples/s,
-    saved bytes, CUDA peak memory. `model_kwargs` override the model configuration (e.g. depth, img_size)."""
+    """Inference and training step (`workload.make_steps`: forward, cross-entropy, backward, SGD step)
+    of model `name` built as `impl` (one of `IMPLS`, by `workload.build_model`) at `batch`: step time
+    (median of at least `min_reps` runs), samples/s, saved bytes, CUDA peak memory. `model_kwargs`
+    override the model configuration (e.g. depth, img_size); the compiled impls use
+    `compile_backend` (default `COMPILE_BACKEND`)."""
     modes = tuple(modes)
     bad = [m for m in modes if m not in ("inference", "train")]
     if bad or batch < 1:
         raise ValueError(
             f"modes must be 'inference'/'train' and batch >= 1, got modes={modes}, batch={batch}"
         )
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     device = torch.device(device)
+    compile_backend = compile_backend or COMPILE_BACKEND
     torch.manual_seed(0)
-    model = build_model(name, impl, device, dtype, **model_kwargs)
-    base = getattr(model, "_orig_mod", model)
-    size = int(base.patch_embed.img_size[0])
-    images = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-    labels = torch.randint(0, base.num_classes, (batch,), device=device)
+    model = build_model(name, impl, device, dtype, compile_backend=compile_backend, **model_kwargs)
+    base = unwrap(model)
+    images, labels = image_batch(model, batch, device, dtype)
     tokens = base.patch_embed.num_patches + base.num_prefix_tokens
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    backend = impl
+    steps = make_steps(model, images, cross_entropy(labels))
     if impl == "fused":
         from vit_fast.ops.backend import active_backends
 
         backend = ",".join(sorted(set(active_backends(device).values())))
-    elif impl == "reference":
-        backend = "eager"
-    elif impl in ("compiled", "timm_compiled"):
-        backend = COMPILE_BACKEND
-    elif impl == "timm":
-        backend = "eager"
-
-    def infer() -> None:
-        model.eval()
-        with torch.no_grad():
-            model(images)
-
-    def train_step() -> None:
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
-        loss.backward()
-        opt.step()
-
+    else:
+        backend = compile_backend if impl in ("compiled", "timm_compiled") else "eager"
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     saved: int | None = None
@@ -378,18 +378,16 @@ def bench_model(
         pass  # the timed cases below report the error
     results = []
     for mode in modes:
-        call = {"inference": infer, "train": train_step}[mode]
-        error, peak = "", None
         try:
-            peak = peak_memory(call, device)
-            med, iqr, reps = measure(call, device, min_run_time, min_reps)
-        except Exception as err:  # report the failing case and go on with the others
-            med, iqr, reps, error = math.nan, math.nan, 0, _error_text(err)
+            peak = peak_memory(steps[mode], device)
+        except Exception:
+            peak = None  # the timed case reports the error
+        med, iqr, reps, error = timed(steps[mode], device, min_run_time, min_reps)
         results.append(
             BenchResult(
                 "model", name, mode, impl, backend, device.type, str(dtype).removeprefix("torch."),
-                batch, tokens, base.embed_dim, med * 1e3, iqr * 1e3, reps,
-                samples_per_s=batch / med if not error else None,
+                batch, tokens, base.embed_dim, med, iqr, reps,
+                samples_per_s=batch / med * 1e3 if not error else None,
                 saved_bytes=saved if mode == "train" else None, peak_mem_bytes=peak, error=error,
             )
         )  # fmt: skip
@@ -422,6 +420,7 @@ class BenchConfig:
     model_min_reps: int = 5
     op_min_reps: int = 5
     gemm_floor: bool = True
+    gemm_ablation: bool = False  # CPU: the fused model again with each GEMM library forced
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -454,7 +453,7 @@ def run_suite(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
                         bench_op, op, impl, shape, cfg.op_modes, device, cfg.dtype, cfg.min_run_time,
                         cfg.op_min_reps,
                     ),
-                    "op", op, impl, cfg.op_modes, shape, cfg,
+                    "op", op, impl, cfg.op_modes, shape, cfg.device, cfg.dtype,
                 )  # fmt: skip
     if cfg.run_model:
         for impl in cfg.impls:
@@ -464,8 +463,10 @@ def run_suite(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
                     bench_model, cfg.model, impl, cfg.batch, cfg.model_modes, device, cfg.dtype,
                     max(cfg.min_run_time, 0.3), cfg.model_min_reps, **cfg.model_kwargs,
                 ),
-                "model", cfg.model, impl, cfg.model_modes, shape, cfg,
+                "model", cfg.model, impl, cfg.model_modes, shape, cfg.device, cfg.dtype,
             )  # fmt: skip
+        if cfg.gemm_ablation:
+            results += _gemm_ablation(cfg, shape, say)
         if cfg.gemm_floor:
             say(f"GEMM floor {cfg.model}")
             results += _floor_results(cfg, shape)
@@ -496,9 +497,50 @@ def run_suite(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
                         cfg.min_run_time,
                         cfg.op_min_reps,
                     )
-                    for r in _guard(case, "op", op, impl, ("fwd+bwd",), s, cfg):
+                    for r in _guard(case, "op", op, impl, ("fwd+bwd",), s, cfg.device, cfg.dtype):
                         r.kind, r.extra = "sweep", {"axis": axis}
                         results.append(r)
+    return results
+
+
+#: `--gemm-ablation`: impl name -> the C++ backend GEMM library forced for it (csrc/gemm.h).
+GEMM_ABLATION = {"fused-aten": "aten", "fused-onednn": "onednn"}
+
+
+@contextlib.contextmanager
+def cpu_gemm_library(name: str) -> Iterator[None]:
+    """Force the C++ backend's GEMM library (`set_gemm_backend`) inside the block, then restore it."""
+    from vit_fast.ops.backend import cpu_extension
+
+    ext = cpu_extension()
+    if ext is None or not hasattr(ext, "set_gemm_backend"):
+        raise RuntimeError("the GEMM ablation needs the C++ extension (vit_fast._C), which is not built")
+    previous = ext.gemm_backend()
+    ext.set_gemm_backend(name)
+    try:
+        yield
+    finally:
+        ext.set_gemm_backend(previous)
+
+
+def _gemm_ablation(cfg: BenchConfig, shape: OpShape, say: Callable[[str], None]) -> list[BenchResult]:
+    """The fused model with each of `GEMM_ABLATION`'s libraries forced: impls "fused-aten" (at::mm)
+    and "fused-onednn", so the speedup table shows each against the default pick ("fused")."""
+    results = []
+    for impl, lib in GEMM_ABLATION.items():
+        say(f"model {cfg.model} {impl}")
+
+        def case(lib: str = lib, impl: str = impl) -> list[BenchResult]:
+            with cpu_gemm_library(lib):
+                rows = bench_model(
+                    cfg.model, "fused", cfg.batch, cfg.model_modes, cfg.device, cfg.dtype,
+                    max(cfg.min_run_time, 0.3), cfg.model_min_reps, **cfg.model_kwargs,
+                )  # fmt: skip
+            for r in rows:
+                r.impl, r.backend = impl, f"cpu/{lib}"
+            return rows
+
+        results += _guard(case, "model", cfg.model, impl, cfg.model_modes, shape, cfg.device, cfg.dtype)
     return results
 
 
@@ -518,7 +560,7 @@ def _floor_results(cfg: BenchConfig, shape: OpShape) -> list[BenchResult]:
             for mode, fl in floors.items()
         ]  # fmt: skip
 
-    return _guard(case, "floor", cfg.model, "gemm_floor", cfg.model_modes, shape, cfg)
+    return _guard(case, "floor", cfg.model, "gemm_floor", cfg.model_modes, shape, cfg.device, cfg.dtype)
 
 
 def _guard(
@@ -528,7 +570,8 @@ def _guard(
     impl: str,
     modes: Iterable[str],
     shape: OpShape,
-    cfg: BenchConfig,
+    device: torch.device | str,
+    dtype: torch.dtype,
 ) -> list[BenchResult]:
     """Run one case; if its setup raises, return one error row per mode instead of aborting the suite."""
     try:
@@ -536,7 +579,7 @@ def _guard(
     except Exception as err:
         return [
             BenchResult(
-                kind, name, mode, impl, "?", torch.device(cfg.device).type, str(cfg.dtype).removeprefix("torch."),
+                kind, name, mode, impl, "?", torch.device(device).type, str(dtype).removeprefix("torch."),
                 shape.batch, shape.tokens, shape.width, math.nan, math.nan, 0, error=_error_text(err),
             )
             for mode in modes
@@ -571,6 +614,7 @@ def write_outputs(
             "environment": env or {},
             "results": [_row(r) for r in results],
             "speedups": speedups(results),
+            "ratios": pair_ratios(results),
             "gemm_floor": floor_fractions(results),
         }
         json.dump(doc, f, indent=1, default=str)
@@ -663,26 +707,30 @@ def floor_fractions(results: list[BenchResult]) -> list[dict[str, Any]]:
 def format_floor_fractions(rows: list[dict[str, Any]]) -> str:
     """Plain-text table of `floor_fractions`."""
     head = f"{'name':22} {'mode':9} {'impl':14} {'impl ms':>10} {'floor ms':>10} {'GEMM GFLOP':>10} {'of floor':>8}"
-    lines = ["GEMM floor: the step's GEMMs alone at the best measured library speed per shape", head]
-    lines.append("-" * len(head))
-    for r in rows:
-        lines.append(
+    title = "GEMM floor: the step's GEMMs alone at the best measured library speed per shape"
+    return text_table(
+        title,
+        head,
+        (
             f"{r['name'][:22]:22} {r['mode']:9} {r['impl']:14} {r['impl_ms']:10.2f} {r['floor_ms']:10.2f} "
             f"{r['gemm_gflop']:10.2f} {r['fraction']:8.0%}"
-        )
-    return "\n".join(lines)
+            for r in rows
+        ),
+    )
 
 
 def format_speedups(rows: list[dict[str, Any]]) -> str:
     """Plain-text speedup table (impl time / fused time)."""
     head = f"{'kind':6} {'name':22} {'mode':9} {'vs impl':13} {'impl ms':>10} {'fused ms':>10} {'speedup':>8}"
-    lines = ["speedup of fused (impl time / fused time, same run; > 1 = fused faster)", head, "-" * len(head)]
-    for r in rows:
-        lines.append(
+    return text_table(
+        "speedup of fused (impl time / fused time, same run; > 1 = fused faster)",
+        head,
+        (
             f"{r['kind']:6} {r['name'][:22]:22} {r['mode']:9} {r['impl']:13} {r['impl_ms']:10.2f} "
             f"{r['fused_ms']:10.2f} {r['speedup']:7.2f}x"
-        )
-    return "\n".join(lines)
+            for r in rows
+        ),
+    )
 
 
 def format_table(results: list[BenchResult]) -> str:
@@ -691,7 +739,7 @@ def format_table(results: list[BenchResult]) -> str:
         f"{'kind':6} {'name':22} {'mode':9} {'impl':13} {'backend':10} {'B':>3} {'T':>4} {'D':>4} "
         f"{'median ms':>10} {'IQR ms':>8} {'samples/s':>10} {'saved MiB':>9} {'peak MiB':>8}"
     )
-    lines = [head, "-" * len(head)]
+    lines = []
     for r in results:
         if r.kind == "sweep":
             continue
@@ -703,7 +751,7 @@ def format_table(results: list[BenchResult]) -> str:
             f"{r.width:>4} {r.median_ms:10.3f} {r.iqr_ms:8.3f} {sps} {sav} {peak}"
             + (f"  ERROR {r.error}" if r.error else "")
         )
-    return "\n".join(lines)
+    return text_table(None, head, lines)
 
 
 def print_rich_table(results: list[BenchResult]) -> bool:
@@ -755,6 +803,39 @@ def _zoo_output(out: Any) -> Tensor:
     return out[0]
 
 
+def _stock_vs_patched(
+    kind: str,
+    name: str,
+    models: dict[str, tuple[torch.nn.Module, str]],
+    inputs: Any,
+    loss: Callable[[Any], Tensor],
+    batch: int,
+    modes: Iterable[str],
+    device: torch.device,
+    dtype: torch.dtype,
+    min_run_time: float,
+    min_reps: int,
+    lr: float = 1e-4,
+    tokens: int = 0,
+    width: int = 0,
+) -> list[BenchResult]:
+    """Time `workload.make_steps` of each of `models` ({impl: (model, backend label)}) on the same
+    `inputs`. Per mode the impls run back to back, so on a shared machine they see similar load."""
+    steps = {impl: make_steps(model, inputs, loss, lr=lr) for impl, (model, _) in models.items()}
+    results = []
+    for mode in modes:
+        for impl, (_, backend) in models.items():
+            med, iqr, reps, error = timed(steps[impl][mode], device, min_run_time, min_reps)
+            results.append(
+                BenchResult(
+                    kind, name, mode, impl, backend, device.type, str(dtype).removeprefix("torch."),
+                    batch, tokens, width, med, iqr, reps,
+                    samples_per_s=batch / med * 1e3 if not error else None, error=error,
+                )
+            )  # fmt: skip
+    return results
+
+
 def bench_zoo(
     name: str,
     batch: int,
@@ -775,54 +856,125 @@ def bench_zoo(
     torch.manual_seed(0)
     stock, img = build(name, size)
     stock = stock.to(device)
-    patched = patch(copy.deepcopy(stock))
+    models = {"stock": (stock, "eager"), "patched": (patch(copy.deepcopy(stock)), "fused")}
     images = torch.randn(batch, 3, img, img, device=device)
-    steps = {}
-    for impl, model in (("stock", stock), ("patched", patched)):
-        opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    loss = lambda out: _zoo_output(out).float().square().mean()
+    return _stock_vs_patched(
+        "zoo",
+        name,
+        models,
+        images,
+        loss,
+        batch,
+        modes,
+        device,
+        torch.float32,
+        min_run_time,
+        min_reps,
+        lr=1e-6,
+    )
 
-        def infer(model=model) -> None:
-            model.eval()
-            with torch.no_grad():
-                model(images)
 
-        def train_step(model=model, opt=opt) -> None:
-            model.train()
-            opt.zero_grad(set_to_none=True)
-            _zoo_output(model(images)).float().square().mean().backward()
-            opt.step()
+#: `vit-fast bench --naflex` defaults: the NaFlexVit timed when none is named, the batch and the
+#: most patches per image of its length mix (`vit-fast cost --naflex` models the same batch).
+NAFLEX_DEFAULT = "naflexvit_base_patch16_gap"
+NAFLEX_BATCH = 8
+NAFLEX_MAX_PATCHES = 256
 
-        steps[impl] = {"inference": infer, "train": train_step}
-    results = []
-    # Per mode, stock then patched back to back: on a shared machine the pair sees similar load.
-    for mode in modes:
-        for impl in ("stock", "patched"):
-            error = ""
-            try:
-                med, iqr, reps = measure(steps[impl][mode], device, min_run_time, min_reps)
-            except Exception as err:
-                med, iqr, reps, error = math.nan, math.nan, 0, _error_text(err)
-            results.append(
-                BenchResult(
-                    "zoo", name, mode, impl, "eager" if impl == "stock" else "fused", device.type, "float32",
-                    batch, 0, 0, med * 1e3, iqr * 1e3, reps,
-                    samples_per_s=batch / med if not error else None, error=error,
-                )
-            )  # fmt: skip
+
+def bench_naflex(
+    name: str = NAFLEX_DEFAULT,
+    batch: int = NAFLEX_BATCH,
+    max_patches: int = NAFLEX_MAX_PATCHES,
+    modes: Iterable[str] = ("inference", "train"),
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    min_run_time: float = 0.5,
+    min_reps: int = 5,
+    *,
+    compile: bool = False,
+    compile_backend: str | None = None,
+    seed: int = 0,
+    **model_kwargs: Any,
+) -> list[BenchResult]:
+    """timm's NaFlexVit `name` (random weights) on a NaFlex batch of mixed resolutions and aspect
+    ratios (`workload.naflex_grids(batch, max_patches, seed)`: mixed valid lengths, padded to the
+    longest), same process: impl "stock" (timm's own path: an additive [B, 1, T, T] mask from
+    patch_valid, passed to SDPA), "patched" (`vit_fast.patch_timm`: the masks become lengths and
+    attention runs `vit_fast.ops.attention(..., seq_lens=...)`, no work on padding) and, with
+    `compile`, "stock_compiled" (torch.compile(stock), backend `compile_backend`; a failure is an
+    error row). Inference and training step (cross-entropy, backward, SGD). `tokens` is the padded
+    length; `extra["lengths"]` the valid tokens per image (prefix tokens included)."""
+    from vit_fast.integrations.timm import patch_timm
+    from vit_fast.perf.workload import naflex_batch, naflex_grids
+
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    device = torch.device(device)
+    torch.manual_seed(0)
+    stock = build_model(name, "timm", device, dtype, **model_kwargs)
+    if type(stock).__name__ != "NaFlexVit":
+        raise ValueError(f"--naflex: {name!r} is a {type(stock).__name__}, not a timm NaFlexVit")
+    models = {"stock": (stock, "eager"), "patched": (patch_timm(copy.deepcopy(stock)), "fused")}
+    if compile:
+        backend = compile_backend or COMPILE_BACKEND
+        models["stock_compiled"] = (torch.compile(copy.deepcopy(stock), backend=backend), backend)
+    grids = naflex_grids(batch, max_patches, seed)
+    inputs = naflex_batch(grids, stock.embeds.patch_size[0], device=device, dtype=dtype, seed=seed)
+    labels = torch.randint(0, stock.num_classes, (batch,), device=device)
+    prefix = stock.num_prefix_tokens
+    results = _stock_vs_patched(
+        "naflex", name, models, inputs, cross_entropy(labels), batch, modes, device, dtype,
+        min_run_time, min_reps, tokens=prefix + inputs["patch_valid"].shape[1], width=stock.embed_dim,
+    )  # fmt: skip
+    for r in results:
+        r.extra = {"lengths": [prefix + h * w for h, w in grids]}
     return results
 
 
-def format_zoo(results: list[BenchResult]) -> str:
-    """stock ms, patched ms and stock / patched per (model, mode)."""
-    rows = [
-        f"{'model':<16} {'mode':<9} {'batch':>5} {'stock ms':>10} {'patched ms':>10} {'stock/patched':>13}"
-    ]
-    keys = dict.fromkeys((r.name, r.mode, r.batch) for r in results)
-    for name, mode, batch in keys:
-        got = {r.impl: r for r in results if (r.name, r.mode, r.batch) == (name, mode, batch)}
-        s, p = got.get("stock"), got.get("patched")
-        if s is None or p is None:
+def pair_ratios(results: list[BenchResult]) -> list[dict[str, Any]]:
+    """Per (kind, name, mode, batch) of the stock-vs-patched cases (zoo, naflex): the stock time over
+    the patched one (> 1 = patched faster) and, where timed, torch.compile(stock) over patched."""
+    rows = []
+    pairs = [r for r in results if r.kind in ("zoo", "naflex")]
+    for key in dict.fromkeys((r.kind, r.name, r.mode, r.batch) for r in pairs):
+        got = {r.impl: r for r in pairs if (r.kind, r.name, r.mode, r.batch) == key}
+        p = got.get("patched")
+        if p is None or p.error or not p.median_ms > 0:
             continue
-        ratio = s.median_ms / p.median_ms if p.median_ms > 0 else math.nan
-        rows.append(f"{name:<16} {mode:<9} {batch:>5} {s.median_ms:10.1f} {p.median_ms:10.1f} {ratio:13.2f}")
-    return "\n".join(rows)
+        row = dict(zip(("kind", "name", "mode", "batch"), key)) | {"patched_ms": p.median_ms}
+        if "lengths" in p.extra:
+            row["lengths"] = p.extra["lengths"]
+        for impl in ("stock", "stock_compiled"):
+            r = got.get(impl)
+            if r is not None:
+                ok = not r.error
+                row[f"{impl}_ms"] = r.median_ms if ok else None
+                row[f"{impl}/patched"] = r.median_ms / p.median_ms if ok else None
+                if r.error:
+                    row[f"{impl}_error"] = r.error
+        rows.append(row)
+    return rows
+
+
+def format_pairs(results: list[BenchResult]) -> str:
+    """stock ms, patched ms and stock / patched per (model, mode); torch.compile(stock) beside them
+    when it was timed (its error when it failed)."""
+    rows = pair_ratios(results)
+    compiled = any("stock_compiled_ms" in r for r in rows)
+    head = f"{'model':<28} {'mode':<9} {'batch':>5} {'stock ms':>10} {'patched ms':>10} {'stock/patched':>13}"
+    if compiled:
+        head += f" {'compiled ms':>11} {'compiled/patched':>16}"
+    lines = [head]
+    num = lambda v, w, f: f"{v:{w}{f}}" if v is not None else f"{'-':>{w}}"
+    for r in rows:
+        line = (
+            f"{r['name'][:28]:<28} {r['mode']:<9} {r['batch']:>5} {num(r.get('stock_ms'), 10, '.1f')} "
+            f"{r['patched_ms']:10.1f} {num(r.get('stock/patched'), 13, '.2f')}"
+        )
+        if compiled:
+            line += f" {num(r.get('stock_compiled_ms'), 11, '.1f')} {num(r.get('stock_compiled/patched'), 16, '.2f')}"
+        lines.append(
+            line + (f"  compiled: {r['stock_compiled_error']}" if "stock_compiled_error" in r else "")
+        )
+    return "\n".join(lines)

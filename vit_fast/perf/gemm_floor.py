@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -135,6 +135,8 @@ class Floor:
     gflop: float
     floor_ms: float
     rows: list[tuple[Gemm, float, str]]
+    #: per GEMM of the step: ms of ONE call in each library that ran it ({library: ms})
+    libraries: list[tuple[Gemm, dict[str, float]]] = field(default_factory=list)
 
     @property
     def tflops(self) -> float:
@@ -152,10 +154,10 @@ def gemm_floor(
 ) -> dict[str, Floor]:
     """The GEMM floor of model `name` at `batch` for each of `modes` ("inference", "train")."""
     device = torch.device(device)
-    timed: dict[tuple, tuple[float, str]] = {}
+    timed: dict[tuple, dict[str, float]] = {}
     out = {}
     for mode in modes:
-        rows = []
+        rows, libraries = [], []
         for g in model_gemms(name, batch, mode == "train", **overrides):
             shape = (g.kind, g.m, g.n, g.k, g.batch)
             if shape not in timed:
@@ -165,13 +167,38 @@ def gemm_floor(
                         times[lib] = _median_ms(fn, device, min_run_time)
                     except RuntimeError:
                         continue
-                best = min(times, key=times.__getitem__)
-                timed[shape] = (times[best], best)
-            ms, lib = timed[shape]
-            rows.append((g, ms * g.count, lib))
+                timed[shape] = times
+            times = timed[shape]
+            best = min(times, key=times.__getitem__)
+            rows.append((g, times[best] * g.count, best))
+            libraries.append((g, times))
         gflop = sum(g.flop for g, _, _ in rows) / 1e9
-        out[mode] = Floor(mode, gflop, sum(ms for _, ms, _ in rows), rows)
+        out[mode] = Floor(mode, gflop, sum(ms for _, ms, _ in rows), rows, libraries)
     return out
+
+
+def format_libraries(floor: Floor) -> str:
+    """The GEMM libraries alone: per GEMM of the step (name, kind, m x n x k, batch), each library's
+    GFLOP/s at exactly that shape (measured one call at a time), and the fastest."""
+    from vit_fast.perf.tables import text_table
+
+    libs = list(dict.fromkeys(lib for _, times in floor.libraries for lib in times))
+    # one column per library, as wide as its name (the C++ candidates are named "C++ <variant>")
+    widths = [max(8, len(lib)) for lib in libs]
+    head = f"{'GEMM':<18} {'m x n x k (batch)':<22}" + "".join(f" {lib:>{w}}" for lib, w in zip(libs, widths))
+    rows = []
+    for g, times in floor.libraries:
+        flop = 2.0 * g.m * g.n * g.k * g.batch
+        cells = "".join(
+            f" {flop / times[lib] / 1e6:{w}.0f}" if lib in times else f" {'-':>{w}}"
+            for lib, w in zip(libs, widths)
+        )
+        rows.append(
+            f"{g.name + ' ' + g.kind:<18} {f'{g.m}x{g.n}x{g.k} ({g.batch})':<22}{cells}  "
+            f"{min(times, key=times.__getitem__)}"
+        )
+    title = f"GEMM libraries alone, GFLOP/s per call at the step's shapes ({floor.mode}, measured)"
+    return text_table(title, head + "  fastest", rows)
 
 
 def format_floor(floors: dict[str, Floor], measured: dict[tuple[str, str], float], device_model: str) -> str:

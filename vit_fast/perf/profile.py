@@ -125,26 +125,15 @@ def profile_training(
     `model_kwargs` override the model configuration (e.g. depth=2, img_size=64 for a quick run).
     Returns (top ops by self time, the key_averages table as text, the Chrome trace path).
     """
-    from vit_fast.models import create_model
+    from vit_fast.perf.workload import build_model, cross_entropy, image_batch, make_steps
 
     device = torch.device(device)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     torch.manual_seed(0)
-    model = create_model(model_name, impl=impl, **model_kwargs).to(device=device, dtype=dtype).train()
-    size = int(model.patch_embed.img_size[0])
-    images = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-    labels = torch.randint(0, model.num_classes, (batch,), device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-
-    def step() -> None:
-        with record_function("train_step"):
-            opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
-            with record_function("backward"):
-                loss.backward()
-            with record_function("optimizer"):
-                opt.step()
+    model = build_model(model_name, impl, device, dtype, **model_kwargs)
+    images, labels = image_batch(model, batch, device, dtype)
+    step = make_steps(model, images, cross_entropy(labels), ranges=True)["train"]
 
     for _ in range(warmup):
         step()

@@ -43,7 +43,6 @@ from vit_fast.perf.cost.taxonomy import kernel_class, op_kind, op_name
 from vit_fast.perf.cost.trace import (
     DTYPES,
     VARIANTS,
-    build_model,
     fake_mode,
     forward_gflops_per_image,
     meta_model,
@@ -69,7 +68,6 @@ __all__ = [
     "KindCost",
     "OpRecord",
     "bind_arguments",
-    "build_model",
     "count_flops",
     "fake_mode",
     "format_comparison",

@@ -17,6 +17,7 @@ import torch
 
 from vit_fast.perf.cost.gpus import GPUS
 from vit_fast.perf.cost.predict import FITTED, Efficiency, predict_s
+from vit_fast.perf.tables import text_table
 
 _LOW, _HIGH = 0.05, 4.0
 
@@ -102,24 +103,21 @@ def format_break_even(rows: list[BreakEven]) -> str:
         f"{'model':24} {'gpu':6} {'timm ms':>9} {'compile ms':>11} {'fused ms':>9} "
         f"{'b/e vs timm':>12} {'b/e vs compile':>15}"
     )
-    lines = [
-        "BREAK-EVEN (calibrated MODEL): the Triton GEMM efficiency, as a fraction of cuBLAS, above which "
-        "the fused training step is predicted faster",
-        head,
-        "-" * len(head),
-    ]
 
     def frac(v: float | str) -> str:
         return f"{v:.3f}" if isinstance(v, float) else v
 
-    for r in rows:
-        p = r.predicted_ms
-        lines.append(
-            f"{r.model[:24]:24} {r.gpu:6} {p['timm']:>9.1f} {p['timm-compile']:>11.1f} {p['fused']:>9.1f} "
-            f"{frac(r.break_even['timm']):>12} {frac(r.break_even['timm-compile']):>15}"
-        )
-    lines.append(
-        f"fused ms at the assumed Triton GEMM fraction {rows[0].assumed_fraction:.2f} of cuBLAS "
-        f"(batch {rows[0].batch}, {rows[0].dtype}, AMP, forward+backward+AdamW)"
+    return text_table(
+        "BREAK-EVEN (calibrated MODEL): the Triton GEMM efficiency, as a fraction of cuBLAS, above which "
+        "the fused training step is predicted faster",
+        head,
+        (
+            f"{r.model[:24]:24} {r.gpu:6} {r.predicted_ms['timm']:>9.1f} {r.predicted_ms['timm-compile']:>11.1f} "
+            f"{r.predicted_ms['fused']:>9.1f} {frac(r.break_even['timm']):>12} {frac(r.break_even['timm-compile']):>15}"
+            for r in rows
+        ),
+        [
+            f"fused ms at the assumed Triton GEMM fraction {rows[0].assumed_fraction:.2f} of cuBLAS "
+            f"(batch {rows[0].batch}, {rows[0].dtype}, AMP, forward+backward+AdamW)"
+        ],
     )
-    return "\n".join(lines)

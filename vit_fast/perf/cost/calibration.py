@@ -20,6 +20,7 @@ import torch
 from vit_fast.perf.cost.gpus import GPUS
 from vit_fast.perf.cost.predict import FITTED, Efficiency, predict_s
 from vit_fast.perf.cost.taxonomy import kernel_class
+from vit_fast.perf.tables import text_table
 
 _TIMM = "huggingface/pytorch-image-models results/"
 _INFER_4090 = _TIMM + "benchmark-infer-amp-nchw-pt291-cu128-4090.csv"
@@ -49,20 +50,21 @@ class CalibrationRow:
         return f"{self.model} {self.variant} {mode} b{self.batch} {self.gpu}"
 
 
-CALIBRATION: tuple[CalibrationRow, ...] = (
-    CalibrationRow("vit_small_patch16_224", "timm", False, 1024, "rtx4090", 8214.74, _INFER_4090),
-    CalibrationRow("vit_base_patch16_224", "timm", False, 1024, "rtx4090", 2992.79, _INFER_4090),
-    CalibrationRow("vit_large_patch16_224", "timm", False, 1024, "rtx4090", 954.12, _INFER_4090),
-    CalibrationRow("vit_huge_patch14_224", "timm", False, 1024, "rtx4090", 370.78, _INFER_4090),
-    CalibrationRow("vit_small_patch16_224", "timm-compile", False, 1024, "rtx4090", 9948.51, _INFER_4090_COMPILE),
-    CalibrationRow("vit_base_patch16_224", "timm-compile", False, 1024, "rtx4090", 3375.59, _INFER_4090_COMPILE),
-    CalibrationRow("vit_large_patch16_224", "timm-compile", False, 1024, "rtx4090", 1035.76, _INFER_4090_COMPILE),
-    CalibrationRow("vit_huge_patch14_224", "timm-compile", False, 1024, "rtx4090", 398.03, _INFER_4090_COMPILE),
-    CalibrationRow("vit_small_patch16_224", "timm-math", True, 384, "rtx3090", 1052.92, _TRAIN_3090),
-    CalibrationRow("vit_base_patch16_224", "timm-math", True, 192, "rtx3090", 390.86, _TRAIN_3090),
-    CalibrationRow("vit_large_patch16_224", "timm-math", True, 64, "rtx3090", 117.08, _TRAIN_3090),
-    CalibrationRow("vit_huge_patch14_224", "timm-math", True, 16, "rtx3090", 39.94, _TRAIN_3090),
+_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224")
+
+#: One row per published table: variant, train, GPU, source, then per model of `_MODELS` the batch
+#: and the published samples/s.
+_TABLES = (
+    ("timm", False, "rtx4090", _INFER_4090, (1024, 1024, 1024, 1024), (8214.74, 2992.79, 954.12, 370.78)),
+    ("timm-compile", False, "rtx4090", _INFER_4090_COMPILE, (1024, 1024, 1024, 1024), (9948.51, 3375.59, 1035.76, 398.03)),
+    ("timm-math", True, "rtx3090", _TRAIN_3090, (384, 192, 64, 16), (1052.92, 390.86, 117.08, 39.94)),
 )  # fmt: skip
+
+CALIBRATION: tuple[CalibrationRow, ...] = tuple(
+    CalibrationRow(model, variant, train, batch, gpu, rate, source)
+    for variant, train, gpu, source, batches, rates in _TABLES
+    for model, batch, rate in zip(_MODELS, batches, rates, strict=True)
+)
 
 
 @cache
@@ -138,11 +140,13 @@ def calibration_table(eff: Efficiency | None = None) -> list[dict]:
 def format_calibration(eff: Efficiency | None = None) -> str:
     rows = calibration_table(eff)
     head = f"{'published row (timm results/)':56} {'published/s':>12} {'predicted/s':>12} {'error':>7}"
-    lines = ["CALIBRATION (published timm throughput vs the fitted MODEL)", head, "-" * len(head)]
-    for r in rows:
-        lines.append(
+    return text_table(
+        "CALIBRATION (published timm throughput vs the fitted MODEL)",
+        head,
+        (
             f"{r['row']:56} {r['published_samples_per_s']:>12,.1f} {r['predicted_samples_per_s']:>12,.1f} "
             f"{r['error'] * 100:>+6.1f}%"
-        )
-    lines.append("sources: " + ", ".join(sorted({r["source"].rsplit("/", 1)[-1] for r in rows})))
-    return "\n".join(lines)
+            for r in rows
+        ),
+        ["sources: " + ", ".join(sorted({r["source"].rsplit("/", 1)[-1] for r in rows}))],
+    )

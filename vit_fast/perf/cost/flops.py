@@ -155,37 +155,23 @@ def _attn_varlen_bwd(a: dict[str, Any], out: Any) -> int:
     return _attn_varlen_fwd(a, out) * 5 // 2
 
 
-@_family_formula("layer_norm_linear", "fwd")
-def _ln_linear_fwd(a: dict[str, Any], out: Any) -> int:
-    return _linear(a["x"], a["weight"])
+def _linear_gemms(weight: str, gemms: int) -> FlopFormula:
+    """`gemms` GEMMs of the size of x [..., K] times the argument `weight` [N, K]."""
+    return lambda a, out: gemms * _linear(a["x"], a[weight])
 
 
-@_family_formula("layer_norm_linear", "bwd")
-def _ln_linear_bwd(a: dict[str, Any], out: Any) -> int:
-    # dx = dout W and dW = dout^T LN(x): two GEMMs of the forward's size.
-    return 2 * _linear(a["x"], a["weight"])
-
-
-@_family_formula("linear_residual", "fwd")
-def _lin_res_fwd(a: dict[str, Any], out: Any) -> int:
-    return _linear(a["x"], a["weight"])
-
-
-@_family_formula("linear_residual", "bwd")
-def _lin_res_bwd(a: dict[str, Any], out: Any) -> int:
-    return 2 * _linear(a["x"], a["weight"])
-
-
-@_family_formula("layer_norm_mlp", "fwd")
-def _mlp_fwd(a: dict[str, Any], out: Any) -> int:
-    # fc1 [H, D] and fc2 [D, H]: two GEMMs of the same size.
-    return 2 * _linear(a["x"], a["fc1_weight"])
-
-
-@_family_formula("layer_norm_mlp", "bwd")
-def _mlp_bwd(a: dict[str, Any], out: Any) -> int:
-    # dfc2_w, dh, dfc1_w, dx_ln: four GEMMs of one forward GEMM's size each (h_pre is saved).
-    return 4 * _linear(a["x"], a["fc1_weight"])
+#: Our GEMM families: (family, the weight argument, GEMMs of that size in the forward, in the backward).
+#: layer_norm_linear, linear_residual: one GEMM; backward dx = dout W and dW = dout^T x, two.
+#: layer_norm_mlp: fc1 [H, D] and fc2 [D, H], two of one size; backward dfc2_w, dh, dfc1_w and dx_ln,
+#: four (h_pre is saved, nothing is recomputed).
+_LINEAR_FAMILIES = (
+    ("layer_norm_linear", "weight", 1, 2),
+    ("linear_residual", "weight", 1, 2),
+    ("layer_norm_mlp", "fc1_weight", 2, 4),
+)
+for _fam, _weight, _fwd, _bwd in _LINEAR_FAMILIES:
+    FAMILY_FLOPS[(_fam, "fwd")] = _linear_gemms(_weight, _fwd)
+    FAMILY_FLOPS[(_fam, "bwd")] = _linear_gemms(_weight, _bwd)
 
 
 def _patch_gemm(images: Tensor, weight: Tensor) -> int:

@@ -38,47 +38,19 @@ class GPUSpec:
         return self.peak_flops.get(dtype, self.fp32)
 
 
-GPUS: dict[str, GPUSpec] = {
-    "a100": GPUSpec(
-        "A100 SXM4 80GB", 312e12, 19.5e12, 2.039e12,
-        "NVIDIA A100 Tensor Core GPU datasheet (BF16/FP16 tensor 312 TFLOPS dense, 624 sparse; "
-        "FP32 19.5 TFLOPS; 80GB SXM 2,039 GB/s)",
-    ),
-    "h100": GPUSpec(
-        "H100 SXM5", 989e12, 67e12, 3.35e12,
-        "NVIDIA H100 Tensor Core GPU datasheet, SXM column (BF16/FP16 tensor 1,979 TFLOPS with "
-        "sparsity, 989 dense; FP32 67 TFLOPS; 3.35 TB/s)",
-    ),
-    "h200": GPUSpec(
-        "H200 SXM", 989e12, 67e12, 4.8e12,
-        "NVIDIA H200 Tensor Core GPU datasheet, SXM column (BF16/FP16 tensor 1,979 TFLOPS with "
-        "sparsity, 989 dense; FP32 67 TFLOPS; 4.8 TB/s)",
-    ),
-    "b200": GPUSpec(
-        "B200 (HGX, 1000 W)", 2.25e15, 75e12, 8.0e12,
-        "NVIDIA HGX B200 datasheet / Blackwell architecture technical brief (FP16/BF16 tensor "
-        "4.5 PFLOPS with sparsity, 2.25 dense; up to 8 TB/s HBM3e)",
-        note="FP32 is quoted as 75 or 80 TFLOPS by different sources and bandwidth as 7.7 or 8 TB/s; "
-        "the 16-bit tensor rate is the dense half of the sparse datasheet figure.",
-    ),
-    "rtx3090": GPUSpec(
-        "GeForce RTX 3090", 71e12, 35.6e12, 936e9,
-        "NVIDIA Ampere GA102 GPU Architecture whitepaper, RTX 3090 column (FP16 tensor with FP32 "
-        "accumulate 71 TFLOPS dense, 142 with FP16 accumulate; FP32 35.6 TFLOPS; 936 GB/s)",
-    ),
-    "rtx4090": GPUSpec(
-        "GeForce RTX 4090", 165.2e12, 82.6e12, 1008e9,
-        "NVIDIA Ada GPU Architecture whitepaper, RTX 4090 column (FP16 tensor with FP32 accumulate "
-        "165.2 TFLOPS dense, 330.3 with FP16 accumulate; FP32 82.6 TFLOPS; 1,008 GB/s)",
-    ),
-    "rtx5090": GPUSpec(
-        "GeForce RTX 5090", 209.5e12, 104.8e12, 1792e9,
-        "NVIDIA RTX Blackwell GPU Architecture whitepaper, RTX 5090 column (FP32 104.8 TFLOPS; "
-        "1,792 GB/s; FP16 tensor 838 TFLOPS = sparse with FP16 accumulate)",
-        note="the dense fp32-accumulate 16-bit rate (209.5 TFLOPS) assumes GeForce's half-rate fp32 "
-        "accumulate carries over from Ampere/Ada; not confirmed from the whitepaper table here.",
-    ),
-}  # fmt: skip
+#: One row per GPU: key, name, dense 16-bit tensor FLOP/s (fp32 accumulate), fp32 FLOP/s, DRAM bytes/s,
+#: the document the numbers come from, and what is uncertain about them ("" when nothing).
+_SPECS: tuple[tuple[str, str, float, float, float, str, str], ...] = (
+    ("a100", "A100 SXM4 80GB", 312e12, 19.5e12, 2.039e12, "NVIDIA A100 Tensor Core GPU datasheet (BF16/FP16 tensor 312 TFLOPS dense, 624 sparse; FP32 19.5 TFLOPS; 80GB SXM 2,039 GB/s)", ""),
+    ("h100", "H100 SXM5", 989e12, 67e12, 3.35e12, "NVIDIA H100 Tensor Core GPU datasheet, SXM column (BF16/FP16 tensor 1,979 TFLOPS with sparsity, 989 dense; FP32 67 TFLOPS; 3.35 TB/s)", ""),
+    ("h200", "H200 SXM", 989e12, 67e12, 4.8e12, "NVIDIA H200 Tensor Core GPU datasheet, SXM column (BF16/FP16 tensor 1,979 TFLOPS with sparsity, 989 dense; FP32 67 TFLOPS; 4.8 TB/s)", ""),
+    ("b200", "B200 (HGX, 1000 W)", 2.25e15, 75e12, 8.0e12, "NVIDIA HGX B200 datasheet / Blackwell architecture technical brief (FP16/BF16 tensor 4.5 PFLOPS with sparsity, 2.25 dense; up to 8 TB/s HBM3e)", "FP32 is quoted as 75 or 80 TFLOPS by different sources and bandwidth as 7.7 or 8 TB/s; the 16-bit tensor rate is the dense half of the sparse datasheet figure."),
+    ("rtx3090", "GeForce RTX 3090", 71e12, 35.6e12, 936e9, "NVIDIA Ampere GA102 GPU Architecture whitepaper, RTX 3090 column (FP16 tensor with FP32 accumulate 71 TFLOPS dense, 142 with FP16 accumulate; FP32 35.6 TFLOPS; 936 GB/s)", ""),
+    ("rtx4090", "GeForce RTX 4090", 165.2e12, 82.6e12, 1008e9, "NVIDIA Ada GPU Architecture whitepaper, RTX 4090 column (FP16 tensor with FP32 accumulate 165.2 TFLOPS dense, 330.3 with FP16 accumulate; FP32 82.6 TFLOPS; 1,008 GB/s)", ""),
+    ("rtx5090", "GeForce RTX 5090", 209.5e12, 104.8e12, 1792e9, "NVIDIA RTX Blackwell GPU Architecture whitepaper, RTX 5090 column (FP32 104.8 TFLOPS; 1,792 GB/s; FP16 tensor 838 TFLOPS = sparse with FP16 accumulate)", "the dense fp32-accumulate 16-bit rate (209.5 TFLOPS) assumes GeForce's half-rate fp32 accumulate carries over from Ampere/Ada; not confirmed from the whitepaper table here."),
+)  # fmt: skip
+
+GPUS: dict[str, GPUSpec] = {key: GPUSpec(*row) for key, *row in _SPECS}
 
 
 def parse_gpus(text: str) -> list[str]:

@@ -10,6 +10,7 @@ import torch
 
 from vit_fast.perf.cost.dispatch import OpRecord
 from vit_fast.perf.cost.gpus import GPUS, LAUNCH_OVERHEAD_S
+from vit_fast.perf.tables import text_table
 
 
 @dataclass
@@ -163,18 +164,16 @@ def format_predicted(reports: list[CostReport], gpus: Iterable[str], efficiency:
     gpus = list(gpus)
     ref = reports[0].label[:12]
     head = f"{'variant':24} {'gpu':8} {'modeled_ms':>11} {'predicted_ms':>13} {'pred vs ' + ref:>21}"
-    lines = [
-        "PREDICTED (a MODEL calibrated on published timm throughput, not a measurement): " + describe(eff),
-        head,
-        "-" * len(head),
-    ]
+    lines = []
     for rep in reports:
         for g in gpus:
             pred, base = rep.predicted_ms(g, eff), reports[0].predicted_ms(g, eff)
             lines.append(
                 f"{rep.label[:24]:24} {g:8} {rep.modeled_ms(g):>11.2f} {pred:>13.2f} {pred / base:>21.3f}"
             )
-    for g in gpus:
-        if GPUS[g].note:
-            lines.append(f"spec sheet, {g}: {GPUS[g].note}")
-    return "\n".join(lines)
+    return text_table(
+        "PREDICTED (a MODEL calibrated on published timm throughput, not a measurement): " + describe(eff),
+        head,
+        lines,
+        [f"spec sheet, {g}: {GPUS[g].note}" for g in gpus if GPUS[g].note],
+    )

@@ -23,37 +23,25 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VARIANTS = ("timm", "timm-math", "timm-compile", "reference", "fused", "auto")
 
 
-def build_model(name: str, impl: str, **kwargs: Any) -> torch.nn.Module:
-    """A model for `impl` (see `VARIANTS`; "timm-compile" builds the timm model it is derived from).
+def _build(name: str, impl: str, **kwargs: Any) -> torch.nn.Module:
+    """`workload.build_model` for a trace variant ("timm-compile" traces the timm model it is derived from)."""
+    from vit_fast.perf.workload import build_model
 
-    Build under `torch.device("meta")` to get shapes only (see `meta_model`).
-    """
-    if impl in ("timm", "timm-math", "timm-compile"):
-        import timm
-
-        model = timm.create_model(name, pretrained=False, **kwargs)
-        if impl == "timm-math":
-            for mod in model.modules():
-                if hasattr(mod, "fused_attn"):
-                    mod.fused_attn = False
-        return model
-    from vit_fast.models import create_model
-
-    return create_model(name, impl=impl, **kwargs)
+    return build_model(name, "timm" if impl == "timm-compile" else impl, **kwargs)
 
 
 def meta_model(name: str, impl: str, **kwargs: Any) -> torch.nn.Module:
-    """`build_model` on the meta device. Call it OUTSIDE a FakeTensorMode: model init code may read
+    """`workload.build_model` on the meta device. Call it OUTSIDE a FakeTensorMode: model init code may read
     values of small CPU tensors (timm's drop-path schedule does), which fake tensors cannot give.
     If the constructor cannot run on meta tensors (it reads a value of a tensor it created), the
     model is built on the CPU for real (memory = its parameters, freed once converted)."""
     try:
         with torch.device("meta"):
-            return build_model(name, impl, **kwargs)
+            return _build(name, impl, **kwargs)
     except (NotImplementedError, RuntimeError) as err:
         if "meta" not in str(err):
             raise
-    return build_model(name, impl, **kwargs)
+    return _build(name, impl, **kwargs)
 
 
 def to_fake(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
