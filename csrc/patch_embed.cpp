@@ -1,7 +1,7 @@
 // Patch-embed family: image -> tokens [cls, reg..., patches...] with bias and position embedding.
 //
 // The projection is ATen's stride-p convolution without bias (oneDNN's implicit GEMM: on a CPU it beat
-// an explicit patch gather + at::mm, measured in benchmarks/cpu_ops.py); a single parallel epilogue
+// an explicit patch gather + at::mm, measured in vit-fast bench --ops patch_embed); a single parallel epilogue
 // pass then reads its output by strides, adds bias + pos_embed and writes every token at its final
 // offset, prefix tokens (+ their pos embed) included.
 // Backward: one pass gathers the patch-token gradients into [B, gh, gw, D] (also the bias / pos /

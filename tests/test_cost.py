@@ -228,10 +228,10 @@ def test_family_and_direction_from_op_names():
     from vit_fast.perf.cost.taxonomy import family
 
     assert family("layer_norm_mlp_bwd") == ("layer_norm_mlp", "bwd")
-    assert family("patch_embed_backward") == ("patch_embed", "bwd")
-    assert family("patch_embed") == ("patch_embed", "fwd")
+    assert family("patch_embed_bwd") == ("patch_embed", "bwd")
+    assert family("layer_norm_linear_rows_fwd") == ("layer_norm_linear_rows", "fwd")
     assert family("attention_fwd") == ("attention", "fwd")
-    assert cost.op_kind("vit_fast", "patch_embed_backward") == "vit_fast::patch_embed"
+    assert cost.op_kind("vit_fast", "patch_embed_bwd") == "vit_fast::patch_embed"
 
 
 def test_flop_formulas_read_arguments_by_schema_name():
@@ -259,7 +259,7 @@ def test_flop_formulas_read_arguments_by_schema_name():
 def test_patch_embed_backward_flops_follow_needs_image_grad():
     import vit_fast.ops  # noqa: F401
 
-    op = torch.ops.vit_fast.patch_embed_backward.default
+    op = torch.ops.vit_fast.patch_embed_bwd.default
     with cost.fake_mode():
         grad, images, weight = torch.empty(2, 4, 8), torch.empty(2, 3, 8, 8), torch.empty(8, 3, 4, 4)
         args = lambda needs: (grad, images, weight, True, False, False, 0, 4, True, needs)

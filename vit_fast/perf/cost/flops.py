@@ -174,6 +174,17 @@ for _fam, _weight, _fwd, _bwd in _LINEAR_FAMILIES:
     FAMILY_FLOPS[(_fam, "bwd")] = _linear_gemms(_weight, _bwd)
 
 
+def _row_blocks_gemms(gemms: int) -> FlopFormula:
+    """layer_norm_linear over row blocks: the GEMMs of the stacked weight [sum N_i, K]."""
+    return lambda a, out: (
+        gemms * _gemm(_rows(a["x"]), sum(w.shape[0] for w in a["weights"]), a["x"].shape[-1])
+    )
+
+
+FAMILY_FLOPS[("layer_norm_linear_rows", "fwd")] = _row_blocks_gemms(1)
+FAMILY_FLOPS[("layer_norm_linear_rows", "bwd")] = _row_blocks_gemms(2)
+
+
 def _patch_gemm(images: Tensor, weight: Tensor) -> int:
     patches = (images.shape[-2] // weight.shape[-2]) * (images.shape[-1] // weight.shape[-1])
     return _gemm(images.shape[0] * patches, weight.shape[0], math.prod(weight.shape[1:]))

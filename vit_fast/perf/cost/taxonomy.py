@@ -52,9 +52,10 @@ _KIND_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     ),
 ]
 
-#: Suffixes that mark the forward / backward op of one family ("attention_fwd", "patch_embed_backward").
-_FWD_SUFFIXES = ("_fwd", "_forward")
-_BWD_SUFFIXES = ("_bwd", "_backward")
+#: Suffixes that mark the forward / backward op of one family: every custom op is
+#: `vit_fast::<family>_fwd` or `vit_fast::<family>_bwd`.
+_FWD_SUFFIXES = ("_fwd",)
+_BWD_SUFFIXES = ("_bwd",)
 
 
 def op_name(func: Any) -> tuple[str, str]:
@@ -65,7 +66,7 @@ def op_name(func: Any) -> tuple[str, str]:
 
 def family(name: str) -> tuple[str, str]:
     """(family, direction) of a custom op name: "layer_norm_mlp_bwd" -> ("layer_norm_mlp", "bwd");
-    a name without a direction suffix is a forward ("patch_embed" -> ("patch_embed", "fwd"))."""
+    a name without a direction suffix is a forward."""
     for suffix in _BWD_SUFFIXES:
         if name.endswith(suffix):
             return name.removesuffix(suffix), "bwd"
@@ -93,7 +94,13 @@ def op_kind(namespace: str, name: str) -> str:
 KERNEL_CLASSES = ("cublas_gemm", "triton_gemm", "flash_attention", "memory")
 
 #: Our fused families whose FLOPs are GEMMs run by our Triton GEMM (the rest of their work rides on it).
-TRITON_GEMM_FAMILIES = {"layer_norm_linear", "linear_residual", "layer_norm_mlp", "patch_embed"}
+TRITON_GEMM_FAMILIES = {
+    "layer_norm_linear",
+    "layer_norm_linear_rows",
+    "linear_residual",
+    "layer_norm_mlp",
+    "patch_embed",
+}
 
 #: Kinds that never start a GEMM: the memory-bound elementwise / normalisation / reduction work that
 #: torch.compile fuses into one kernel per chain (see compiled.py).
