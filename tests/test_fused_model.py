@@ -91,6 +91,26 @@ def test_fused_drop_path_matches_reference_with_same_rng():
     assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
 
 
+def test_block_mlp_dropout_follows_the_mlps_own_rate():
+    """The MLP's dropout (its drop1/drop2 rates, not attn.proj_drop) decides the unfused MLP path:
+    with only the MLP dropping, the block equals x + attn, then + mlp(norm2) under the same seed."""
+    torch.manual_seed(0)
+    block = vit_fast.nn.block.Block(32, 2, impl="fused").train()
+    block.mlp.drop1.p = block.mlp.drop2.p = 0.5
+    assert block.attn.proj_drop.p == 0.0
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad(), use_backend("reference"):
+        h = x + block.attn(block.norm1(x))  # no RNG draw: attention and projection dropout are off
+        torch.manual_seed(1)
+        want = h + block.mlp(block.norm2(h))
+        torch.manual_seed(1)
+        got = block(x)
+        torch.manual_seed(2)
+        other = block(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, other)  # it really drops
+
+
 def test_fused_model_under_autocast_matches_reference_autocast():
     """CPU autocast to bf16: the fused model's error is within a small multiple of the reference's."""
     ref, fused = _models("vit_tiny_patch16_224", **SMALL)

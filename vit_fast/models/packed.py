@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vit_fast.integrations.naflex import varlen_block_forward
 from vit_fast.nn.block import op_namespace
 
 __all__ = ["forward_packed", "pack_images"]
@@ -78,7 +77,7 @@ def forward_packed(model: torch.nn.Module, images: list[Tensor], pre_logits: boo
     x = model.pos_drop(x)
     cu_dev = cu.to(x.device)
     for blk in model.blocks:
-        x = varlen_block_forward(blk, x, cu_seqlens=cu_dev)
+        x = blk(x, cu_seqlens=cu_dev)
     x = model.norm(x)[0]
     starts = cu[:-1].to(x.device, torch.long)
     if model.global_pool == "token":
