@@ -23,7 +23,14 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from vit_fast.integrations.patch import SPEC_ATTR, BlockSpec, PatchPlan, gelu_variant, layer_norm_blocker
+from vit_fast.integrations.patch import (
+    SPEC_ATTR,
+    BlockSpec,
+    PatchPlan,
+    gelu_variant,
+    layer_norm_blocker,
+    patch_conv_blocker,
+)
 from vit_fast.nn.block import op_namespace
 
 LAYERS = {
@@ -131,17 +138,6 @@ def _layer_forward(
 # ------------------------------------------------------------------------------- embeddings
 
 
-def _patch_conv_blocker(conv: object) -> str | None:
-    if not isinstance(conv, nn.Conv2d):
-        return f"patch projection is {type(conv).__name__}, not Conv2d"
-    k = conv.kernel_size
-    if k[0] != k[1] or conv.stride != k or conv.padding not in ((0, 0), "valid") or conv.dilation != (1, 1):
-        return "patch projection is not a square non-overlapping p x p convolution"
-    if conv.groups != 1:
-        return "patch projection is grouped"
-    return None
-
-
 def _vit_embed_forward(
     self: nn.Module,
     pixel_values: Tensor,
@@ -216,16 +212,16 @@ def _embed_plan(module: nn.Module):
     name = type(module).__name__
     if name in ("ViTEmbeddings", "DeiTEmbeddings"):
         conv = getattr(getattr(module, "patch_embeddings", None), "projection", None)
-        return _vit_embed_forward, _patch_conv_blocker(conv)
+        return _vit_embed_forward, patch_conv_blocker(conv)
     if name in ("CLIPVisionEmbeddings", "SiglipVisionEmbeddings"):
-        bad = _patch_conv_blocker(getattr(module, "patch_embedding", None))
+        bad = patch_conv_blocker(getattr(module, "patch_embedding", None))
         ids = getattr(module, "position_ids", None)
         if bad is None and (ids is None or not torch.equal(ids.flatten().cpu(), torch.arange(ids.numel()))):
             bad = "position_ids are not 0..L-1"
         return _clip_embed_forward, bad
     if name in ("Dinov2Embeddings", "Dinov2WithRegistersEmbeddings"):
         conv = getattr(getattr(module, "patch_embeddings", None), "projection", None)
-        bad = _patch_conv_blocker(conv)
+        bad = patch_conv_blocker(conv)
         if bad is None and getattr(module, "position_embeddings", None) is None:
             bad = "no position embeddings"
         return _dinov2_embed_forward, bad

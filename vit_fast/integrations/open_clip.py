@@ -18,26 +18,15 @@ from vit_fast.integrations.patch import (
     BlockSpec,
     PatchPlan,
     fused_block,
-    gelu_variant,
-    mha_pre_ln_block,
-    mha_spec_kwargs,
+    mha_block_spec,
+    patch_conv_blocker,
 )
 from vit_fast.nn.block import op_namespace
 
 
 def block_spec(block: nn.Module, impl: str) -> tuple[BlockSpec | None, list[str]]:
-    attn, why = mha_pre_ln_block(block, "attn")
-    if attn is None:
-        return None, why
-    if hasattr(block, "ln_1_kv"):
-        why.append("block is a cross-attention block")
-    mlp = getattr(block, "mlp", None)
-    fc1, act, fc2 = (getattr(mlp, n, None) for n in ("c_fc", "gelu", "c_proj"))
-    if not isinstance(fc1, nn.Linear) or not isinstance(fc2, nn.Linear) or len(mlp) != 3:
-        return None, [*why, "mlp is not c_fc, gelu, c_proj"]
-    approximate = gelu_variant(act)
-    if approximate is None:
-        why.append(f"mlp activation is {type(act).__name__}, not a GELU")
+    """The BlockSpec of a ResidualAttentionBlock, or the reasons it cannot be fused."""
+    why = ["block is a cross-attention block"] if hasattr(block, "ln_1_kv") else []
     gammas = []
     for name in ("ls_1", "ls_2"):
         ls = getattr(block, name, None)
@@ -47,20 +36,20 @@ def block_spec(block: nn.Module, impl: str) -> tuple[BlockSpec | None, list[str]
             gammas.append((ls, "gamma"))
         else:
             why.append(f"{name} is {type(ls).__name__}, not LayerScale")
-    if why:
-        return None, why
-    return BlockSpec(
-        norm1=block.ln_1,
-        norm2=block.ln_2,
-        fc1=fc1,
-        fc2=fc2,
-        approximate=approximate,
-        packed_qkv=attn,
+            gammas.append(None)
+    mlp = getattr(block, "mlp", None)
+    fc1, act, fc2 = (getattr(mlp, n, None) for n in ("c_fc", "gelu", "c_proj"))
+    stock = isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear) and len(mlp) == 3
+    return mha_block_spec(
+        block,
+        "attn",
+        (fc1, act, fc2) if stock else None,
+        "c_fc, gelu, c_proj",
+        impl,
+        why,
         layer_scale1=gammas[0],
         layer_scale2=gammas[1],
-        impl=impl,
-        **mha_spec_kwargs(attn),
-    ), []
+    )
 
 
 def _block_forward(self: nn.Module, q_x: Tensor, k_x=None, v_x=None, attn_mask=None) -> Tensor:
@@ -107,21 +96,20 @@ def plan(model: nn.Module, impl: str) -> PatchPlan:
                 out.skipped.append(f"{where}: {'; '.join(why)}")
             else:
                 out.overrides.append((block, "forward", _block_forward, spec))
-        conv, pos = vit.conv1, getattr(vit, "positional_embedding", None)
-        if (
-            hasattr(type(vit), "_embeds")
-            and isinstance(conv, nn.Conv2d)
-            and conv.kernel_size[0] == conv.kernel_size[1]
-            and conv.stride == conv.kernel_size
-            and conv.padding == (0, 0)
-            and conv.groups == 1
-            and isinstance(pos, Tensor)
+        pos = getattr(vit, "positional_embedding", None)
+        bad = patch_conv_blocker(vit.conv1)
+        if not hasattr(type(vit), "_embeds"):
+            bad = "this open_clip has no VisionTransformer._embeds"
+        elif bad is None and not (
+            isinstance(pos, Tensor)
             and pos.dim() == 2
             and pos.shape[0] == vit.grid_size[0] * vit.grid_size[1] + 1
         ):
-            out.overrides.append((vit, "_embeds", _embeds, impl))
+            bad = "positional_embedding is not [1 + patches, D]"
+        if bad:
+            out.skipped.append(f"{prefix}conv1: {bad}")
         else:
-            out.skipped.append(f"{prefix}conv1: not the stock patch embedding")
+            out.overrides.append((vit, "_embeds", _embeds, impl))
     if not found:
         raise TypeError(f"vit_fast.patch: no open_clip VisionTransformer in {type(model).__name__}")
     return out
