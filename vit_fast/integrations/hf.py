@@ -27,11 +27,11 @@ from vit_fast.integrations.patch import (
     SPEC_ATTR,
     BlockSpec,
     PatchPlan,
+    fused_embed,
     gelu_variant,
     layer_norm_blocker,
     patch_conv_blocker,
 )
-from vit_fast.nn.block import op_namespace
 
 LAYERS = {
     "ViTLayer",
@@ -152,15 +152,8 @@ def _vit_embed_forward(
     ):
         return type(self).forward(self, pixel_values, bool_masked_pos, interpolate_pos_encoding)
     conv = self.patch_embeddings.projection
-    x = op_namespace(self.__dict__[SPEC_ATTR]).patch_embed(
-        pixel_values.to(conv.weight.dtype),
-        conv.weight,
-        conv.bias,
-        self.position_embeddings,
-        self.cls_token,
-        getattr(self, "distillation_token", None),
-        patch_size=conv.kernel_size[0],
-    )
+    distill = getattr(self, "distillation_token", None)
+    x = fused_embed(self, pixel_values, conv, self.position_embeddings, self.cls_token, distill)
     return self.dropout(x)
 
 
@@ -171,16 +164,8 @@ def _clip_embed_forward(self: nn.Module, pixel_values: Tensor, interpolate_pos_e
     conv = self.patch_embedding
     cls = getattr(self, "class_embedding", None)
     cls = cls.view(1, 1, -1) if cls is not None else None
-    return op_namespace(self.__dict__[SPEC_ATTR]).patch_embed(
-        pixel_values.to(conv.weight.dtype),
-        conv.weight,
-        conv.bias,
-        self.position_embedding.weight.unsqueeze(0),
-        cls,
-        None,
-        patch_size=conv.kernel_size[0],
-        no_embed_class=cls is None,
-    )
+    pos = self.position_embedding.weight.unsqueeze(0)
+    return fused_embed(self, pixel_values, conv, pos, cls, None, no_embed_class=cls is None)
 
 
 def _dinov2_embed_forward(
@@ -201,10 +186,7 @@ def _dinov2_embed_forward(
     reg = getattr(self, "register_tokens", None)
     if reg is not None:  # registers get no position embedding: zero rows in their slots
         pos = torch.cat([pos[:, :1], pos.new_zeros(1, reg.shape[1], pos.shape[2]), pos[:, 1:]], dim=1)
-    x = op_namespace(self.__dict__[SPEC_ATTR]).patch_embed(
-        pixel_values.to(conv.weight.dtype), conv.weight, conv.bias, pos, self.cls_token, reg, patch_size=p
-    )
-    return self.dropout(x)
+    return self.dropout(fused_embed(self, pixel_values, conv, pos, self.cls_token, reg))
 
 
 def _embed_plan(module: nn.Module):

@@ -18,10 +18,10 @@ from vit_fast.integrations.patch import (
     BlockSpec,
     PatchPlan,
     fused_block,
+    fused_embed,
     mha_block_spec,
     patch_conv_blocker,
 )
-from vit_fast.nn.block import op_namespace
 
 
 def block_spec(block: nn.Module, impl: str) -> tuple[BlockSpec | None, list[str]]:
@@ -63,16 +63,8 @@ def _embeds(self: nn.Module, x: Tensor) -> Tensor:
     """The stock `_embeds` with conv1 + class token + position embedding in one fused op."""
     if x.dim() != 4 or tuple(x.shape[-2:]) != tuple(self.image_size):
         return type(self)._embeds(self, x)
-    conv = self.conv1
-    x = op_namespace(self.__dict__[SPEC_ATTR]).patch_embed(
-        x.to(conv.weight.dtype),
-        conv.weight,
-        conv.bias,
-        self.positional_embedding.unsqueeze(0),
-        self.class_embedding.view(1, 1, -1),
-        None,
-        patch_size=conv.kernel_size[0],
-    )
+    pos, cls = self.positional_embedding.unsqueeze(0), self.class_embedding.view(1, 1, -1)
+    x = fused_embed(self, x, self.conv1, pos, cls, None)
     return self.ln_pre(self.patch_dropout(x))
 
 

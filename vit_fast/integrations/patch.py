@@ -306,6 +306,32 @@ def mha_block_spec(
     ), []
 
 
+def fused_embed(
+    module: nn.Module,
+    images: Tensor,
+    conv: nn.Conv2d,
+    pos_embed: Tensor | None,
+    cls_token: Tensor | None,
+    extra_tokens: Tensor | None,
+    no_embed_class: bool = False,
+) -> Tensor:
+    """The patch embedding of a patched embedding `module` in one `patch_embed` launch of the impl
+    stored on it: images [B, C, H, W] (cast to conv's dtype, as the stock embeddings do) ->
+    [B, prefix + patches, D] = [cls, extra..., conv(images) as tokens] + pos_embed. conv is a
+    p x p, stride-p projection (checked by `patch_conv_blocker`); pos_embed [1, L, D];
+    cls_token [1, 1, D]; extra_tokens [1, R, D] (distillation or register tokens)."""
+    return op_namespace(module.__dict__[SPEC_ATTR]).patch_embed(
+        images.to(conv.weight.dtype),
+        conv.weight,
+        conv.bias,
+        pos_embed,
+        cls_token,
+        extra_tokens,
+        patch_size=conv.kernel_size[0],
+        no_embed_class=no_embed_class,
+    )
+
+
 def patch_conv_blocker(conv: object) -> str | None:
     """Why a patch projection is not the p x p, stride-p convolution the fused patch_embed op
     computes (None: it is)."""

@@ -17,10 +17,10 @@ from vit_fast.integrations.patch import (
     BlockSpec,
     PatchPlan,
     fused_block,
+    fused_embed,
     mha_block_spec,
     patch_conv_blocker,
 )
-from vit_fast.nn.block import op_namespace
 
 
 def block_spec(block: nn.Module, impl: str) -> tuple[BlockSpec | None, list[str]]:
@@ -53,10 +53,7 @@ def _model_forward(self: nn.Module, x: Tensor) -> Tensor:
     if x.dim() != 4 or tuple(x.shape[-2:]) != (self.image_size, self.image_size):
         return type(self).forward(self, x)  # the stock checks raise
     enc = self.encoder
-    x = op_namespace(self.__dict__[SPEC_ATTR]).patch_embed(
-        x, self.conv_proj.weight, self.conv_proj.bias, enc.pos_embedding, self.class_token, None,
-        patch_size=self.patch_size,
-    )  # fmt: skip
+    x = fused_embed(self, x, self.conv_proj, enc.pos_embedding, self.class_token, None)
     x = enc.ln(enc.layers(enc.dropout(x)))
     return self.heads(x[:, 0])
 
