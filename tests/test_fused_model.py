@@ -8,7 +8,7 @@ import torch
 import vit_fast
 from vit_fast.ops import use_backend
 from vit_fast.perf.memory import record_saved
-from vit_fast.testing import compare
+from vit_fast.testing import TINY_HYBRID, compare
 
 SMALL = {"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 10}
 
@@ -65,16 +65,7 @@ def test_fused_small_matches_reference_triton():
 
 
 def test_fused_hybrid_matches_reference_triton():
-    _check_model(
-        "vit_base_r50_s16_224",
-        "triton",
-        img_size=32,
-        depth=1,
-        embed_dim=64,
-        num_heads=2,
-        hybrid_layers=(1, 1, 1),
-        num_classes=4,
-    )
+    _check_model("vit_base_r50_s16_224", "triton", img_size=32, num_classes=4, **TINY_HYBRID)
 
 
 def test_fused_drop_path_matches_reference_with_same_rng():

@@ -6,6 +6,7 @@ from torch import nn
 
 import vit_fast
 from vit_fast.models import create_model, list_models, model_config, resample_pos_embed
+from vit_fast.testing import TINY_HYBRID
 
 timm = pytest.importorskip("timm")
 
@@ -110,16 +111,7 @@ def test_pre_logits_head():
 
 
 def test_hybrid_resnet_stem():
-    m = create_model(
-        "vit_base_r50_s16_224",
-        impl="reference",
-        img_size=64,
-        depth=1,
-        embed_dim=64,
-        num_heads=2,
-        hybrid_layers=(1, 1, 1),
-        num_classes=3,
-    )
+    m = create_model("vit_base_r50_s16_224", impl="reference", img_size=64, num_classes=3, **TINY_HYBRID)
     assert m.patch_embed.grid_size == (4, 4) and m.patch_embed.proj.kernel_size == (1, 1)
     assert m.patch_embed.proj.in_channels == 1024
     out = m(torch.randn(2, 3, 64, 64))

@@ -10,17 +10,15 @@ import torch
 
 from vit_fast import create_model
 from vit_fast.models.packed import forward_packed, pack_images
-from vit_fast.testing import compare
+from vit_fast.testing import TINY_VIT, compare
 
 SIZES = [(32, 32), (16, 24), (8, 8), (32, 32), (24, 8)]
 
 
 def _model(**kw):
     torch.manual_seed(0)
-    cfg = dict(
-        img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=5, dynamic_img_size=True
-    )
-    return create_model("vit_tiny_patch16_224", **{**cfg, **kw})
+    cfg = {**TINY_VIT, "num_classes": 5, "dynamic_img_size": True, **kw}
+    return create_model("vit_tiny_patch16_224", **cfg)
 
 
 def _images():

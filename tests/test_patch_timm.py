@@ -7,23 +7,14 @@ import torch
 
 from vit_fast.integrations import is_patched, patch_timm, unpatch_timm
 from vit_fast.nn.block import Block
+from vit_fast.testing import TINY_VIT
 
 timm = pytest.importorskip("timm")
 
 
 def _tiny(**kw):
     torch.manual_seed(0)
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=8,
-        depth=2,
-        embed_dim=32,
-        num_heads=2,
-        num_classes=5,
-        **kw,
-    )
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**TINY_VIT, "num_classes": 5, **kw})
 
 
 def _logits_and_grads(model, x):

@@ -17,6 +17,7 @@ import torch
 from vit_fast.cli import train as cli_train
 from vit_fast.data import SyntheticImages, build_datasets, digits_datasets, synthetic_datasets
 from vit_fast.ops import use_backend
+from vit_fast.testing import TINY_VIT_16PX
 from vit_fast.training import (
     CHECKPOINT_NAME,
     EVAL_CSV,
@@ -32,11 +33,7 @@ from vit_fast.training import (
 )
 
 TINY = dict(
-    img_size=16,
-    patch_size=4,
-    depth=2,
-    embed_dim=32,
-    num_heads=2,
+    **TINY_VIT_16PX,
     batch_size=16,
     device="cpu",
     progress=False,
