@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from vit_fast.cli import train as cli_train
-from vit_fast.data import SyntheticImages, build_datasets, digits_datasets, synthetic_datasets
+from vit_fast.data import SyntheticImages, build_datasets, digits_datasets
 from vit_fast.ops import use_backend
 from vit_fast.testing import TINY_VIT_16PX
 from vit_fast.training import (
@@ -80,7 +80,7 @@ def test_digits_rejects_bad_arguments(kwargs, match) -> None:
 
 
 def test_synthetic_is_reproducible_and_learnable() -> None:
-    tr, va, info = synthetic_datasets(img_size=16, in_chans=3, num_classes=5, num_train=200, num_val=100)
+    tr, va, info = build_datasets("synthetic", 16, 3, 5, num_train=200, num_val=100)
     assert info.in_chans == 3 and info.num_classes == 5 and len(tr) == 200 and len(va) == 100
     x0, y0 = tr[7]
     x1, y1 = SyntheticImages(200, 16, 3, 5, seed=0)[7]
