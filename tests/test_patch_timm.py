@@ -100,7 +100,28 @@ def test_patched_drop_path_and_dropout_train():
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
     c.sum().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_patched_training_matches_stock_with_the_same_seed():
+    """Drop-path, projection and MLP dropout are drawn from torch's RNG in timm's order, so under one
+    seed the patched model in training gives stock timm's logits and gradients (attention dropout,
+    drawn inside the kernel, is the one random part that cannot match: it is off here)."""
+    model = _tiny(drop_path_rate=0.4, proj_drop_rate=0.3, init_values=0.5)
+    stock = copy.deepcopy(model).train()
+    patch_timm(model)
+    model.train()
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(3)
+    want, want_grads = _logits_and_grads(stock, x)
+    torch.manual_seed(3)
+    got, got_grads = _logits_and_grads(model, x)
+    torch.manual_seed(4)
+    other, _ = _logits_and_grads(model, x)
+    assert not torch.allclose(other, want)  # the masks are really drawn
+    assert _close(got, want)
+    for k in want_grads:
+        assert _close(got_grads[k], want_grads[k]), k
 
 
 @pytest.mark.parametrize("patch_in_eval", [True, False], ids=["patched_in_eval", "patched_in_train"])

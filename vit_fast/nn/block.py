@@ -89,6 +89,10 @@ class Block(nn.Module):
     def _gamma(ls: nn.Module) -> Tensor | None:
         return getattr(ls, "gamma", None)
 
+    def _drop_path_scale(self, x: Tensor) -> Tensor | None:
+        """Stochastic depth for x [B, ...]: a per-sample scale [B] in training, else None."""
+        return drop_path_scale(x.shape[0], self.drop_path, self.training, x.device)
+
     def forward(
         self, x: Tensor, *, seq_lens: Tensor | None = None, cu_seqlens: Tensor | None = None
     ) -> Tensor:
@@ -100,24 +104,26 @@ class Block(nn.Module):
         attn, mlp = self.attn, self.mlp
         if cu_seqlens is not None and self.training and self.drop_path > 0.0:
             raise ValueError("packed (cu_seqlens) blocks do not support drop_path in training")
-        batch = x.shape[0]
 
         qkv = f.layer_norm_linear(
             x, self.norm1.weight, self.norm1.bias, attn.qkv.weight, attn.qkv.bias, self.norm1.eps
         )
         o = attention_core(attn, qkv, self.training, f, seq_lens=seq_lens, cu_seqlens=cu_seqlens)
-        dps = drop_path_scale(batch, self.drop_path, self.training, x.device)
+        # Each drop-path mask is drawn after the dropout masks of its branch, as timm's Block does:
+        # one seed gives timm's answer in training too.
         if self.training and attn.proj_drop.p > 0.0:  # dropout between the GEMM and the residual: not fused
             o = attn.proj_drop(F.linear(o, attn.proj.weight, attn.proj.bias))
-            x = scale_residual(o, x, self._gamma(self.ls1), dps)
+            x = scale_residual(o, x, self._gamma(self.ls1), self._drop_path_scale(x))
         else:
+            dps = self._drop_path_scale(x)
             x = f.linear_residual(
                 o, attn.proj.weight, attn.proj.bias, x, gamma=self._gamma(self.ls1), drop_path_scale=dps
             )
 
-        dps = drop_path_scale(batch, self.drop_path, self.training, x.device)
         if self.training and mlp_dropout_p(mlp) > 0.0:  # dropouts after GELU / fc2: not fused either
-            return scale_residual(mlp(self.norm2(x)), x, self._gamma(self.ls2), dps)
+            y = mlp(self.norm2(x))
+            return scale_residual(y, x, self._gamma(self.ls2), self._drop_path_scale(x))
+        dps = self._drop_path_scale(x)
         return f.layer_norm_mlp(
             x,
             self.norm2.weight,
