@@ -198,18 +198,9 @@ def test_training_on_digits_beats_chance(tmp_path: Path) -> None:
 
 
 def test_bf16_autocast_on_cpu_trains() -> None:
-    fp32 = train(tiny(steps=4, dataset="synthetic", num_train=64, num_val=16, out=None, impl="reference"))
-    bf16 = train(
-        tiny(
-            steps=4,
-            dataset="synthetic",
-            num_train=64,
-            num_val=16,
-            out=None,
-            impl="reference",
-            precision="bf16",
-        )
-    )
+    base = tiny(steps=4, dataset="synthetic", num_train=64, num_val=16, out=None, impl="reference")
+    fp32 = train(base)
+    bf16 = train(dataclasses.replace(base, precision="bf16"))
     assert all(math.isfinite(v) for v in bf16.losses)
     # Same data and init, so bf16 tracks fp32 to bf16 rounding (3 significant digits), not exactly.
     assert bf16.losses != fp32.losses
