@@ -221,16 +221,10 @@ def plan(model: nn.Module, impl: str) -> PatchPlan:
             continue
         if type(module).__name__ in LAYERS:
             spec, why = layer_spec(module, impl)
-            if spec is None:
-                out.skipped.append(f"{name}: {'; '.join(why)}")
-            else:
-                out.overrides.append((module, "forward", _layer_forward, spec))
+            out.add(name, module, "forward", _layer_forward, spec, why)
             continue
         emb = _embed_plan(module)
         if emb is not None:
             fn, bad = emb
-            if bad:
-                out.skipped.append(f"{name}: {bad}")
-            else:
-                out.overrides.append((module, "forward", fn, impl))
+            out.add(name, module, "forward", fn, impl, bad)
     return out

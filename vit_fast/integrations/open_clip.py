@@ -80,14 +80,7 @@ def plan(model: nn.Module, impl: str) -> PatchPlan:
         prefix = f"{vname}." if vname else ""
         for i, block in enumerate(vit.transformer.resblocks):
             where = f"{prefix}transformer.resblocks.{i}"
-            if type(block) is not ResidualAttentionBlock:
-                out.skipped.append(f"{where}: {type(block).__name__} is not ResidualAttentionBlock")
-                continue
-            spec, why = block_spec(block, impl)
-            if spec is None:
-                out.skipped.append(f"{where}: {'; '.join(why)}")
-            else:
-                out.overrides.append((block, "forward", _block_forward, spec))
+            out.add_block(where, block, ResidualAttentionBlock, block_spec, _block_forward, impl)
         pos = getattr(vit, "positional_embedding", None)
         bad = patch_conv_blocker(vit.conv1)
         if not hasattr(type(vit), "_embeds"):
@@ -98,10 +91,7 @@ def plan(model: nn.Module, impl: str) -> PatchPlan:
             and pos.shape[0] == vit.grid_size[0] * vit.grid_size[1] + 1
         ):
             bad = "positional_embedding is not [1 + patches, D]"
-        if bad:
-            out.skipped.append(f"{prefix}conv1: {bad}")
-        else:
-            out.overrides.append((vit, "_embeds", _embeds, impl))
+        out.add(f"{prefix}conv1", vit, "_embeds", _embeds, impl, bad)
     if not found:
         raise TypeError(f"vit_fast.patch: no open_clip VisionTransformer in {type(model).__name__}")
     return out

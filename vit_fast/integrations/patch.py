@@ -158,6 +158,41 @@ class PatchPlan:
     overrides: list[tuple[nn.Module, str, Callable, object]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
+    def add(
+        self,
+        where: str,
+        module: nn.Module,
+        attr: str,
+        fn: Callable,
+        spec: object,
+        why: list[str] | str | None,
+    ) -> None:
+        """Override `module.<attr>` with fn (spec: its BlockSpec, or the impl for an embedding) or,
+        when `why` gives reasons, leave it stock and note them under `where`."""
+        if why:
+            self.skipped.append(f"{where}: {why if isinstance(why, str) else '; '.join(why)}")
+        else:
+            self.overrides.append((module, attr, fn, spec))
+
+    def add_block(
+        self,
+        where: str,
+        block: nn.Module,
+        block_type: type,
+        block_spec: Callable[[nn.Module, str], tuple[BlockSpec | None, list[str]]],
+        forward: Callable,
+        impl: str,
+    ) -> None:
+        """A transformer layer: its forward becomes `forward` when it is exactly `block_type` (not a
+        subclass, whose forward may differ) and `block_spec(block, impl)` finds its parameters."""
+        if type(block) is not block_type:
+            self.add(
+                where, block, "forward", forward, None, f"{type(block).__name__} is not {block_type.__name__}"
+            )
+            return
+        spec, why = block_spec(block, impl)
+        self.add(where, block, "forward", forward, spec, why)
+
 
 def _library(model: nn.Module) -> str:
     mod = type(model).__module__

@@ -68,21 +68,10 @@ def plan(model: nn.Module, impl: str) -> PatchPlan:
     for vit in vits:
         prefix = "" if vit is model else "vit."
         for name, block in vit.encoder.layers.named_children():
-            if type(block) is not EncoderBlock:
-                out.skipped.append(
-                    f"{prefix}encoder.layers.{name}: {type(block).__name__} is not EncoderBlock"
-                )
-                continue
-            spec, why = block_spec(block, impl)
-            if spec is None:
-                out.skipped.append(f"{prefix}encoder.layers.{name}: {'; '.join(why)}")
-            else:
-                out.overrides.append((block, "forward", _block_forward, spec))
+            where = f"{prefix}encoder.layers.{name}"
+            out.add_block(where, block, EncoderBlock, block_spec, _block_forward, impl)
         bad = patch_conv_blocker(vit.conv_proj)
         if bad is None and vit.conv_proj.kernel_size[0] != vit.patch_size:
             bad = f"patch projection is not {vit.patch_size} x {vit.patch_size}"
-        if bad:
-            out.skipped.append(f"{prefix}conv_proj: {bad}")
-        else:
-            out.overrides.append((vit, "forward", _model_forward, impl))
+        out.add(f"{prefix}conv_proj", vit, "forward", _model_forward, impl, bad)
     return out
