@@ -13,23 +13,15 @@ Per block the fused path is four launches of our ops:
 from __future__ import annotations
 
 from functools import partial
-from types import ModuleType
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vit_fast import ops, reference
 from vit_fast.nn.attention import Attention, attention_core
+from vit_fast.nn.impl import op_namespace
 from vit_fast.nn.mlp import LayerScale, Mlp, drop_path_scale, mlp_dropout_p, scale_residual
 
-
-def op_namespace(impl: str) -> ModuleType:
-    """The module whose functions implement the ops for `impl` ('auto' means fused)."""
-    if impl in ("auto", "fused"):
-        return ops
-    if impl == "reference":
-        return reference
-    raise ValueError(f"impl must be 'auto', 'fused' or 'reference', got {impl!r}")
+__all__ = ["Block", "op_namespace"]
 
 
 class Block(nn.Module):

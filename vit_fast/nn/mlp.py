@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vit_fast import ops, reference
+from vit_fast.nn.impl import op_namespace
 
 __all__ = [
     "LayerNormMLP",
@@ -43,10 +43,7 @@ def layer_norm_mlp_functional(
     `impl="fused"` runs `vit_fast.ops.layer_norm_mlp` (saves only x, LN statistics and the fc1
     pre-activation for backward); `impl="reference"` runs `vit_fast.reference.layer_norm_mlp`.
     """
-    f = ops if impl in ("fused", "auto") else reference
-    if impl not in ("fused", "auto", "reference"):
-        raise ValueError(f"impl must be 'fused', 'auto' or 'reference', got {impl!r}")
-    return f.layer_norm_mlp(
+    return op_namespace(impl).layer_norm_mlp(
         x,
         norm.weight,
         norm.bias,
