@@ -6,7 +6,10 @@ from types import ModuleType
 
 from vit_fast import ops, reference
 
-__all__ = ["op_namespace"]
+__all__ = ["IMPLS", "op_namespace"]
+
+#: The values of every `impl` argument (modules, models, patchers, the trainer's config).
+IMPLS = ("auto", "fused", "reference")
 
 
 def op_namespace(impl: str) -> ModuleType:
@@ -16,4 +19,4 @@ def op_namespace(impl: str) -> ModuleType:
         return ops
     if impl == "reference":
         return reference
-    raise ValueError(f"impl must be 'auto', 'fused' or 'reference', got {impl!r}")
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
