@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from vit_fast.data import build_datasets
+from vit_fast.testing import TINY_VIT_16PX
 from vit_fast.training import TrainConfig, build_model, init_distributed, make_train_loader, train, wrap_model
 
 
@@ -30,11 +31,7 @@ def check_config(impl: str, fsdp: bool) -> TrainConfig:
         model="vit_tiny_patch16_224",
         impl=impl,
         dataset="synthetic",
-        img_size=16,
-        patch_size=4,
-        depth=2,
-        embed_dim=32,
-        num_heads=2,
+        **TINY_VIT_16PX,
         num_train=64,
         num_val=16,
         batch_size=8,

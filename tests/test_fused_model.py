@@ -8,7 +8,7 @@ import torch
 import vit_fast
 from vit_fast.ops import use_backend
 from vit_fast.perf.memory import record_saved
-from vit_fast.testing import compare
+from vit_fast.testing import TINY_HYBRID, compare
 
 SMALL = {"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 10}
 
@@ -65,16 +65,7 @@ def test_fused_small_matches_reference_triton():
 
 
 def test_fused_hybrid_matches_reference_triton():
-    _check_model(
-        "vit_base_r50_s16_224",
-        "triton",
-        img_size=32,
-        depth=1,
-        embed_dim=64,
-        num_heads=2,
-        hybrid_layers=(1, 1, 1),
-        num_classes=4,
-    )
+    _check_model("vit_base_r50_s16_224", "triton", img_size=32, num_classes=4, **TINY_HYBRID)
 
 
 def test_fused_drop_path_matches_reference_with_same_rng():
@@ -89,6 +80,26 @@ def test_fused_drop_path_matches_reference_with_same_rng():
     with use_backend("triton"):
         got = fused(x)
     assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+def test_block_mlp_dropout_follows_the_mlps_own_rate():
+    """The MLP's dropout (its drop1/drop2 rates, not attn.proj_drop) decides the unfused MLP path:
+    with only the MLP dropping, the block equals x + attn, then + mlp(norm2) under the same seed."""
+    torch.manual_seed(0)
+    block = vit_fast.nn.block.Block(32, 2, impl="fused").train()
+    block.mlp.drop1.p = block.mlp.drop2.p = 0.5
+    assert block.attn.proj_drop.p == 0.0
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad(), use_backend("reference"):
+        h = x + block.attn(block.norm1(x))  # no RNG draw: attention and projection dropout are off
+        torch.manual_seed(1)
+        want = h + block.mlp(block.norm2(h))
+        torch.manual_seed(1)
+        got = block(x)
+        torch.manual_seed(2)
+        other = block(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, other)  # it really drops
 
 
 def test_fused_model_under_autocast_matches_reference_autocast():

@@ -10,17 +10,15 @@ import torch
 
 from vit_fast import create_model
 from vit_fast.models.packed import forward_packed, pack_images
-from vit_fast.testing import compare
+from vit_fast.testing import TINY_VIT, compare
 
 SIZES = [(32, 32), (16, 24), (8, 8), (32, 32), (24, 8)]
 
 
 def _model(**kw):
     torch.manual_seed(0)
-    cfg = dict(
-        img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=5, dynamic_img_size=True
-    )
-    return create_model("vit_tiny_patch16_224", **{**cfg, **kw})
+    cfg = {**TINY_VIT, "num_classes": 5, "dynamic_img_size": True, **kw}
+    return create_model("vit_tiny_patch16_224", **cfg)
 
 
 def _images():
@@ -73,3 +71,30 @@ def test_packed_bad_input():
     dp = _model(drop_path_rate=0.1).train()
     with pytest.raises(ValueError, match="drop_path"):
         forward_packed(dp, [torch.randn(3, 8, 8)])
+
+
+def test_attention_module_and_block_take_lengths():
+    """nn.Attention and nn.Block with cu_seqlens (packed) or seq_lens (padded) equal the same
+    modules run on each sequence alone; padded rows of the padded batch's attention are ignored."""
+    from vit_fast.nn import Attention, Block
+
+    torch.manual_seed(0)
+    attn = Attention(32, 2, qkv_bias=True).eval()
+    block = Block(32, 2, init_values=0.5).eval()
+    lengths = [5, 3, 7]
+    seqs = [torch.randn(1, n, 32) for n in lengths]
+    cu = torch.tensor([0, 5, 8, 15], dtype=torch.int32)
+    padded = torch.zeros(3, 7, 32)
+    for i, s in enumerate(seqs):
+        padded[i, : lengths[i]] = s[0]
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    with torch.no_grad():
+        for module in (attn, block):
+            alone = [module(s) for s in seqs]
+            packed = module(torch.cat(seqs, dim=1), cu_seqlens=cu)
+            torch.testing.assert_close(packed, torch.cat(alone, dim=1), rtol=1e-5, atol=1e-5)
+            out = module(padded, seq_lens=seq_lens)
+            for i, want in enumerate(alone):
+                torch.testing.assert_close(out[i : i + 1, : lengths[i]], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        block(padded, cu_seqlens=cu)

@@ -77,15 +77,34 @@ FAST_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "case", FAST_CASES, ids=lambda c: "B{}C{}_{}x{}_p{}_D{}_cls{}_reg{}_nec{}_cl{}".format(*c)
-)
-def test_numerics_fp32(case, device, triton_backend):
+# Realistic shapes: slow in the interpreter.
+SLOW_CASES = [
+    (1, 3, 224, 224, 16, 192, True, 0, False, False),
+    (3, 3, 224, 160, 16, 96, True, 4, False, True),
+    (1, 3, 224, 224, 14, 96, True, 0, True, False),
+    (3, 3, 224, 224, 32, 96, False, 0, False, True),
+    (1, 3, 224, 160, 8, 64, True, 4, True, False),
+    (1, 3, 224, 224, 4, 48, True, 0, False, True),
+    (1, 256, 14, 14, 1, 192, True, 0, False, True),  # hybrid: ResNet stage feature map, 1x1
+]
+
+
+def run_case(case: tuple, device: str, dtype: torch.dtype = torch.float32) -> None:
+    """The numerics rule on one (B, C, H, W, p, D, cls, R, no_embed_class, channels_last) case."""
     B, C, H, W, p, D, cls, R, nec, cl = case
     args, kwargs = make_args(
         B, C, H, W, p, D, cls=cls, num_reg=R, no_embed_class=nec, channels_last=cl, device=device
     )
-    run_check(args, kwargs)
+    run_check(args, kwargs, dtype)
+
+
+@pytest.mark.parametrize(
+    "case",
+    FAST_CASES + [pytest.param(c, marks=pytest.mark.slow) for c in SLOW_CASES],
+    ids=lambda c: "B{}C{}_{}x{}_p{}_D{}_cls{}_reg{}_nec{}_cl{}".format(*c),
+)
+def test_numerics_fp32(case, device, triton_backend):
+    run_case(case, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -95,11 +114,7 @@ def test_numerics_fp32(case, device, triton_backend):
     ids=["p16_cl", "p1_reg_nec"],
 )
 def test_numerics_low_precision(case, dtype, device, triton_backend):
-    B, C, H, W, p, D, cls, R, nec, cl = case
-    args, kwargs = make_args(
-        B, C, H, W, p, D, cls=cls, num_reg=R, no_embed_class=nec, channels_last=cl, device=device
-    )
-    run_check(args, kwargs, dtype)
+    run_case(case, device, dtype)
 
 
 def test_numerics_optional_parts_absent(device, triton_backend):
@@ -283,7 +298,7 @@ class _Tiny(torch.nn.Module):
         self.pos_embed = torch.nn.Parameter(torch.randn(1, 5, 16))
 
     def forward(self, x):
-        return self.patch_embed.forward_tokens(x, self.pos_embed, self.cls_token).square().mean()
+        return self.patch_embed(x, self.pos_embed, self.cls_token).square().mean()
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -333,12 +348,12 @@ def test_patch_embed_module_attributes_and_forward(device, triton_backend):
     assert loose.to(device)(torch.randn(1, 3, 32, 32, device=device)).shape == (1, 4, 32)
 
 
-def test_patch_embed_module_forward_tokens(device, triton_backend):
+def test_patch_embed_module_with_tokens(device, triton_backend):
     m = PatchEmbed(img_size=32, patch_size=8, in_chans=3, embed_dim=16).to(device)
     x = torch.randn(2, 3, 32, 32, device=device)
     cls, reg = torch.randn(1, 1, 16), torch.randn(1, 2, 16)
     pos = torch.randn(1, 16, 16)
-    out = m.forward_tokens(x, pos, cls, reg, no_embed_class=True)
+    out = m(x, pos, cls, reg, no_embed_class=True)
     expected = reference.patch_embed(
         x, m.proj.weight, m.proj.bias, pos, cls, reg, patch_size=8, no_embed_class=True
     )
@@ -358,28 +373,6 @@ def test_patch_embed_matches_timm(device, triton_backend):
 
 
 # -- realistic shapes (slow in the interpreter) ------------------------------------------------------------
-
-SLOW_CASES = [
-    (1, 3, 224, 224, 16, 192, True, 0, False, False),
-    (3, 3, 224, 160, 16, 96, True, 4, False, True),
-    (1, 3, 224, 224, 14, 96, True, 0, True, False),
-    (3, 3, 224, 224, 32, 96, False, 0, False, True),
-    (1, 3, 224, 160, 8, 64, True, 4, True, False),
-    (1, 3, 224, 224, 4, 48, True, 0, False, True),
-    (1, 256, 14, 14, 1, 192, True, 0, False, True),  # hybrid: ResNet stage feature map, 1x1
-]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "case", SLOW_CASES, ids=lambda c: "B{}C{}_{}x{}_p{}_D{}_cls{}_reg{}_nec{}_cl{}".format(*c)
-)
-def test_numerics_realistic(case, device, triton_backend):
-    B, C, H, W, p, D, cls, R, nec, cl = case
-    args, kwargs = make_args(
-        B, C, H, W, p, D, cls=cls, num_reg=R, no_embed_class=nec, channels_last=cl, device=device
-    )
-    run_check(args, kwargs)
 
 
 @pytest.mark.slow

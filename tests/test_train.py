@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from vit_fast.cli import train as cli_train
-from vit_fast.data import SyntheticImages, build_datasets, digits_datasets, synthetic_datasets
+from vit_fast.data import SyntheticImages, build_datasets, digits_datasets
 from vit_fast.ops import use_backend
+from vit_fast.testing import TINY_VIT_16PX
 from vit_fast.training import (
     CHECKPOINT_NAME,
     EVAL_CSV,
@@ -32,11 +33,7 @@ from vit_fast.training import (
 )
 
 TINY = dict(
-    img_size=16,
-    patch_size=4,
-    depth=2,
-    embed_dim=32,
-    num_heads=2,
+    **TINY_VIT_16PX,
     batch_size=16,
     device="cpu",
     progress=False,
@@ -83,7 +80,7 @@ def test_digits_rejects_bad_arguments(kwargs, match) -> None:
 
 
 def test_synthetic_is_reproducible_and_learnable() -> None:
-    tr, va, info = synthetic_datasets(img_size=16, in_chans=3, num_classes=5, num_train=200, num_val=100)
+    tr, va, info = build_datasets("synthetic", 16, 3, 5, num_train=200, num_val=100)
     assert info.in_chans == 3 and info.num_classes == 5 and len(tr) == 200 and len(va) == 100
     x0, y0 = tr[7]
     x1, y1 = SyntheticImages(200, 16, 3, 5, seed=0)[7]
@@ -201,18 +198,9 @@ def test_training_on_digits_beats_chance(tmp_path: Path) -> None:
 
 
 def test_bf16_autocast_on_cpu_trains() -> None:
-    fp32 = train(tiny(steps=4, dataset="synthetic", num_train=64, num_val=16, out=None, impl="reference"))
-    bf16 = train(
-        tiny(
-            steps=4,
-            dataset="synthetic",
-            num_train=64,
-            num_val=16,
-            out=None,
-            impl="reference",
-            precision="bf16",
-        )
-    )
+    base = tiny(steps=4, dataset="synthetic", num_train=64, num_val=16, out=None, impl="reference")
+    fp32 = train(base)
+    bf16 = train(dataclasses.replace(base, precision="bf16"))
     assert all(math.isfinite(v) for v in bf16.losses)
     # Same data and init, so bf16 tracks fp32 to bf16 rounding (3 significant digits), not exactly.
     assert bf16.losses != fp32.losses

@@ -6,7 +6,7 @@ Both are ordinary `torch.utils.data.Dataset`s returning `(image [C, S, S] float3
   scaled to [0, 1], bilinearly upsampled to `img_size`, normalised with the *training* split's mean
   and std, and split train/val by a fixed permutation (the split never depends on the training seed,
   so runs with different seeds are evaluated on the same images).
-- `SyntheticImages`: random images with a learnable rule (each class has a smooth template; an
+- `SyntheticImages` (`build_datasets("synthetic", ...)` for a train/val pair): random images with a learnable rule (each class has a smooth template; an
   image is its class template plus noise). Sample `i` is generated on the fly from `(seed, i)`, so
   any size costs no memory and every process (DDP ranks, resumed runs) sees identical samples.
 """
@@ -131,22 +131,6 @@ class SyntheticImages(Dataset):
         return img, torch.tensor(label, dtype=torch.int64)
 
 
-def synthetic_datasets(
-    img_size: int = 224,
-    in_chans: int = 3,
-    num_classes: int = 10,
-    num_train: int = 4096,
-    num_val: int = 512,
-    seed: int = 0,
-) -> tuple[SyntheticImages, SyntheticImages, DatasetInfo]:
-    """Synthetic (train, val, info): the same class templates (same seed), disjoint sample streams
-    (validation sample i uses the stream of index num_train + i)."""
-    train = SyntheticImages(num_train, img_size, in_chans, num_classes, seed=seed)
-    val = SyntheticImages(num_val, img_size, in_chans, num_classes, seed=seed, offset=num_train)
-    info = DatasetInfo("synthetic", in_chans, num_classes, img_size, num_train, num_val)
-    return train, val, info
-
-
 def build_datasets(
     name: str,
     img_size: int,
@@ -159,11 +143,16 @@ def build_datasets(
     seed: int = 0,
 ) -> tuple[Dataset, Dataset, DatasetInfo]:
     """Dataset by name ('digits' | 'synthetic') -> (train, val, info). None means the dataset's default
-    (digits: 1 channel, 10 classes; synthetic: 3 channels, 10 classes)."""
+    (digits: 1 channel, 10 classes; synthetic: 3 channels, 10 classes). Synthetic train and val
+    share the class templates (same seed) and draw disjoint sample streams (validation sample i
+    uses the stream of index num_train + i); num_train, num_val and seed are synthetic's only."""
     if name == "digits":
         if num_classes not in (None, 10):
             raise ValueError(f"digits has 10 classes, got num_classes={num_classes}")
         return digits_datasets(img_size, in_chans or 1, val_fraction)
     if name == "synthetic":
-        return synthetic_datasets(img_size, in_chans or 3, num_classes or 10, num_train, num_val, seed)
+        chans, classes = in_chans or 3, num_classes or 10
+        train = SyntheticImages(num_train, img_size, chans, classes, seed=seed)
+        val = SyntheticImages(num_val, img_size, chans, classes, seed=seed, offset=num_train)
+        return train, val, DatasetInfo("synthetic", chans, classes, img_size, num_train, num_val)
     raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")

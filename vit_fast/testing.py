@@ -14,6 +14,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+#: The tiny ViT of the tests and scripts/ddp_check.py, in timm's argument names (for
+#: `timm.create_model`, `vit_fast.create_model` and `TrainConfig` alike): 2 blocks of width 32 with
+#: 2 heads over a 4 x 4 patch grid, seconds per step on a shared CPU with Triton interpreted.
+TINY_VIT = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
+
+#: The same at 16 px images (4 px patches: the same grid, less image data), for the training tests.
+TINY_VIT_16PX = {**TINY_VIT, "img_size": 16, "patch_size": 4}
+
+#: A tiny hybrid (`vit_base_r50_s16_224` with one bottleneck per ResNet stage, width 64).
+TINY_HYBRID = {"depth": 1, "embed_dim": 64, "num_heads": 2, "hybrid_layers": (1, 1, 1)}
+
 #: atol relative to the output scale, per dtype of the op under test.
 DEFAULT_ATOL_REL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 

@@ -23,8 +23,15 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from vit_fast.integrations.patch import SPEC_ATTR, BlockSpec, PatchPlan, gelu_variant, layer_norm_blocker
-from vit_fast.nn.block import op_namespace
+from vit_fast.integrations.patch import (
+    SPEC_ATTR,
+    BlockSpec,
+    PatchPlan,
+    fused_embed,
+    gelu_variant,
+    layer_norm_blocker,
+    patch_conv_blocker,
+)
 
 LAYERS = {
     "ViTLayer",
@@ -131,17 +138,6 @@ def _layer_forward(
 # ------------------------------------------------------------------------------- embeddings
 
 
-def _patch_conv_blocker(conv: object) -> str | None:
-    if not isinstance(conv, nn.Conv2d):
-        return f"patch projection is {type(conv).__name__}, not Conv2d"
-    k = conv.kernel_size
-    if k[0] != k[1] or conv.stride != k or conv.padding not in ((0, 0), "valid") or conv.dilation != (1, 1):
-        return "patch projection is not a square non-overlapping p x p convolution"
-    if conv.groups != 1:
-        return "patch projection is grouped"
-    return None
-
-
 def _vit_embed_forward(
     self: nn.Module,
     pixel_values: Tensor,
@@ -156,15 +152,8 @@ def _vit_embed_forward(
     ):
         return type(self).forward(self, pixel_values, bool_masked_pos, interpolate_pos_encoding)
     conv = self.patch_embeddings.projection
-    x = op_namespace(self.__dict__[SPEC_ATTR]).patch_embed(
-        pixel_values.to(conv.weight.dtype),
-        conv.weight,
-        conv.bias,
-        self.position_embeddings,
-        self.cls_token,
-        getattr(self, "distillation_token", None),
-        patch_size=conv.kernel_size[0],
-    )
+    distill = getattr(self, "distillation_token", None)
+    x = fused_embed(self, pixel_values, conv, self.position_embeddings, self.cls_token, distill)
     return self.dropout(x)
 
 
@@ -175,16 +164,8 @@ def _clip_embed_forward(self: nn.Module, pixel_values: Tensor, interpolate_pos_e
     conv = self.patch_embedding
     cls = getattr(self, "class_embedding", None)
     cls = cls.view(1, 1, -1) if cls is not None else None
-    return op_namespace(self.__dict__[SPEC_ATTR]).patch_embed(
-        pixel_values.to(conv.weight.dtype),
-        conv.weight,
-        conv.bias,
-        self.position_embedding.weight.unsqueeze(0),
-        cls,
-        None,
-        patch_size=conv.kernel_size[0],
-        no_embed_class=cls is None,
-    )
+    pos = self.position_embedding.weight.unsqueeze(0)
+    return fused_embed(self, pixel_values, conv, pos, cls, None, no_embed_class=cls is None)
 
 
 def _dinov2_embed_forward(
@@ -205,10 +186,7 @@ def _dinov2_embed_forward(
     reg = getattr(self, "register_tokens", None)
     if reg is not None:  # registers get no position embedding: zero rows in their slots
         pos = torch.cat([pos[:, :1], pos.new_zeros(1, reg.shape[1], pos.shape[2]), pos[:, 1:]], dim=1)
-    x = op_namespace(self.__dict__[SPEC_ATTR]).patch_embed(
-        pixel_values.to(conv.weight.dtype), conv.weight, conv.bias, pos, self.cls_token, reg, patch_size=p
-    )
-    return self.dropout(x)
+    return self.dropout(fused_embed(self, pixel_values, conv, pos, self.cls_token, reg))
 
 
 def _embed_plan(module: nn.Module):
@@ -216,16 +194,16 @@ def _embed_plan(module: nn.Module):
     name = type(module).__name__
     if name in ("ViTEmbeddings", "DeiTEmbeddings"):
         conv = getattr(getattr(module, "patch_embeddings", None), "projection", None)
-        return _vit_embed_forward, _patch_conv_blocker(conv)
+        return _vit_embed_forward, patch_conv_blocker(conv)
     if name in ("CLIPVisionEmbeddings", "SiglipVisionEmbeddings"):
-        bad = _patch_conv_blocker(getattr(module, "patch_embedding", None))
+        bad = patch_conv_blocker(getattr(module, "patch_embedding", None))
         ids = getattr(module, "position_ids", None)
         if bad is None and (ids is None or not torch.equal(ids.flatten().cpu(), torch.arange(ids.numel()))):
             bad = "position_ids are not 0..L-1"
         return _clip_embed_forward, bad
     if name in ("Dinov2Embeddings", "Dinov2WithRegistersEmbeddings"):
         conv = getattr(getattr(module, "patch_embeddings", None), "projection", None)
-        bad = _patch_conv_blocker(conv)
+        bad = patch_conv_blocker(conv)
         if bad is None and getattr(module, "position_embeddings", None) is None:
             bad = "no position embeddings"
         return _dinov2_embed_forward, bad
@@ -243,16 +221,10 @@ def plan(model: nn.Module, impl: str) -> PatchPlan:
             continue
         if type(module).__name__ in LAYERS:
             spec, why = layer_spec(module, impl)
-            if spec is None:
-                out.skipped.append(f"{name}: {'; '.join(why)}")
-            else:
-                out.overrides.append((module, "forward", _layer_forward, spec))
+            out.add(name, module, "forward", _layer_forward, spec, why)
             continue
         emb = _embed_plan(module)
         if emb is not None:
             fn, bad = emb
-            if bad:
-                out.skipped.append(f"{name}: {bad}")
-            else:
-                out.overrides.append((module, "forward", fn, impl))
+            out.add(name, module, "forward", fn, impl, bad)
     return out

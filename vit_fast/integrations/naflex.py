@@ -21,14 +21,10 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vit_fast import reference
 from vit_fast.integrations.timm import _block_blockers
-from vit_fast.nn.attention import normalize_qk
 from vit_fast.nn.block import Block, op_namespace
-from vit_fast.nn.mlp import drop_path_scale
 
 __all__ = [
     "NaFlexBlock",
@@ -36,7 +32,6 @@ __all__ = [
     "patch_naflex",
     "prefix_lengths",
     "unpatch_naflex",
-    "varlen_block_forward",
 ]
 
 _ORIGINAL_BLOCKS = "_vit_fast_original_blocks"
@@ -60,58 +55,7 @@ class NaFlexBlock(Block):
         if attn_mask is not None:
             self._stock.train(self.training)  # its DropPath modules are its own, not registered here
             return self._stock(x, attn_mask=attn_mask)
-        if seq_lens is None:
-            return super().forward(x)
-        return varlen_block_forward(self, x, seq_lens=seq_lens)
-
-
-def varlen_block_forward(
-    block: Block, x: Tensor, *, seq_lens: Tensor | None = None, cu_seqlens: Tensor | None = None
-) -> Tensor:
-    """`Block.forward` with variable-length attention (the same launches and fusions).
-
-    seq_lens [B]: x [B, T, D] is a padded batch. cu_seqlens [N+1]: x [1, total, D] holds N packed
-    sequences (drop-path then needs one draw per sequence, which this path does not do: it is
-    rejected in training)."""
-    f = op_namespace(block.impl)
-    attn, mlp = block.attn, block.mlp
-    batch = x.shape[0]
-    if cu_seqlens is not None and block.training and block.drop_path > 0.0:
-        raise ValueError("packed (cu_seqlens) blocks do not support drop_path in training")
-    dropout_active = block.training and attn.proj_drop.p > 0.0
-    qkv = f.layer_norm_linear(
-        x, block.norm1.weight, block.norm1.bias, attn.qkv.weight, attn.qkv.bias, block.norm1.eps
-    )
-    qkv = normalize_qk(attn, qkv)
-    p = attn.attn_drop.p if block.training else 0.0
-    if cu_seqlens is not None:
-        o = f.attention(qkv[0], attn.num_heads, scale=attn.scale, dropout_p=p, cu_seqlens=cu_seqlens)[None]
-    else:
-        o = f.attention(qkv, attn.num_heads, scale=attn.scale, dropout_p=p, seq_lens=seq_lens)
-    dps = drop_path_scale(batch, block.drop_path, block.training, x.device)
-    if dropout_active:
-        o = attn.proj_drop(F.linear(o, attn.proj.weight, attn.proj.bias))
-        x = reference.scale_residual(o, x, block._gamma(block.ls1), dps)
-    else:
-        x = f.linear_residual(
-            o, attn.proj.weight, attn.proj.bias, x, gamma=block._gamma(block.ls1), drop_path_scale=dps
-        )
-    dps = drop_path_scale(batch, block.drop_path, block.training, x.device)
-    if dropout_active:
-        return reference.scale_residual(mlp(block.norm2(x)), x, block._gamma(block.ls2), dps)
-    return f.layer_norm_mlp(
-        x,
-        block.norm2.weight,
-        block.norm2.bias,
-        mlp.fc1.weight,
-        mlp.fc1.bias,
-        mlp.fc2.weight,
-        mlp.fc2.bias,
-        block.norm2.eps,
-        gamma=block._gamma(block.ls2),
-        drop_path_scale=dps,
-        approximate=getattr(mlp.act, "approximate", "none"),
-    )
+        return super().forward(x, seq_lens=seq_lens)
 
 
 def prefix_lengths(patch_valid: Tensor, num_prefix_tokens: int) -> Tensor | None:

@@ -18,26 +18,15 @@ from vit_fast.integrations.patch import (
     BlockSpec,
     PatchPlan,
     fused_block,
-    gelu_variant,
-    mha_pre_ln_block,
-    mha_spec_kwargs,
+    fused_embed,
+    mha_block_spec,
+    patch_conv_blocker,
 )
-from vit_fast.nn.block import op_namespace
 
 
 def block_spec(block: nn.Module, impl: str) -> tuple[BlockSpec | None, list[str]]:
-    attn, why = mha_pre_ln_block(block, "attn")
-    if attn is None:
-        return None, why
-    if hasattr(block, "ln_1_kv"):
-        why.append("block is a cross-attention block")
-    mlp = getattr(block, "mlp", None)
-    fc1, act, fc2 = (getattr(mlp, n, None) for n in ("c_fc", "gelu", "c_proj"))
-    if not isinstance(fc1, nn.Linear) or not isinstance(fc2, nn.Linear) or len(mlp) != 3:
-        return None, [*why, "mlp is not c_fc, gelu, c_proj"]
-    approximate = gelu_variant(act)
-    if approximate is None:
-        why.append(f"mlp activation is {type(act).__name__}, not a GELU")
+    """The BlockSpec of a ResidualAttentionBlock, or the reasons it cannot be fused."""
+    why = ["block is a cross-attention block"] if hasattr(block, "ln_1_kv") else []
     gammas = []
     for name in ("ls_1", "ls_2"):
         ls = getattr(block, name, None)
@@ -47,20 +36,20 @@ def block_spec(block: nn.Module, impl: str) -> tuple[BlockSpec | None, list[str]
             gammas.append((ls, "gamma"))
         else:
             why.append(f"{name} is {type(ls).__name__}, not LayerScale")
-    if why:
-        return None, why
-    return BlockSpec(
-        norm1=block.ln_1,
-        norm2=block.ln_2,
-        fc1=fc1,
-        fc2=fc2,
-        approximate=approximate,
-        packed_qkv=attn,
+            gammas.append(None)
+    mlp = getattr(block, "mlp", None)
+    fc1, act, fc2 = (getattr(mlp, n, None) for n in ("c_fc", "gelu", "c_proj"))
+    stock = isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear) and len(mlp) == 3
+    return mha_block_spec(
+        block,
+        "attn",
+        (fc1, act, fc2) if stock else None,
+        "c_fc, gelu, c_proj",
+        impl,
+        why,
         layer_scale1=gammas[0],
         layer_scale2=gammas[1],
-        impl=impl,
-        **mha_spec_kwargs(attn),
-    ), []
+    )
 
 
 def _block_forward(self: nn.Module, q_x: Tensor, k_x=None, v_x=None, attn_mask=None) -> Tensor:
@@ -74,16 +63,8 @@ def _embeds(self: nn.Module, x: Tensor) -> Tensor:
     """The stock `_embeds` with conv1 + class token + position embedding in one fused op."""
     if x.dim() != 4 or tuple(x.shape[-2:]) != tuple(self.image_size):
         return type(self)._embeds(self, x)
-    conv = self.conv1
-    x = op_namespace(self.__dict__[SPEC_ATTR]).patch_embed(
-        x.to(conv.weight.dtype),
-        conv.weight,
-        conv.bias,
-        self.positional_embedding.unsqueeze(0),
-        self.class_embedding.view(1, 1, -1),
-        None,
-        patch_size=conv.kernel_size[0],
-    )
+    pos, cls = self.positional_embedding.unsqueeze(0), self.class_embedding.view(1, 1, -1)
+    x = fused_embed(self, x, self.conv1, pos, cls, None)
     return self.ln_pre(self.patch_dropout(x))
 
 
@@ -99,29 +80,18 @@ def plan(model: nn.Module, impl: str) -> PatchPlan:
         prefix = f"{vname}." if vname else ""
         for i, block in enumerate(vit.transformer.resblocks):
             where = f"{prefix}transformer.resblocks.{i}"
-            if type(block) is not ResidualAttentionBlock:
-                out.skipped.append(f"{where}: {type(block).__name__} is not ResidualAttentionBlock")
-                continue
-            spec, why = block_spec(block, impl)
-            if spec is None:
-                out.skipped.append(f"{where}: {'; '.join(why)}")
-            else:
-                out.overrides.append((block, "forward", _block_forward, spec))
-        conv, pos = vit.conv1, getattr(vit, "positional_embedding", None)
-        if (
-            hasattr(type(vit), "_embeds")
-            and isinstance(conv, nn.Conv2d)
-            and conv.kernel_size[0] == conv.kernel_size[1]
-            and conv.stride == conv.kernel_size
-            and conv.padding == (0, 0)
-            and conv.groups == 1
-            and isinstance(pos, Tensor)
+            out.add_block(where, block, ResidualAttentionBlock, block_spec, _block_forward, impl)
+        pos = getattr(vit, "positional_embedding", None)
+        bad = patch_conv_blocker(vit.conv1)
+        if not hasattr(type(vit), "_embeds"):
+            bad = "this open_clip has no VisionTransformer._embeds"
+        elif bad is None and not (
+            isinstance(pos, Tensor)
             and pos.dim() == 2
             and pos.shape[0] == vit.grid_size[0] * vit.grid_size[1] + 1
         ):
-            out.overrides.append((vit, "_embeds", _embeds, impl))
-        else:
-            out.skipped.append(f"{prefix}conv1: not the stock patch embedding")
+            bad = "positional_embedding is not [1 + patches, D]"
+        out.add(f"{prefix}conv1", vit, "_embeds", _embeds, impl, bad)
     if not found:
         raise TypeError(f"vit_fast.patch: no open_clip VisionTransformer in {type(model).__name__}")
     return out

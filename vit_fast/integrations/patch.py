@@ -158,6 +158,41 @@ class PatchPlan:
     overrides: list[tuple[nn.Module, str, Callable, object]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
+    def add(
+        self,
+        where: str,
+        module: nn.Module,
+        attr: str,
+        fn: Callable,
+        spec: object,
+        why: list[str] | str | None,
+    ) -> None:
+        """Override `module.<attr>` with fn (spec: its BlockSpec, or the impl for an embedding) or,
+        when `why` gives reasons, leave it stock and note them under `where`."""
+        if why:
+            self.skipped.append(f"{where}: {why if isinstance(why, str) else '; '.join(why)}")
+        else:
+            self.overrides.append((module, attr, fn, spec))
+
+    def add_block(
+        self,
+        where: str,
+        block: nn.Module,
+        block_type: type,
+        block_spec: Callable[[nn.Module, str], tuple[BlockSpec | None, list[str]]],
+        forward: Callable,
+        impl: str,
+    ) -> None:
+        """A transformer layer: its forward becomes `forward` when it is exactly `block_type` (not a
+        subclass, whose forward may differ) and `block_spec(block, impl)` finds its parameters."""
+        if type(block) is not block_type:
+            self.add(
+                where, block, "forward", forward, None, f"{type(block).__name__} is not {block_type.__name__}"
+            )
+            return
+        spec, why = block_spec(block, impl)
+        self.add(where, block, "forward", forward, spec, why)
+
 
 def _library(model: nn.Module) -> str:
     mod = type(model).__module__
@@ -258,24 +293,88 @@ def mha_qkv(attn: object) -> tuple[nn.MultiheadAttention | None, list[str]]:
     return (None if why else attn), why
 
 
-def mha_pre_ln_block(block: nn.Module, attn_attr: str) -> tuple[nn.MultiheadAttention | None, list[str]]:
-    """The fusable parts shared by torchvision's and open_clip's pre-LN blocks: the packed
-    `nn.MultiheadAttention` at `block.<attn_attr>` (None when it cannot be fused) and the reasons
-    against it or against the block's `ln_1` / `ln_2`."""
-    qkv, why = mha_qkv(getattr(block, attn_attr, None))
-    if qkv is None:
-        return None, why
+def mha_block_spec(
+    block: nn.Module,
+    attn_attr: str,
+    mlp: tuple[nn.Linear, nn.Module, nn.Linear] | None,
+    mlp_layout: str,
+    impl: str,
+    why: list[str],
+    **spec: object,
+) -> tuple[BlockSpec | None, list[str]]:
+    """The BlockSpec of a torchvision or open_clip pre-LN block, or the reasons it cannot be fused.
+
+    Shared: a batch-first `nn.MultiheadAttention` with a packed in-projection at
+    `block.<attn_attr>`, LayerNorms `ln_1` / `ln_2`, a GELU-variant MLP. The adapter passes the
+    MLP's (fc1, activation, fc2) as it found them (None: the block's mlp is not `mlp_layout`), its
+    own reasons against the block (`why`) and its other BlockSpec fields (`spec`: layer scales,
+    stock dropouts)."""
+    attn, reasons = mha_qkv(getattr(block, attn_attr, None))
+    if attn is None:
+        return None, reasons
     for name in ("ln_1", "ln_2"):
-        bad = layer_norm_blocker(getattr(block, name, None), name, qkv.embed_dim)
+        bad = layer_norm_blocker(getattr(block, name, None), name, attn.embed_dim)
         if bad:
-            why.append(bad)
-    return qkv, why
+            reasons.append(bad)
+    reasons += why
+    if mlp is None:
+        return None, [*reasons, f"mlp is not {mlp_layout}"]
+    fc1, act, fc2 = mlp
+    approximate = gelu_variant(act)
+    if approximate is None:
+        reasons.append(f"mlp activation is {type(act).__name__}, not a GELU")
+    if reasons:
+        return None, reasons
+    return BlockSpec(
+        norm1=block.ln_1,
+        num_heads=attn.num_heads,
+        scale=attn.head_dim**-0.5,
+        proj=attn.out_proj,
+        norm2=block.ln_2,
+        fc1=fc1,
+        fc2=fc2,
+        approximate=approximate,
+        attn_dropout=lambda: float(attn.dropout),
+        packed_qkv=attn,
+        impl=impl,
+        **spec,
+    ), []
 
 
-def mha_spec_kwargs(attn: nn.MultiheadAttention) -> dict:
-    return {
-        "num_heads": attn.num_heads,
-        "scale": attn.head_dim**-0.5,
-        "proj": attn.out_proj,
-        "attn_dropout": lambda: float(attn.dropout),
-    }
+def fused_embed(
+    module: nn.Module,
+    images: Tensor,
+    conv: nn.Conv2d,
+    pos_embed: Tensor | None,
+    cls_token: Tensor | None,
+    extra_tokens: Tensor | None,
+    no_embed_class: bool = False,
+) -> Tensor:
+    """The patch embedding of a patched embedding `module` in one `patch_embed` launch of the impl
+    stored on it: images [B, C, H, W] (cast to conv's dtype, as the stock embeddings do) ->
+    [B, prefix + patches, D] = [cls, extra..., conv(images) as tokens] + pos_embed. conv is a
+    p x p, stride-p projection (checked by `patch_conv_blocker`); pos_embed [1, L, D];
+    cls_token [1, 1, D]; extra_tokens [1, R, D] (distillation or register tokens)."""
+    return op_namespace(module.__dict__[SPEC_ATTR]).patch_embed(
+        images.to(conv.weight.dtype),
+        conv.weight,
+        conv.bias,
+        pos_embed,
+        cls_token,
+        extra_tokens,
+        patch_size=conv.kernel_size[0],
+        no_embed_class=no_embed_class,
+    )
+
+
+def patch_conv_blocker(conv: object) -> str | None:
+    """Why a patch projection is not the p x p, stride-p convolution the fused patch_embed op
+    computes (None: it is)."""
+    if not isinstance(conv, nn.Conv2d):
+        return f"patch projection is {type(conv).__name__}, not Conv2d"
+    k = conv.kernel_size
+    if k[0] != k[1] or conv.stride != k or conv.padding not in ((0, 0), "valid") or conv.dilation != (1, 1):
+        return "patch projection is not a square non-overlapping p x p convolution"
+    if conv.groups != 1:
+        return "patch projection is grouped"
+    return None

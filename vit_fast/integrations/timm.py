@@ -14,7 +14,7 @@ import warnings
 
 from torch import Tensor, nn
 
-from vit_fast.models.pos_embed import resample_pos_embed
+from vit_fast.models.vision_transformer import embed_tokens
 from vit_fast.nn.block import Block, op_namespace
 
 _ORIGINAL_BLOCKS = "_vit_fast_original_blocks"
@@ -90,22 +90,7 @@ def _fused_forward_features(
     grid = (x.shape[-2] // p, x.shape[-1] // p)
     if getattr(pe, "strict_img_size", False) and grid != tuple(pe.grid_size):
         raise ValueError(f"image size {tuple(x.shape[-2:])} != model img_size {tuple(pe.img_size)}")
-    pos = self.pos_embed
-    if grid != tuple(pe.grid_size):
-        pos = resample_pos_embed(
-            pos, grid, tuple(pe.grid_size), 0 if self.no_embed_class else self.num_prefix_tokens
-        )
-    f = op_namespace(self._vit_fast_impl)
-    x = f.patch_embed(
-        x,
-        pe.proj.weight,
-        pe.proj.bias,
-        pos,
-        self.cls_token,
-        self.reg_token,
-        patch_size=p,
-        no_embed_class=self.no_embed_class,
-    )
+    x = embed_tokens(self, x, op_namespace(self._vit_fast_impl))
     x = self.pos_drop(x)
     x = self.norm_pre(x)
     x = self.blocks(x)

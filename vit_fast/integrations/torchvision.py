@@ -17,43 +17,28 @@ from vit_fast.integrations.patch import (
     BlockSpec,
     PatchPlan,
     fused_block,
-    gelu_variant,
-    mha_pre_ln_block,
-    mha_spec_kwargs,
+    fused_embed,
+    mha_block_spec,
+    patch_conv_blocker,
 )
-from vit_fast.nn.block import op_namespace
 
 
 def block_spec(block: nn.Module, impl: str) -> tuple[BlockSpec | None, list[str]]:
-    attn, why = mha_pre_ln_block(block, "self_attention")
-    if attn is None:
-        return None, why
+    """The BlockSpec of an EncoderBlock, or the reasons it cannot be fused."""
     mlp = getattr(block, "mlp", None)
     layers = list(mlp) if isinstance(mlp, nn.Sequential) else []
+    # [Linear, activation, Dropout, Linear, Dropout]; the activation is checked by mha_block_spec.
     kinds = [type(m) for m in layers]
-    if (
-        len(layers) != 5
-        or kinds[0] is not nn.Linear
-        or kinds[3] is not nn.Linear
-        or kinds[2] is not nn.Dropout
-    ):
-        return None, [*why, "mlp is not Linear, GELU, Dropout, Linear, Dropout"]
-    approximate = gelu_variant(layers[1])
-    if approximate is None:
-        why.append(f"mlp activation is {kinds[1].__name__}, not a GELU")
-    if why:
-        return None, why
-    return BlockSpec(
-        norm1=block.ln_1,
-        norm2=block.ln_2,
-        fc1=layers[0],
-        fc2=layers[3],
-        approximate=approximate,
-        packed_qkv=attn,
-        stock_dropouts=(block.dropout, layers[2], layers[4]),
-        impl=impl,
-        **mha_spec_kwargs(attn),
-    ), []
+    stock = kinds[:1] + kinds[2:] == [nn.Linear, nn.Dropout, nn.Linear, nn.Dropout]
+    return mha_block_spec(
+        block,
+        "self_attention",
+        (layers[0], layers[1], layers[3]) if stock else None,
+        "Linear, GELU, Dropout, Linear, Dropout",
+        impl,
+        [],
+        stock_dropouts=(block.dropout, layers[2], layers[4]) if stock else (),
+    )
 
 
 def _block_forward(self: nn.Module, input: Tensor) -> Tensor:
@@ -68,10 +53,7 @@ def _model_forward(self: nn.Module, x: Tensor) -> Tensor:
     if x.dim() != 4 or tuple(x.shape[-2:]) != (self.image_size, self.image_size):
         return type(self).forward(self, x)  # the stock checks raise
     enc = self.encoder
-    x = op_namespace(self.__dict__[SPEC_ATTR]).patch_embed(
-        x, self.conv_proj.weight, self.conv_proj.bias, enc.pos_embedding, self.class_token, None,
-        patch_size=self.patch_size,
-    )  # fmt: skip
+    x = fused_embed(self, x, self.conv_proj, enc.pos_embedding, self.class_token, None)
     x = enc.ln(enc.layers(enc.dropout(x)))
     return self.heads(x[:, 0])
 
@@ -86,25 +68,10 @@ def plan(model: nn.Module, impl: str) -> PatchPlan:
     for vit in vits:
         prefix = "" if vit is model else "vit."
         for name, block in vit.encoder.layers.named_children():
-            if type(block) is not EncoderBlock:
-                out.skipped.append(
-                    f"{prefix}encoder.layers.{name}: {type(block).__name__} is not EncoderBlock"
-                )
-                continue
-            spec, why = block_spec(block, impl)
-            if spec is None:
-                out.skipped.append(f"{prefix}encoder.layers.{name}: {'; '.join(why)}")
-            else:
-                out.overrides.append((block, "forward", _block_forward, spec))
-        conv = vit.conv_proj
-        if (
-            isinstance(conv, nn.Conv2d)
-            and conv.kernel_size == (vit.patch_size, vit.patch_size)
-            and conv.stride == conv.kernel_size
-            and conv.padding == (0, 0)
-            and conv.groups == 1
-        ):
-            out.overrides.append((vit, "forward", _model_forward, impl))
-        else:
-            out.skipped.append(f"{prefix}conv_proj: {type(conv).__name__} is not a p x p patch convolution")
+            where = f"{prefix}encoder.layers.{name}"
+            out.add_block(where, block, EncoderBlock, block_spec, _block_forward, impl)
+        bad = patch_conv_blocker(vit.conv_proj)
+        if bad is None and vit.conv_proj.kernel_size[0] != vit.patch_size:
+            bad = f"patch projection is not {vit.patch_size} x {vit.patch_size}"
+        out.add(f"{prefix}conv_proj", vit, "forward", _model_forward, impl, bad)
     return out

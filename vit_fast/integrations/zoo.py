@@ -16,6 +16,11 @@ SIZES = {
 }
 
 
+def _geometry(s: dict) -> dict:
+    """The image and patch size, under the keywords all three libraries use for them."""
+    return {"image_size": s["image"], "patch_size": s["patch"]}
+
+
 def _hf(name: str, s: dict) -> nn.Module:
     import transformers as T
 
@@ -23,8 +28,7 @@ def _hf(name: str, s: dict) -> nn.Module:
         "hidden_size": s["dim"],
         "num_hidden_layers": s["layers"],
         "num_attention_heads": s["heads"],
-        "image_size": s["image"],
-        "patch_size": s["patch"],
+        **_geometry(s),
     }
     if name == "hf-vit":
         return T.ViTModel(T.ViTConfig(intermediate_size=4 * s["dim"], **common), add_pooling_layer=False)
@@ -66,8 +70,7 @@ def build(name: str, size: str = "tiny") -> tuple[nn.Module, int]:
         from torchvision.models.vision_transformer import VisionTransformer
 
         model = VisionTransformer(
-            image_size=s["image"],
-            patch_size=s["patch"],
+            **_geometry(s),
             num_layers=s["layers"],
             num_heads=s["heads"],
             hidden_dim=s["dim"],
@@ -79,8 +82,7 @@ def build(name: str, size: str = "tiny") -> tuple[nn.Module, int]:
         from open_clip.transformer import QuickGELU, VisionTransformer
 
         model = VisionTransformer(
-            image_size=s["image"],
-            patch_size=s["patch"],
+            **_geometry(s),
             width=s["dim"],
             layers=s["layers"],
             heads=s["heads"],

@@ -5,6 +5,7 @@ from vit_fast.models.pos_embed import resample_pos_embed
 from vit_fast.models.vision_transformer import (
     VisionTransformer,
     create_model,
+    embed_tokens,
     list_models,
     model_config,
     num_params,
@@ -16,6 +17,7 @@ __all__ = [
     "StdConv2d",
     "VisionTransformer",
     "create_model",
+    "embed_tokens",
     "list_models",
     "model_config",
     "num_params",

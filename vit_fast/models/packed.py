@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vit_fast.integrations.naflex import varlen_block_forward
+from vit_fast.models.vision_transformer import VisionTransformer, embed_tokens
 from vit_fast.nn.block import op_namespace
 
 __all__ = ["forward_packed", "pack_images"]
@@ -27,8 +27,6 @@ def pack_images(model: torch.nn.Module, images: list[Tensor]) -> tuple[Tensor, T
 
     Image i's run is [cls, reg..., patches] + its resampled position embedding, exactly what
     `model.forward_features` builds for that image alone (before the blocks)."""
-    from vit_fast.models.vision_transformer import VisionTransformer
-
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"model must be a vit_fast VisionTransformer, got {type(model).__name__}")
     if not isinstance(images, (list, tuple)) or not images:
@@ -52,17 +50,8 @@ def pack_images(model: torch.nn.Module, images: list[Tensor]) -> tuple[Tensor, T
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, img in enumerate(images):
         by_size.setdefault((img.shape[1], img.shape[2]), []).append(i)
-    for (h, w), idx in by_size.items():
-        tokens = f.patch_embed(
-            torch.stack([images[i] for i in idx]),
-            pe.proj.weight,
-            pe.proj.bias,
-            model._pos_embed_for((h // p, w // p)),
-            model.cls_token,
-            model.reg_token,
-            patch_size=p,
-            no_embed_class=model.no_embed_class,
-        )
+    for idx in by_size.values():
+        tokens = embed_tokens(model, torch.stack([images[i] for i in idx]), f)
         for j, i in enumerate(idx):
             runs[i] = tokens[j]
     lengths = torch.tensor([r.shape[0] for r in runs])  # type: ignore[union-attr]
@@ -78,7 +67,7 @@ def forward_packed(model: torch.nn.Module, images: list[Tensor], pre_logits: boo
     x = model.pos_drop(x)
     cu_dev = cu.to(x.device)
     for blk in model.blocks:
-        x = varlen_block_forward(blk, x, cu_seqlens=cu_dev)
+        x = blk(x, cu_seqlens=cu_dev)
     x = model.norm(x)[0]
     starts = cu[:-1].to(x.device, torch.long)
     if model.global_pool == "token":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from functools import partial
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -73,6 +74,33 @@ def check_config(**cfg: Any) -> None:
         raise ValueError(
             f"embed_dim ({cfg['embed_dim']}) must be divisible by num_heads ({cfg['num_heads']})"
         )
+
+
+def embed_tokens(model: nn.Module, x: Tensor, f: ModuleType) -> Tensor:
+    """The embedding step: images (or a hybrid backbone's features) x [B, C, H, W], H and W
+    multiples of the patch size -> tokens [B, prefix + patches, D], in x's dtype: patch
+    projection, class / register tokens and position embedding in one `f.patch_embed` launch (f =
+    `vit_fast.ops` or `vit_fast.reference`). The position embedding is resampled (bicubic, prefix
+    rows kept) when x's patch grid is not the model's. Reads timm's attribute names
+    (`patch_embed.proj`, `.patch_size`, `.grid_size`, `pos_embed`, `cls_token`, `reg_token`,
+    `no_embed_class`, `num_prefix_tokens`): it serves this VisionTransformer and a patched timm one."""
+    pe = model.patch_embed
+    p = pe.patch_size[0]
+    grid = (x.shape[-2] // p, x.shape[-1] // p)
+    pos = model.pos_embed
+    if grid != tuple(pe.grid_size):
+        prefix_tokens = 0 if model.no_embed_class else model.num_prefix_tokens
+        pos = resample_pos_embed(pos, grid, tuple(pe.grid_size), prefix_tokens)
+    return f.patch_embed(
+        x,
+        pe.proj.weight,
+        pe.proj.bias,
+        pos,
+        model.cls_token,
+        model.reg_token,
+        patch_size=p,
+        no_embed_class=model.no_embed_class,
+    )
 
 
 class VisionTransformer(nn.Module):
@@ -262,31 +290,12 @@ class VisionTransformer(nn.Module):
                 "create the model with that img_size or dynamic_img_size=True"
             )
 
-    def _pos_embed_for(self, grid: tuple[int, int]) -> Tensor:
-        if tuple(grid) == tuple(self.patch_embed.grid_size):
-            return self.pos_embed
-        prefix_tokens = 0 if self.no_embed_class else self.num_prefix_tokens
-        return resample_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, prefix_tokens)
-
     def forward_features(self, x: Tensor) -> Tensor:
         """images [B, C, H, W] -> normalised tokens [B, prefix + patches, D]."""
         self._check_input(x)
-        f = op_namespace(self._impl)
-        pe = self.patch_embed
-        if isinstance(pe, HybridEmbed):
-            x = pe.backbone(x)
-        p = pe.patch_size[0]
-        grid = (x.shape[-2] // p, x.shape[-1] // p)
-        x = f.patch_embed(
-            x,
-            pe.proj.weight,
-            pe.proj.bias,
-            self._pos_embed_for(grid),
-            self.cls_token,
-            self.reg_token,
-            patch_size=p,
-            no_embed_class=self.no_embed_class,
-        )
+        if isinstance(self.patch_embed, HybridEmbed):
+            x = self.patch_embed.backbone(x)
+        x = embed_tokens(self, x, op_namespace(self._impl))
         x = self.pos_drop(x)
         x = self.blocks(x)
         return self.norm(x)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import Tensor, nn
 
 from vit_fast import ops
 
-__all__ = ["Attention", "normalize_qk"]
+__all__ = ["Attention", "attention_core", "normalize_qk"]
 
 
 def normalize_qk(attn: nn.Module, qkv: Tensor) -> Tensor:
@@ -18,6 +20,29 @@ def normalize_qk(attn: nn.Module, qkv: Tensor) -> Tensor:
     batch, tokens, _ = qkv.shape
     q, k, v = qkv.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).unbind(2)
     return torch.stack([attn.q_norm(q), attn.k_norm(k), v], dim=2).reshape(batch, tokens, -1)
+
+
+def attention_core(
+    attn: nn.Module,
+    qkv: Tensor,
+    training: bool,
+    f: ModuleType = ops,
+    *,
+    seq_lens: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """The part of `attn` (our Attention or timm's: `num_heads`, `scale`, `q_norm`, `k_norm`,
+    `attn_drop`) between the qkv and output projections: packed qkv [B, T, 3D] -> [B, T, D] by
+    `f.attention` (f = `vit_fast.ops` or `vit_fast.reference`), with qk-norm first and the attention
+    dropout inside the op in training. seq_lens [B] or cu_seqlens [N+1] (then B = 1: the N packed
+    sequences of qkv[0]) select variable-length attention, as in `vit_fast.ops.attention`."""
+    qkv = normalize_qk(attn, qkv)
+    p = attn.attn_drop.p if training else 0.0
+    if cu_seqlens is not None:
+        if qkv.shape[0] != 1:
+            raise ValueError(f"cu_seqlens needs x of shape [1, total, D] (packed), got batch {qkv.shape[0]}")
+        return f.attention(qkv[0], attn.num_heads, scale=attn.scale, dropout_p=p, cu_seqlens=cu_seqlens)[None]
+    return f.attention(qkv, attn.num_heads, scale=attn.scale, dropout_p=p, seq_lens=seq_lens)
 
 
 class Attention(nn.Module):
@@ -55,11 +80,16 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.qk_norm = qk_norm
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        *,
+        seq_lens: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+    ) -> Tensor:
+        """x [B, T, dim] -> [B, T, dim]; seq_lens / cu_seqlens as in `attention_core`."""
         if attn_mask is not None:
             raise NotImplementedError("vit_fast Attention does not support attn_mask")
-        qkv = self.qkv(x)
-        qkv = normalize_qk(self, qkv)
-        p = self.attn_drop.p if self.training else 0.0
-        out = ops.attention(qkv, self.num_heads, scale=self.scale, dropout_p=p)
+        out = attention_core(self, self.qkv(x), self.training, seq_lens=seq_lens, cu_seqlens=cu_seqlens)
         return self.proj_drop(self.proj(out))

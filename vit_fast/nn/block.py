@@ -13,23 +13,15 @@ Per block the fused path is four launches of our ops:
 from __future__ import annotations
 
 from functools import partial
-from types import ModuleType
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vit_fast import ops, reference
-from vit_fast.nn.attention import Attention, normalize_qk
-from vit_fast.nn.mlp import LayerScale, Mlp, drop_path_scale
+from vit_fast.nn.attention import Attention, attention_core
+from vit_fast.nn.impl import op_namespace
+from vit_fast.nn.mlp import LayerScale, Mlp, drop_path_scale, mlp_dropout_p, scale_residual
 
-
-def op_namespace(impl: str) -> ModuleType:
-    """The module whose functions implement the ops for `impl` ('auto' means fused)."""
-    if impl in ("auto", "fused"):
-        return ops
-    if impl == "reference":
-        return reference
-    raise ValueError(f"impl must be 'auto', 'fused' or 'reference', got {impl!r}")
+__all__ = ["Block", "op_namespace"]
 
 
 class Block(nn.Module):
@@ -89,41 +81,41 @@ class Block(nn.Module):
     def _gamma(ls: nn.Module) -> Tensor | None:
         return getattr(ls, "gamma", None)
 
-    @staticmethod
-    def _scale_residual(out: Tensor, residual: Tensor, gamma: Tensor | None, dps: Tensor | None) -> Tensor:
-        """residual + gamma * dps * out, unfused: for the training steps whose dropout sits between
-        a GEMM and this epilogue. gamma [D] (layer-scale), dps [B] (per-sample drop-path scale)."""
-        if gamma is not None:
-            out = out * gamma
-        if dps is not None:
-            out = out * dps.to(out.dtype).reshape(-1, *([1] * (out.dim() - 1)))
-        return residual + out
+    def _drop_path_scale(self, x: Tensor) -> Tensor | None:
+        """Stochastic depth for x [B, ...]: a per-sample scale [B] in training, else None."""
+        return drop_path_scale(x.shape[0], self.drop_path, self.training, x.device)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, *, seq_lens: Tensor | None = None, cu_seqlens: Tensor | None = None
+    ) -> Tensor:
+        """x [B, T, D] -> [B, T, D]. Variable-length attention (see `vit_fast.ops.attention`), at most
+        one of: seq_lens [B] int, x a padded batch (keys at or past a row's length are ignored,
+        padded rows of the attention output are zero); cu_seqlens [N+1] int, x [1, total, D] holding
+        N packed sequences (drop-path would then need one draw per sequence: rejected in training)."""
         f = op_namespace(self.impl)
         attn, mlp = self.attn, self.mlp
-        batch = x.shape[0]
-        dropout_active = self.training and attn.proj_drop.p > 0.0
+        if cu_seqlens is not None and self.training and self.drop_path > 0.0:
+            raise ValueError("packed (cu_seqlens) blocks do not support drop_path in training")
 
         qkv = f.layer_norm_linear(
             x, self.norm1.weight, self.norm1.bias, attn.qkv.weight, attn.qkv.bias, self.norm1.eps
         )
-        qkv = normalize_qk(attn, qkv)
-        o = f.attention(
-            qkv, attn.num_heads, scale=attn.scale, dropout_p=attn.attn_drop.p if self.training else 0.0
-        )
-        dps = drop_path_scale(batch, self.drop_path, self.training, x.device)
-        if dropout_active:  # projection dropout sits between the GEMM and the residual: not fused
+        o = attention_core(attn, qkv, self.training, f, seq_lens=seq_lens, cu_seqlens=cu_seqlens)
+        # Each drop-path mask is drawn after the dropout masks of its branch, as timm's Block does:
+        # one seed gives timm's answer in training too.
+        if self.training and attn.proj_drop.p > 0.0:  # dropout between the GEMM and the residual: not fused
             o = attn.proj_drop(F.linear(o, attn.proj.weight, attn.proj.bias))
-            x = self._scale_residual(o, x, self._gamma(self.ls1), dps)
+            x = scale_residual(o, x, self._gamma(self.ls1), self._drop_path_scale(x))
         else:
+            dps = self._drop_path_scale(x)
             x = f.linear_residual(
                 o, attn.proj.weight, attn.proj.bias, x, gamma=self._gamma(self.ls1), drop_path_scale=dps
             )
 
-        dps = drop_path_scale(batch, self.drop_path, self.training, x.device)
-        if dropout_active:  # MLP dropouts (after GELU and after fc2) are not fused either
-            return self._scale_residual(mlp(self.norm2(x)), x, self._gamma(self.ls2), dps)
+        if self.training and mlp_dropout_p(mlp) > 0.0:  # dropouts after GELU / fc2: not fused either
+            y = mlp(self.norm2(x))
+            return scale_residual(y, x, self._gamma(self.ls2), self._drop_path_scale(x))
+        dps = self._drop_path_scale(x)
         return f.layer_norm_mlp(
             x,
             self.norm2.weight,

@@ -14,9 +14,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vit_fast import ops, reference
+from vit_fast.nn.impl import op_namespace
 
-__all__ = ["LayerNormMLP", "LayerScale", "Mlp", "drop_path_scale", "layer_norm_mlp_functional"]
+__all__ = [
+    "LayerNormMLP",
+    "LayerScale",
+    "Mlp",
+    "drop_path_scale",
+    "layer_norm_mlp_functional",
+    "mlp_dropout_p",
+    "scale_residual",
+]
 
 
 def layer_norm_mlp_functional(
@@ -35,10 +43,7 @@ def layer_norm_mlp_functional(
     `impl="fused"` runs `vit_fast.ops.layer_norm_mlp` (saves only x, LN statistics and the fc1
     pre-activation for backward); `impl="reference"` runs `vit_fast.reference.layer_norm_mlp`.
     """
-    f = ops if impl in ("fused", "auto") else reference
-    if impl not in ("fused", "auto", "reference"):
-        raise ValueError(f"impl must be 'fused', 'auto' or 'reference', got {impl!r}")
-    return f.layer_norm_mlp(
+    return op_namespace(impl).layer_norm_mlp(
         x,
         norm.weight,
         norm.bias,
@@ -59,6 +64,24 @@ def drop_path_scale(batch: int, drop_prob: float, training: bool, device: torch.
         return None
     keep = 1.0 - drop_prob
     return torch.empty(batch, device=device).bernoulli_(keep).div_(keep)
+
+
+def scale_residual(out: Tensor, residual: Tensor, gamma: Tensor | None, dps: Tensor | None) -> Tensor:
+    """residual + gamma * dps * out, unfused: for the training steps whose dropout sits between a
+    GEMM and this epilogue. out, residual [B, T, D]; gamma [D] (layer-scale); dps [B] (per-sample
+    drop-path scale, cast to out's dtype)."""
+    if gamma is not None:
+        out = out * gamma
+    if dps is not None:
+        out = out * dps.to(out.dtype).reshape(-1, *([1] * (out.dim() - 1)))
+    return residual + out
+
+
+def mlp_dropout_p(mlp: nn.Module) -> float:
+    """The largest dropout rate inside an MLP with timm's layout (`drop1` after the activation,
+    `drop2` after fc2; 0 where a module has none): the fused MLP op has no dropout, so a rate > 0
+    in training means the unfused module path."""
+    return max(getattr(getattr(mlp, name, None), "p", 0.0) for name in ("drop1", "drop2"))
 
 
 class Mlp(nn.Module):
@@ -129,9 +152,8 @@ class LayerNormMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gamma = self.ls.gamma if self.ls is not None else None
         dps = drop_path_scale(x.shape[0], self.drop_path, self.training, x.device)
-        if self.training and self.mlp.drop1.p > 0.0:
-            y = self.mlp(self.norm(x))
-            return reference.scale_residual(y, x, gamma, None if dps is None else dps.to(y.dtype))
+        if self.training and mlp_dropout_p(self.mlp) > 0.0:
+            return scale_residual(self.mlp(self.norm(x)), x, gamma, dps)
         return layer_norm_mlp_functional(
             x,
             self.norm,

@@ -19,8 +19,8 @@ class PatchEmbed(nn.Module):
     Parameters: `proj.weight` [D, C, p, p] (Conv2d layout, so timm checkpoints load unchanged) and
     `proj.bias` [D]. Attributes: `img_size` and `patch_size` as (h, w) tuples, `grid_size`
     (H/p, W/p), `num_patches`. `forward` returns the patch tokens [B, N, D] (timm's flatten=True
-    output); `forward_tokens` adds class/register tokens and the position embedding in the same
-    fused launch. Only square patches are supported (the fused kernel's constraint).
+    output), or adds class/register tokens and the position embedding in the same fused launch
+    when given them. Only square patches are supported (the fused kernel's constraint).
     """
 
     def __init__(
@@ -55,24 +55,18 @@ class PatchEmbed(nn.Module):
                     "(strict_img_size=True; pass strict_img_size=False for other sizes)"
                 )
 
-    def forward(self, x: Tensor) -> Tensor:
-        """images [B, C, H, W] -> patch tokens [B, (H/p)*(W/p), D] in the images' dtype."""
-        self._check_size(x)
-        return patch_embed(x, self.proj.weight, self.proj.bias, None, patch_size=self.patch_size[0])
-
-    def forward_tokens(
+    def forward(
         self,
         x: Tensor,
-        pos_embed: Tensor | None,
+        pos_embed: Tensor | None = None,
         cls_token: Tensor | None = None,
         reg_tokens: Tensor | None = None,
         no_embed_class: bool = False,
     ) -> Tensor:
-        """images [B, C, H, W] -> [B, (1 if cls) + R + N, D]: [cls, reg..., patches] + pos_embed.
-
-        pos_embed [1, L, D] must already match the grid of x (L = N with `no_embed_class`, else
-        prefix + N); cls_token [1, 1, D]; reg_tokens [1, R, D]. One fused launch.
-        """
+        """images [B, C, H, W] -> tokens in the images' dtype, one fused launch: the patch tokens
+        [B, (H/p)*(W/p), D] alone (timm's output) or, given them, [cls, reg..., patches] + pos_embed
+        [B, (1 if cls) + R + N, D]. pos_embed [1, L, D] must already match the grid of x (L = N with
+        `no_embed_class`, else prefix + N); cls_token [1, 1, D]; reg_tokens [1, R, D]."""
         self._check_size(x)
         return patch_embed(
             x,

@@ -11,9 +11,9 @@ from typing import Any
 from torch import nn
 
 from vit_fast.data import DATASETS, DatasetInfo
+from vit_fast.nn.impl import IMPLS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-IMPLS = ("auto", "fused", "reference")
 CHECKPOINT_NAME = "checkpoint.pt"
 LOSS_CSV = "loss.csv"
 EVAL_CSV = "eval.csv"
