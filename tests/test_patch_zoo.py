@@ -127,7 +127,9 @@ def test_patch_matches_stock(name, backend):
     with use_backend(backend):
         with FusedOps() as mode:
             ours = _check_same_as_stock(name, model, stock, kw)
-        assert {"patch_embed", "layer_norm_linear_fwd", "attention_fwd", "linear_residual_fwd"} <= mode.seen
+        # Separate q/k/v projections (HF) take the row-block LN+Linear; packed ones the plain one.
+        qkv_op = "layer_norm_linear_rows_fwd" if name in HF else "layer_norm_linear_fwd"
+        assert {"patch_embed_fwd", qkv_op, "attention_fwd", "linear_residual_fwd"} <= mode.seen
         assert {"layer_norm_mlp_fwd", "attention_bwd", "layer_norm_mlp_bwd"} <= mode.seen
         with torch.no_grad():  # eval mode: deterministic, and the same without autograd
             torch.testing.assert_close(_run(name, model, kw), ours, rtol=0, atol=0)
@@ -185,7 +187,7 @@ def test_hidden_dropout_in_training_runs_stock(cpu_or_triton):
         ours = model(x).last_hidden_state
     torch.manual_seed(5)
     want = stock(x).last_hidden_state
-    assert "layer_norm_mlp_fwd" not in mode.seen and "patch_embed" in mode.seen
+    assert "layer_norm_mlp_fwd" not in mode.seen and "patch_embed_fwd" in mode.seen
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
 
 
@@ -245,6 +247,39 @@ def test_parameters_replaced_after_patch_are_used(cpu_or_triton, name):
         torch.testing.assert_close(_run(name, model, kw), _run(name, other, kw), rtol=1e-4, atol=1e-5)
 
 
+def test_separate_qkv_weights_are_read_in_place(cpu_or_triton, monkeypatch):
+    """After patching, an HF layer's q/k/v weights and biases are views of one buffer (same
+    Parameters, same values), and the fused LN+Linear reads them as one weight with no copy in the
+    forward or the backward; each projection still gets its own gradient, equal to stock's."""
+    import importlib
+
+    ln_ops = importlib.import_module("vit_fast.ops.layer_norm")
+    model, img = _model("hf-vit")
+    stock = copy.deepcopy(model)
+    attn = model.layers[0].attention
+    before = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+    values = [p.detach().clone() for p in before]
+    vit_fast.patch(model)
+    after = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+    assert all(a is b for a, b in zip(after, before))
+    assert all(torch.equal(p, v) for p, v in zip(after, values))
+    base = after[0].untyped_storage().data_ptr()
+    assert all(p.untyped_storage().data_ptr() == base for p in after)
+    assert [p.storage_offset() for p in after] == [0, after[0].numel(), 2 * after[0].numel()]
+    shared = []
+
+    def spy(blocks, dtype):
+        out = spy.real(blocks, dtype)
+        shared.append(out.untyped_storage().data_ptr() == blocks[0].untyped_storage().data_ptr())
+        return out
+
+    spy.real = ln_ops.join_rows
+    monkeypatch.setattr(ln_ops, "join_rows", spy)
+    kw = _inputs("hf-vit", img)
+    _check_same_as_stock("hf-vit", model, stock, kw)  # output and every gradient vs stock
+    assert len(shared) >= 2 and all(shared), shared  # every forward and backward stacking was a view
+
+
 def test_output_attentions_runs_stock_for_that_call(cpu_or_triton):
     model, img = _model("hf-vit")
     model.set_attn_implementation("eager")  # sdpa returns no attention weights
@@ -276,7 +311,7 @@ def test_unfusable_part_stays_stock_with_one_warning(cpu_or_triton):
     x = torch.randn(2, 3, 32, 32)
     with FusedOps() as mode:
         out = model(x).last_hidden_state
-    assert mode.seen == {"patch_embed"}  # the embedding is still fused
+    assert mode.seen == {"patch_embed_fwd"}  # the embedding is still fused
     torch.testing.assert_close(out, stock(x).last_hidden_state, rtol=1e-5, atol=1e-5)
 
 
@@ -301,7 +336,7 @@ def test_patch_twice_is_a_noop_and_deepcopy_keeps_it(cpu_or_triton):
     x = _inputs("oc-vit", img)["pixel_values"]
     with FusedOps() as mode:
         torch.testing.assert_close(clone(x), model(x))
-    assert "patch_embed" in mode.seen
+    assert "patch_embed_fwd" in mode.seen
     assert all(p is not q for p, q in zip(clone.parameters(), model.parameters()))
 
 

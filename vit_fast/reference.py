@@ -19,7 +19,6 @@ from torch import Tensor
 __all__ = [
     "attention",
     "gelu",
-    "gelu_backward",
     "layer_norm",
     "layer_norm_linear",
     "layer_norm_mlp",
@@ -164,15 +163,6 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         return (xf * torch.sigmoid(1.702 * xf)).to(x.dtype)
     return F.gelu(x, approximate=approximate)
-
-
-def gelu_backward(dy: Tensor, x: Tensor, approximate: str = "none") -> Tensor:
-    """dy * GELU'(x) without autograd (for backend bodies); same variants as `gelu`."""
-    if approximate == "quick":
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        s = torch.sigmoid(1.702 * xf)
-        return (dy.to(xf.dtype) * (s + 1.702 * xf * s * (1 - s))).to(dy.dtype)
-    return torch.ops.aten.gelu_backward(dy, x, approximate=approximate)
 
 
 def scale_residual(

@@ -12,10 +12,12 @@ that call. Parts that cannot be fused at all stay stock, with one warning naming
 Per layer the fused path is four launches, as in `vit_fast.nn.Block`:
   layer_norm_linear (norm1 + packed qkv) -> attention -> linear_residual (proj, layer-scale,
   drop-path, + x) -> layer_norm_mlp (norm2, fc1, GELU variant, fc2, layer-scale, drop-path, + x).
-Separate q/k/v projections (Hugging Face) are concatenated inside autograd (`torch.cat`, whose
-backward hands each Parameter its slice of the gradient): the block saves for backward what the
-timm-patched block saves (the packed weight is the same size as timm's qkv weight), at the cost of
-one [3D, D] copy per layer and call.
+Separate q/k/v projections (Hugging Face) go to `layer_norm_linear` as row blocks: `patch` moves
+the three weights (and biases) into one buffer, each Parameter a view of its rows (same objects,
+same values, same `state_dict`), so the op reads them as one [3D, D] weight with no per-call copy
+and saves no stacked copy for backward; each Parameter gets its own gradient. If they stop being
+adjacent (e.g. `model.to(...)` after patching gives each its own storage) the op stacks them with
+one copy per call, still correct.
 """
 
 from __future__ import annotations
@@ -103,17 +105,14 @@ class BlockSpec:
     stock_dropouts: tuple[nn.Module, ...] = ()
     impl: str = "fused"
 
-    def qkv_params(self) -> tuple[Tensor, Tensor | None]:
-        """The packed [3D, D] weight and [3D] bias (q rows, then k, then v: timm's layout)."""
+    def qkv_params(self) -> tuple[Tensor | list[Tensor], Tensor | list[Tensor] | None]:
+        """The qkv weight [3D, D] and bias [3D] (q rows, then k, then v: timm's layout): packed
+        tensors, or the three projections' as row blocks (`ops.layer_norm_linear` stacks them)."""
         if self.packed_qkv is not None:
             return self.packed_qkv.in_proj_weight, self.packed_qkv.in_proj_bias
         q, k, v = self.separate_qkv
-        # Differentiable: cat's backward splits the gradient back onto the three Parameters. Not
-        # cached across calls, even under no_grad: a cache keyed on the Parameters' version counters
-        # misses writes through `.data` (e.g. an EMA / DINO teacher update), a silently stale weight.
-        w = torch.cat([q.weight, k.weight, v.weight])
-        b = torch.cat([q.bias, k.bias, v.bias]) if q.bias is not None else None
-        return w, b
+        biases = [q.bias, k.bias, v.bias] if q.bias is not None else None
+        return [q.weight, k.weight, v.weight], biases
 
     @staticmethod
     def gamma(ls: tuple[nn.Module, str] | None) -> Tensor | None:
@@ -248,6 +247,9 @@ def patch(model: nn.Module, impl: str = "fused") -> nn.Module:
     for module, attr, fn, spec in plan.overrides:
         if spec is not None:
             object.__setattr__(module, SPEC_ATTR, spec)
+            if isinstance(spec, BlockSpec) and spec.separate_qkv is not None:
+                for params in zip(*((lin.weight, lin.bias) for lin in spec.separate_qkv)):
+                    colocate_rows(list(params))
         object.__setattr__(module, attr, types.MethodType(fn, module))
         done.append((module, attr))
     if not done:
@@ -256,6 +258,24 @@ def patch(model: nn.Module, impl: str = "fused") -> nn.Module:
     if plan.skipped:
         warnings.warn("vit_fast.patch left these parts stock: " + " | ".join(plan.skipped), stacklevel=2)
     return model
+
+
+def colocate_rows(params: list[nn.Parameter | None]) -> bool:
+    """Give `params` (same dtype and device, stacked along dim 0) one storage, each a view of its
+    rows, values unchanged, so `ops.layer_norm_linear` reads them as one tensor without a copy.
+    The Parameter objects stay the same (optimizer state, hooks and `state_dict` keys are theirs);
+    a parameter with a gradient already, or a mixed set, is left alone. Returns whether it moved."""
+    if any(p is None for p in params) or len({(p.dtype, p.device, p.shape[1:]) for p in params}) != 1:
+        return False
+    if any(p.grad is not None for p in params):
+        return False
+    with torch.no_grad():
+        buffer = torch.cat([p.detach() for p in params])
+        start = 0
+        for p in params:
+            p.data = buffer[start : start + p.shape[0]]
+            start += p.shape[0]
+    return True
 
 
 def unpatch(model: nn.Module) -> nn.Module:
