@@ -16,8 +16,10 @@ from torch import nn
 
 from vit_fast import reference
 from vit_fast.ops import use_backend
-from vit_fast.ops.attention import attention, dropout_keep_mask, force_int64_indexing, needs_int64
-from vit_fast.ops.backend import has_cpu_kernel
+from vit_fast.kernels._common import needs_int64
+from vit_fast.kernels.attention import dropout_keep_mask, force_int64_indexing
+from vit_fast.ops.attention import attention
+from vit_fast.ops.backend import backend_module, has_cpu_kernel
 from vit_fast.testing import check_numerics
 
 attn_mod = importlib.import_module("vit_fast.ops.attention")
@@ -247,8 +249,7 @@ BAD = [
 def test_bad_varlen_input(monkeypatch, name, shape, kwargs, err, match):
     if name == "cpu" and not _has_cpu_varlen():
         pytest.skip("no C++ varlen kernels")
-    for fn in ("attention_varlen_forward", "reference_attention_varlen_forward"):
-        monkeypatch.setattr(attn_mod, fn, _launch_forbidden)
+    monkeypatch.setattr(backend_module("attention", name), "attention_varlen_forward", _launch_forbidden)
     with use_backend(name), pytest.raises(err, match=match):
         attention(torch.randn(shape), 2, **kwargs)
 
@@ -392,14 +393,14 @@ def test_fake_shapes_past_2_31():
 
 
 def test_head_dim_padding_at_most_15_percent():
-    rows = {r["head_dim"]: r for r in attn_mod.head_dim_flops_report((64, 72, 80, 88, 96, 112, 128))}
+    rows = {r["head_dim"]: r for r in kern_mod.head_dim_flops_report((64, 72, 80, 88, 96, 112, 128))}
     for hd, r in rows.items():
         assert r["wasted"] <= 0.15, (hd, r)
         block_d, tail_d = kern_mod.head_split(hd)
         assert block_d + tail_d >= hd and tail_d in (0, 16, 32) and block_d & (block_d - 1) == 0
     assert rows[80]["executed"] == "64+16" and rows[88]["executed"] == "64+32"
     # Before the split, 80 ran 128 columns (37.5% wasted); the table says what runs now.
-    assert "64+16" in attn_mod.format_head_dim_flops()
+    assert "64+16" in kern_mod.format_head_dim_flops()
 
 
 def test_cost_model_counts_only_real_tokens():

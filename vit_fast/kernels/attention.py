@@ -33,16 +33,19 @@ choice and autograd live in `vit_fast.ops.attention`.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from vit_fast.kernels._common import triton_interpreting
+from vit_fast.kernels._common import ARCHS, arch_key, needs_int64, triton_interpreting
 
 # Module globals read inside @triton.jit must be constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-#: Largest head dim the kernels support (BLOCK_D = 256).
-MAX_HEAD_DIM = 256
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,7 +283,7 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _attn_bwd_dkdv_kernel(
+def _attn_bwd_kernel(
     QKV,
     dOut,
     Lse,
@@ -312,162 +315,120 @@ def _attn_bwd_dkdv_kernel(
     IDX64: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    DKDV: tl.constexpr,
 ):
-    """One program per (key block, head): keeps k, v and the dk, dv accumulators on chip and walks
-    over all query blocks, recomputing P from the saved lse."""
+    """The two gradient passes over one (sequence, head), which share their arguments, setup and
+    tile math; each writes its own columns of dqkv, so neither zero fill nor atomics are needed.
+
+    DKDV: one program per key block keeps k, v and the dk, dv accumulators on chip and walks over
+    all query blocks, recomputing P from the saved lse. Otherwise (dq): one program per query block
+    walks over all key blocks accumulating dq on chip."""
     bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid = tl.program_id(1)
     h = bh % H
     start, L = _seq(SeqStart, SeqLen, bh // H, T, VARLEN)
-    if pid_n * BLOCK_N >= L:
+    if pid * (BLOCK_N if DKDV else BLOCK_M) >= L:
         return
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_n = _rows(offs_n, IDX64)
-    n_valid = offs_n < L
-
     base = QKV + _off(start, stride_qb, stride_qt, VARLEN) + h * head_dim
     g_base = dOut + _off(start, stride_gb, stride_gt, VARLEN) + h * head_dim
-    row_base = _lse_off(start, h, H, T, stride_lh, VARLEN)
-    k = _ld(base + D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
-    v = _ld(base + 2 * D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    if TAIL_D > 0:
-        k_t = _ld(base + D, rows_n, stride_qt, n_valid, BLOCK_D, TAIL_D, head_dim)
-        v_t = _ld(base + 2 * D, rows_n, stride_qt, n_valid, BLOCK_D, TAIL_D, head_dim)
-        dk_t = tl.zeros([BLOCK_N, TAIL_D], tl.float32)
-        dv_t = tl.zeros([BLOCK_N, TAIL_D], tl.float32)
-    inv_keep = 1.0 / (1.0 - dropout_p)
-
-    for start_m in range(0, L, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        rows_m = _rows(offs_m, IDX64)
-        m_valid = offs_m < L
-        q = _ld(base, rows_m, stride_qt, m_valid, 0, BLOCK_D, head_dim)
-        do = _ld(g_base, rows_m, stride_gt, m_valid, 0, BLOCK_D, head_dim)
-        lse = tl.load(Lse + row_base + offs_m, mask=m_valid, other=0.0)
-        delta = tl.load(Delta + row_base + offs_m, mask=m_valid, other=0.0)
-
-        s = _mm(q, tl.trans(k), UPCAST, IEEE)
-        dp = _mm(do, tl.trans(v), UPCAST, IEEE)
-        if TAIL_D > 0:
-            q_t = _ld(base, rows_m, stride_qt, m_valid, BLOCK_D, TAIL_D, head_dim)
-            do_t = _ld(g_base, rows_m, stride_gt, m_valid, BLOCK_D, TAIL_D, head_dim)
-            s += _mm(q_t, tl.trans(k_t), UPCAST, IEEE)
-            dp += _mm(do_t, tl.trans(v_t), UPCAST, IEEE)
-        p = tl.exp2(s * scale_log2 - (lse * LOG2E)[:, None])
-        # Padded rows/cols must contribute exactly nothing.
-        p = tl.where(m_valid[:, None] & n_valid[None, :], p, 0.0)
-        if HAS_DROPOUT:
-            keep = _keep_mask(seed, bh, offs_m, offs_n, L, dropout_p)
-            pd = tl.where(keep, p * inv_keep, 0.0)
-            dp = tl.where(keep, dp * inv_keep, 0.0)
-        else:
-            pd = p
-        pd_t = tl.trans(pd).to(do.dtype)
-        ds_t = tl.trans(p * (dp - delta[:, None])).to(q.dtype)
-        dv += _mm(pd_t, do, UPCAST, IEEE)
-        dk += _mm(ds_t, q, UPCAST, IEEE)
-        if TAIL_D > 0:
-            dv_t += _mm(pd_t, do_t, UPCAST, IEEE)
-            dk_t += _mm(ds_t, q_t, UPCAST, IEEE)
-
     d_base = dQKV + _off(start, stride_db, stride_dt, VARLEN) + h * head_dim
-    _st(d_base + D, rows_n, stride_dt, n_valid, 0, BLOCK_D, head_dim, dk * scale)
-    _st(d_base + 2 * D, rows_n, stride_dt, n_valid, 0, BLOCK_D, head_dim, dv)
-    if TAIL_D > 0:
-        _st(d_base + D, rows_n, stride_dt, n_valid, BLOCK_D, TAIL_D, head_dim, dk_t * scale)
-        _st(d_base + 2 * D, rows_n, stride_dt, n_valid, BLOCK_D, TAIL_D, head_dim, dv_t)
-
-
-@triton.jit(do_not_specialize=["seed"])
-def _attn_bwd_dq_kernel(
-    QKV,
-    dOut,
-    Lse,
-    Delta,
-    dQKV,
-    SeqStart,
-    SeqLen,
-    stride_qb,
-    stride_qt,
-    stride_gb,
-    stride_gt,
-    stride_db,
-    stride_dt,
-    stride_lh,
-    T,
-    H,
-    D,
-    head_dim,
-    scale,
-    scale_log2,
-    dropout_p,
-    seed,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    TAIL_D: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr,
-    IDX64: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    """One program per (query block, head): walks over all key blocks accumulating dq on chip."""
-    bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    h = bh % H
-    start, L = _seq(SeqStart, SeqLen, bh // H, T, VARLEN)
-    if pid_m * BLOCK_M >= L:
-        return
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_m = _rows(offs_m, IDX64)
-    m_valid = offs_m < L
-
-    base = QKV + _off(start, stride_qb, stride_qt, VARLEN) + h * head_dim
-    g_base = dOut + _off(start, stride_gb, stride_gt, VARLEN) + h * head_dim
-    q = _ld(base, rows_m, stride_qt, m_valid, 0, BLOCK_D, head_dim)
-    do = _ld(g_base, rows_m, stride_gt, m_valid, 0, BLOCK_D, head_dim)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if TAIL_D > 0:
-        q_t = _ld(base, rows_m, stride_qt, m_valid, BLOCK_D, TAIL_D, head_dim)
-        do_t = _ld(g_base, rows_m, stride_gt, m_valid, BLOCK_D, TAIL_D, head_dim)
-        dq_t = tl.zeros([BLOCK_M, TAIL_D], tl.float32)
     row_base = _lse_off(start, h, H, T, stride_lh, VARLEN)
-    lse2 = tl.load(Lse + row_base + offs_m, mask=m_valid, other=0.0) * LOG2E
-    delta = tl.load(Delta + row_base + offs_m, mask=m_valid, other=0.0)
     inv_keep = 1.0 / (1.0 - dropout_p)
 
-    for start_n in range(0, L, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+    if DKDV:
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_n = _rows(offs_n, IDX64)
         n_valid = offs_n < L
+
         k = _ld(base + D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
         v = _ld(base + 2 * D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
-        s = _mm(q, tl.trans(k), UPCAST, IEEE)
-        dp = _mm(do, tl.trans(v), UPCAST, IEEE)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         if TAIL_D > 0:
             k_t = _ld(base + D, rows_n, stride_qt, n_valid, BLOCK_D, TAIL_D, head_dim)
             v_t = _ld(base + 2 * D, rows_n, stride_qt, n_valid, BLOCK_D, TAIL_D, head_dim)
-            s += _mm(q_t, tl.trans(k_t), UPCAST, IEEE)
-            dp += _mm(do_t, tl.trans(v_t), UPCAST, IEEE)
-        p = tl.exp2(s * scale_log2 - lse2[:, None])
-        p = tl.where(n_valid[None, :], p, 0.0)
-        if HAS_DROPOUT:
-            keep = _keep_mask(seed, bh, offs_m, offs_n, L, dropout_p)
-            dp = tl.where(keep, dp * inv_keep, 0.0)
-        ds = (p * (dp - delta[:, None])).to(k.dtype)
-        dq += _mm(ds, k, UPCAST, IEEE)
-        if TAIL_D > 0:
-            dq_t += _mm(ds, k_t, UPCAST, IEEE)
+            dk_t = tl.zeros([BLOCK_N, TAIL_D], tl.float32)
+            dv_t = tl.zeros([BLOCK_N, TAIL_D], tl.float32)
 
-    d_base = dQKV + _off(start, stride_db, stride_dt, VARLEN) + h * head_dim
-    _st(d_base, rows_m, stride_dt, m_valid, 0, BLOCK_D, head_dim, dq * scale)
-    if TAIL_D > 0:
-        _st(d_base, rows_m, stride_dt, m_valid, BLOCK_D, TAIL_D, head_dim, dq_t * scale)
+        for start_m in range(0, L, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            rows_m = _rows(offs_m, IDX64)
+            m_valid = offs_m < L
+            q = _ld(base, rows_m, stride_qt, m_valid, 0, BLOCK_D, head_dim)
+            do = _ld(g_base, rows_m, stride_gt, m_valid, 0, BLOCK_D, head_dim)
+            lse = tl.load(Lse + row_base + offs_m, mask=m_valid, other=0.0)
+            delta = tl.load(Delta + row_base + offs_m, mask=m_valid, other=0.0)
+
+            s = _mm(q, tl.trans(k), UPCAST, IEEE)
+            dp = _mm(do, tl.trans(v), UPCAST, IEEE)
+            if TAIL_D > 0:
+                q_t = _ld(base, rows_m, stride_qt, m_valid, BLOCK_D, TAIL_D, head_dim)
+                do_t = _ld(g_base, rows_m, stride_gt, m_valid, BLOCK_D, TAIL_D, head_dim)
+                s += _mm(q_t, tl.trans(k_t), UPCAST, IEEE)
+                dp += _mm(do_t, tl.trans(v_t), UPCAST, IEEE)
+            p = tl.exp2(s * scale_log2 - (lse * LOG2E)[:, None])
+            # Padded rows/cols must contribute exactly nothing.
+            p = tl.where(m_valid[:, None] & n_valid[None, :], p, 0.0)
+            if HAS_DROPOUT:
+                keep = _keep_mask(seed, bh, offs_m, offs_n, L, dropout_p)
+                pd = tl.where(keep, p * inv_keep, 0.0)
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            else:
+                pd = p
+            pd_t = tl.trans(pd).to(do.dtype)
+            ds_t = tl.trans(p * (dp - delta[:, None])).to(q.dtype)
+            dv += _mm(pd_t, do, UPCAST, IEEE)
+            dk += _mm(ds_t, q, UPCAST, IEEE)
+            if TAIL_D > 0:
+                dv_t += _mm(pd_t, do_t, UPCAST, IEEE)
+                dk_t += _mm(ds_t, q_t, UPCAST, IEEE)
+
+        _st(d_base + D, rows_n, stride_dt, n_valid, 0, BLOCK_D, head_dim, dk * scale)
+        _st(d_base + 2 * D, rows_n, stride_dt, n_valid, 0, BLOCK_D, head_dim, dv)
+        if TAIL_D > 0:
+            _st(d_base + D, rows_n, stride_dt, n_valid, BLOCK_D, TAIL_D, head_dim, dk_t * scale)
+            _st(d_base + 2 * D, rows_n, stride_dt, n_valid, BLOCK_D, TAIL_D, head_dim, dv_t)
+    else:
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows_m = _rows(offs_m, IDX64)
+        m_valid = offs_m < L
+
+        q = _ld(base, rows_m, stride_qt, m_valid, 0, BLOCK_D, head_dim)
+        do = _ld(g_base, rows_m, stride_gt, m_valid, 0, BLOCK_D, head_dim)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        if TAIL_D > 0:
+            q_t = _ld(base, rows_m, stride_qt, m_valid, BLOCK_D, TAIL_D, head_dim)
+            do_t = _ld(g_base, rows_m, stride_gt, m_valid, BLOCK_D, TAIL_D, head_dim)
+            dq_t = tl.zeros([BLOCK_M, TAIL_D], tl.float32)
+        lse2 = tl.load(Lse + row_base + offs_m, mask=m_valid, other=0.0) * LOG2E
+        delta = tl.load(Delta + row_base + offs_m, mask=m_valid, other=0.0)
+
+        for start_n in range(0, L, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            rows_n = _rows(offs_n, IDX64)
+            n_valid = offs_n < L
+            k = _ld(base + D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
+            v = _ld(base + 2 * D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
+            s = _mm(q, tl.trans(k), UPCAST, IEEE)
+            dp = _mm(do, tl.trans(v), UPCAST, IEEE)
+            if TAIL_D > 0:
+                k_t = _ld(base + D, rows_n, stride_qt, n_valid, BLOCK_D, TAIL_D, head_dim)
+                v_t = _ld(base + 2 * D, rows_n, stride_qt, n_valid, BLOCK_D, TAIL_D, head_dim)
+                s += _mm(q_t, tl.trans(k_t), UPCAST, IEEE)
+                dp += _mm(do_t, tl.trans(v_t), UPCAST, IEEE)
+            p = tl.exp2(s * scale_log2 - lse2[:, None])
+            p = tl.where(n_valid[None, :], p, 0.0)
+            if HAS_DROPOUT:
+                keep = _keep_mask(seed, bh, offs_m, offs_n, L, dropout_p)
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            ds = (p * (dp - delta[:, None])).to(k.dtype)
+            dq += _mm(ds, k, UPCAST, IEEE)
+            if TAIL_D > 0:
+                dq_t += _mm(ds, k_t, UPCAST, IEEE)
+
+        _st(d_base, rows_m, stride_dt, m_valid, 0, BLOCK_D, head_dim, dq * scale)
+        if TAIL_D > 0:
+            _st(d_base, rows_m, stride_dt, m_valid, BLOCK_D, TAIL_D, head_dim, dq_t * scale)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -572,8 +533,6 @@ def tiles_for(kernel: str, key: int, arch: int, varlen: bool = False, idx64: boo
 
 #: Tile used when interpreting: small enough that T = 197 runs in seconds on a CPU core.
 INTERPRET_TILE: _Tile = (64, 64, 1, 1)
-#: Architectures with their own tables; newer GPUs use the sm_90 table, older ones sm_80's.
-from vit_fast.kernels._common import ARCHS as _ARCHS  # noqa: E402  (one list for every family)
 
 
 def head_split(head_dim: int) -> tuple[int, int]:
@@ -597,11 +556,6 @@ def _table_key(block_d: int, tail_d: int) -> int:
     return block_d + tail_d
 
 
-def _arch_key(capability: tuple[int, int]) -> int:
-    cc = capability[0] * 10 + capability[1]
-    return 90 if cc >= 90 else 80
-
-
 def configs_for(
     kernel: str,
     block_d: int,
@@ -615,14 +569,14 @@ def configs_for(
     if capability is None or triton_interpreting():
         tiles = [INTERPRET_TILE]
     else:
-        tiles = tiles_for(kernel, _table_key(block_d, tail_d), _arch_key(capability), varlen, idx64)
+        tiles = tiles_for(kernel, _table_key(block_d, tail_d), arch_key(capability), varlen, idx64)
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles
     ]
 
 
 _tuned: dict[tuple[str, int, int, int, bool, bool], object] = {}
-_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_kernel, "dq": _attn_bwd_kernel}
 
 
 def tuned_kernel(
@@ -637,7 +591,7 @@ def tuned_kernel(
 
     One autotuner per (kernel, BLOCK_D, TAIL_D, arch, VARLEN, IDX64) because the candidate tiles
     depend on them; the tuning key adds T (the longest sequence) and dropout (and the dtypes)."""
-    arch = 0 if capability is None or triton_interpreting() else _arch_key(capability)
+    arch = 0 if capability is None or triton_interpreting() else arch_key(capability)
     key = (kernel, block_d, tail_d, arch, varlen, idx64)
     if key not in _tuned:
         _tuned[key] = triton.autotune(
@@ -658,6 +612,418 @@ def delta_tile(block_d: int) -> tuple[int, int]:
     if triton_interpreting():
         return 32, 1
     return _gpu_delta_tile(block_d)
+
+
+# --------------------------------------------------------------------------------------------------
+# launchers: the Triton backend's contract functions (vit_fast.ops.contract)
+#
+# Arguments arrive validated by vit_fast.ops.attention (shapes, head dim, scale, dropout_p, seed,
+# the sequence tables). What is checked here guards memory only: unit feature stride, the token
+# stride limit of the IDX64 variant, and that the backward's tensors are the shapes the forward
+# produced (the launches index them with qkv's geometry).
+
+_force_int64: list[bool] = []
+
+
+@contextlib.contextmanager
+def force_int64_indexing() -> Iterator[None]:
+    """Run the 64-bit offset variant (IDX64) even at small shapes (tests, debugging);
+    `VIT_FAST_FORCE_INT64=1` does the same for every family (`kernels._common.needs_int64`)."""
+    _force_int64.append(True)
+    try:
+        yield
+    finally:
+        _force_int64.pop()
+
+
+def _idx64(*tensors: Tensor) -> bool:
+    if not (_force_int64 or needs_int64(*tensors)):
+        return False
+    # The IDX64 kernels keep in-tile offsets (row < 256) * token stride in int32.
+    for t in tensors:
+        if t.dim() >= 2 and abs(t.stride(-2)) >= 2**23:
+            raise ValueError(
+                f"attention supports token strides below 2**23 elements, got strides {t.stride()}"
+            )
+    return True
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def _unit_feature_stride(**tensors: Tensor) -> None:
+    for name, t in tensors.items():
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}")
+
+
+def _check_like(name: str, t: Tensor, like: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but must match the input dtype {dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the input is on {like.device}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _launch_setup(qkv: Tensor, num_heads: int, head_dim: int, dropout_p: float, varlen: bool):
+    """What every launch of one call shares: (BLOCK_D, TAIL_D), the arch and the constexpr flags."""
+    block_d, tail_d = head_split(head_dim)
+    flags = {
+        "BLOCK_D": block_d,
+        "TAIL_D": tail_d,
+        "HAS_DROPOUT": dropout_p > 0.0,
+        "VARLEN": varlen,
+        "UPCAST": triton_interpreting() and qkv.dtype != torch.float32,
+        "IEEE": qkv.dtype == torch.float32,
+    }
+    return block_d, tail_d, _capability(qkv.device), flags
+
+
+def _batch_stride(t: Tensor, varlen: bool) -> int:
+    return 0 if varlen else t.stride(0)
+
+
+def _on_device(t: Tensor) -> contextlib.AbstractContextManager:
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _launch_forward(
+    qkv: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    table: Tensor,
+    *,
+    rows: int,
+    max_len: int,
+    programs: int,
+    num_heads: int,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    varlen: bool,
+) -> None:
+    """The forward launch shared by the fixed-length and the varlen forward, on a (sequence or
+    batch) x head grid of `programs` rows. Varlen launches address rows through `table`'s first
+    rows (batch strides 0); `rows` is the kernel's T argument (lse's head stride)."""
+    _unit_feature_stride(qkv=qkv)
+    width = qkv.shape[-1] // 3
+    head_dim = width // num_heads
+    block_d, tail_d, cap, flags = _launch_setup(qkv, num_heads, head_dim, dropout_p, varlen)
+    idx64 = _idx64(qkv, out)
+    kernel = tuned_kernel("fwd", block_d, cap, tail_d, varlen, idx64)
+    grid = lambda meta: (programs, triton.cdiv(max_len, meta["BLOCK_M"]))
+    with _on_device(qkv):
+        kernel[grid](
+            qkv,
+            out,
+            lse,
+            table[0],
+            table[1],
+            _batch_stride(qkv, varlen),
+            qkv.stride(-2),
+            _batch_stride(out, varlen),
+            out.stride(-2),
+            rows,
+            max_len,
+            num_heads,
+            width,
+            head_dim,
+            float(scale) * LOG2E.value,
+            float(dropout_p),
+            int(seed),
+            IDX64=idx64,
+            **flags,
+        )
+
+
+def _launch_backward(
+    qkv: Tensor,
+    out: Tensor,
+    grad_out: Tensor,
+    lse: Tensor,
+    table: Tensor,
+    *,
+    rows: int,
+    max_len: int,
+    programs: int,
+    num_heads: int,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    varlen: bool,
+) -> Tensor:
+    """The three backward launches shared by the fixed-length and the varlen backward: the delta
+    pre-pass, then dK/dV and dQ, on a (sequence or batch) x head grid of `programs` rows. Returns
+    dqkv (qkv's shape, contiguous; rows outside every sequence zero).
+
+    Varlen launches address rows through `table`'s first rows (batch strides 0). `rows` is the
+    kernels' T argument (lse's head stride), `max_len` the longest sequence; the delta scratch has
+    lse's shape."""
+    _unit_feature_stride(qkv=qkv, out=out)
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    lse = lse.contiguous()
+    # Each pass writes only rows inside a sequence: zero the rest when the sequences leave any.
+    covered = not varlen or int(table[1].sum()) == qkv.shape[0]
+    dqkv = (torch.empty if covered else torch.zeros)(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    if max_len == 0:
+        return dqkv
+    delta = torch.empty_like(lse)
+    width = qkv.shape[-1] // 3
+    head_dim = width // num_heads
+    block_d, tail_d, cap, flags = _launch_setup(qkv, num_heads, head_dim, dropout_p, varlen)
+    idx64 = _idx64(qkv, out, grad_out, dqkv)
+    table = table.to(device=qkv.device, dtype=torch.int32)
+    common = (
+        table[0],
+        table[1],
+        _batch_stride(qkv, varlen),
+        qkv.stride(-2),
+        _batch_stride(grad_out, varlen),
+        grad_out.stride(-2),
+        _batch_stride(dqkv, varlen),
+        dqkv.stride(-2),
+        rows,
+        max_len,
+        num_heads,
+        width,
+        head_dim,
+        float(scale),
+        float(scale) * LOG2E.value,
+        float(dropout_p),
+        int(seed),
+    )
+    with _on_device(qkv):
+        bm, warps = delta_tile(block_d + tail_d)
+        _attn_bwd_delta_kernel[(programs, triton.cdiv(max_len, bm))](
+            out,
+            grad_out,
+            delta,
+            table[0],
+            table[1],
+            _batch_stride(out, varlen),
+            out.stride(-2),
+            _batch_stride(grad_out, varlen),
+            grad_out.stride(-2),
+            rows,
+            max_len,
+            num_heads,
+            head_dim,
+            BLOCK_M=bm,
+            BLOCK_D=block_d,
+            TAIL_D=tail_d,
+            VARLEN=varlen,
+            IDX64=idx64,
+            num_warps=warps,
+        )
+        for kernel, block in (("dkdv", "BLOCK_N"), ("dq", "BLOCK_M")):
+            tuned_kernel(kernel, block_d, cap, tail_d, varlen, idx64)[
+                lambda meta, block=block: (programs, triton.cdiv(max_len, meta[block]))
+            ](qkv, grad_out, lse, delta, dqkv, *common, IDX64=idx64, DKDV=kernel == "dkdv", **flags)
+    return dqkv
+
+
+def _fixed_table(device: torch.device) -> Tensor:
+    # Stands in for the sequence tables in fixed-length launches (never read: VARLEN is off).
+    return torch.empty((2, 1), dtype=torch.int32, device=device)
+
+
+def attention_forward(
+    qkv: Tensor, num_heads: int, scale: float, dropout_p: float, seed: int
+) -> tuple[Tensor, Tensor]:
+    """Triton forward. qkv [B, T, 3*D] (fp32/fp16/bf16, last dim contiguous, other strides free).
+
+    Returns out [B, T, D] contiguous in qkv's dtype (heads merged) and lse [B, H, T] fp32, the
+    natural log-sum-exp of the scaled scores before dropout. Dropout keeps entry (b, h, i, j) where
+    the Philox draw of (seed, head, i*T + j) is >= dropout_p, scaling kept entries by 1/(1-p).
+    """
+    batch, tokens, width3 = qkv.shape
+    out = torch.empty((batch, tokens, width3 // 3), dtype=qkv.dtype, device=qkv.device)
+    lse = torch.empty((batch, num_heads, tokens), dtype=torch.float32, device=qkv.device)
+    _launch_forward(
+        qkv,
+        out,
+        lse,
+        _fixed_table(qkv.device),
+        rows=tokens,
+        max_len=tokens,
+        programs=batch * num_heads,
+        num_heads=num_heads,
+        scale=scale,
+        dropout_p=dropout_p,
+        seed=seed,
+        varlen=False,
+    )
+    return out, lse
+
+
+def attention_backward(
+    grad_out: Tensor,
+    qkv: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    num_heads: int,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+) -> Tensor:
+    """Triton backward (FA2 style, deterministic). grad_out, out [B, T, D]; lse [B, H, T] fp32.
+
+    Returns dqkv [B, T, 3*D] contiguous in qkv's dtype, packed like qkv. Runs three launches: the
+    delta = rowsum(dO * O) pre-pass (fp32 [B, H, T] scratch), dk/dv over key blocks, dq over query
+    blocks; each writes its own columns of dqkv, so no zero fill and no atomics.
+    """
+    batch, tokens, width3 = qkv.shape
+    _check_like("grad_out", grad_out, qkv, (batch, tokens, width3 // 3), qkv.dtype)
+    _check_like("out", out, qkv, (batch, tokens, width3 // 3), qkv.dtype)
+    _check_like("lse", lse, qkv, (batch, num_heads, tokens), torch.float32)
+    return _launch_backward(
+        qkv,
+        out,
+        grad_out,
+        lse,
+        _fixed_table(qkv.device),
+        rows=tokens,
+        max_len=tokens,
+        programs=batch * num_heads,
+        num_heads=num_heads,
+        scale=scale,
+        dropout_p=dropout_p,
+        seed=seed,
+        varlen=False,
+    )
+
+
+def attention_varlen_forward(
+    qkv: Tensor,
+    table: Tensor,
+    max_len: int,
+    zero_fill: bool,
+    num_heads: int,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[Tensor, Tensor]:
+    """Triton varlen forward. qkv [R, 3*D] rows (last dim contiguous); table int [2, N] = (first
+    row, length) per sequence (validated by ops.attention), max_len its longest length.
+
+    Returns out [R, D] in qkv's dtype and lse [H, R] fp32. Rows outside every sequence are zero in
+    out and lse when zero_fill (padded batches) and left unwritten otherwise. Sequence n's dropout
+    mask is the fixed-length mask of batch index n at T = its length. One program per (sequence,
+    head, query tile); tiles past a sequence's end exit at once, so the work is sum(len^2)."""
+    rows, width3 = qkv.shape
+    alloc = torch.zeros if zero_fill else torch.empty
+    out = alloc((rows, width3 // 3), dtype=qkv.dtype, device=qkv.device)
+    lse = alloc((num_heads, rows), dtype=torch.float32, device=qkv.device)
+    if max_len > 0:
+        _launch_forward(
+            qkv,
+            out,
+            lse,
+            table.to(device=qkv.device, dtype=torch.int32),
+            rows=rows,
+            max_len=max_len,
+            programs=table.shape[1] * num_heads,
+            num_heads=num_heads,
+            scale=scale,
+            dropout_p=dropout_p,
+            seed=seed,
+            varlen=True,
+        )
+    return out, lse
+
+
+def attention_varlen_backward(
+    grad_out: Tensor,
+    qkv: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    table: Tensor,
+    max_len: int,
+    num_heads: int,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+) -> Tensor:
+    """Triton varlen backward: grad_out, out [R, D]; lse [H, R] fp32; returns dqkv [R, 3*D] (rows
+    outside every sequence zero). Same three launches as the fixed-length backward, on the
+    (sequence, head, tile) grid."""
+    rows, width3 = qkv.shape
+    _check_like("grad_out", grad_out, qkv, (rows, width3 // 3), qkv.dtype)
+    _check_like("out", out, qkv, (rows, width3 // 3), qkv.dtype)
+    _check_like("lse", lse, qkv, (num_heads, rows), torch.float32)
+    return _launch_backward(
+        qkv,
+        out,
+        grad_out,
+        lse,
+        table,
+        rows=rows,
+        max_len=max_len,
+        programs=table.shape[1] * num_heads,
+        num_heads=num_heads,
+        scale=scale,
+        dropout_p=dropout_p,
+        seed=seed,
+        varlen=True,
+    )
+
+
+def dropout_keep_mask(
+    batch: int, num_heads: int, tokens: int, dropout_p: float, seed: int, device: torch.device | str = "cpu"
+) -> Tensor:
+    """Debug helper: the kernels' dropout keep-mask as bool [B, H, T, T] (small shapes only).
+
+    Uses the kernels' own `_keep_mask` formula in a tiny kernel, so tests can rebuild the kernels'
+    dropout with plain PyTorch math."""
+    if not 0.0 <= dropout_p < 1.0 or not 0 <= seed < 2**31:
+        raise ValueError(f"dropout_p must lie in [0, 1) and seed in [0, 2**31), got {dropout_p!r}, {seed!r}")
+    mask = torch.empty((batch, num_heads, tokens, tokens), dtype=torch.int8, device=device)
+    # Large tiles: the interpreter's cost is per program, and Philox is many small numpy ops.
+    grid = (triton.cdiv(tokens, 128), triton.cdiv(tokens, 128), batch * num_heads)
+    _dropout_mask_kernel[grid](mask, tokens, float(dropout_p), int(seed), BLOCK_M=128, BLOCK_N=128)
+    return mask.bool()
+
+
+# --------------------------------------------------------------------------------------------------
+# head-dim padding report (for `vit-fast check`)
+
+#: Head dims of common ViTs: B/L (64), SO400M (72), H (80), g (88), 96, 112, 128.
+REPORT_HEAD_DIMS = (16, 32, 64, 72, 80, 88, 96, 112, 128)
+
+
+def head_dim_flops_report(head_dims: tuple[int, ...] = REPORT_HEAD_DIMS) -> list[dict[str, object]]:
+    """Executed vs useful attention FLOPs per head dim on the Triton kernels.
+
+    Each row: head_dim, the executed columns as "main+tail" (e.g. "64+16"), executed/useful (the
+    FLOP ratio of every attention GEMM: they all scale with the executed head-dim columns) and the
+    wasted fraction of executed FLOPs."""
+    rows: list[dict[str, object]] = []
+    for hd in head_dims:
+        block_d, tail_d = head_split(hd)
+        executed = block_d + tail_d
+        rows.append(
+            {
+                "head_dim": hd,
+                "executed": f"{block_d}+{tail_d}" if tail_d else str(block_d),
+                "executed_over_useful": executed / hd,
+                "wasted": 1.0 - hd / executed,
+            }
+        )
+    return rows
+
+
+def format_head_dim_flops(rows: list[dict[str, object]] | None = None) -> str:
+    """`head_dim_flops_report` as a small text table."""
+    rows = head_dim_flops_report() if rows is None else rows
+    lines = ["attention head-dim padding (Triton): head_dim  executed  executed/useful  wasted"]
+    for r in rows:
+        lines.append(
+            f"  {r['head_dim']:>8}  {r['executed']:>8}  {r['executed_over_useful']:>15.3f}  {r['wasted']:>6.1%}"
+        )
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -721,7 +1087,7 @@ def aot_specs() -> list:
         dname = f"d{block_d}" + (f"t{tail_d}" if tail_d else "")
         for varlen, idx64 in _MODES:
             mode = _mode_suffix(varlen, idx64)
-            for arch in _ARCHS:
+            for arch in ARCHS:
                 for kernel in ("fwd", "dkdv", "dq"):
                     sig, div16 = _signature(kernel, dt, idx64)
                     for bm, bn, w, st in tiles_for(kernel, table, arch, varlen, idx64):
@@ -737,6 +1103,8 @@ def aot_specs() -> list:
                                 "UPCAST": False,
                                 "IEEE": False,
                             }
+                            if kernel != "fwd":  # dkdv and dq are the two passes of one kernel
+                                cx["DKDV"] = kernel == "dkdv"
                             specs.append(
                                 KernelSpec(
                                     name=f"attention_{kernel}_{dt}_{dname}_m{bm}n{bn}{'_drop' if dropout else ''}{mode}",
