@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vit_fast import reference
-from vit_fast.ops import use_backend
 from vit_fast.kernels.attention import attention_backward, attention_forward, dropout_keep_mask
+from vit_fast.ops import use_backend
 from vit_fast.ops.attention import attention
 from vit_fast.plain import attention as plain
 from vit_fast.testing import check_numerics

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from vit_fast import reference
-from vit_fast.ops import use_backend
 from vit_fast.kernels._common import needs_int64
 from vit_fast.kernels.attention import dropout_keep_mask, force_int64_indexing
+from vit_fast.ops import use_backend
 from vit_fast.ops.attention import attention
 from vit_fast.ops.backend import backend_module, has_cpu_kernel
 from vit_fast.testing import check_numerics
@@ -113,6 +113,28 @@ def test_padded_equals_packed(backend):
         torch.manual_seed(11)
         b = attention(packed, heads, cu_seqlens=_cu(lengths), dropout_p=p)
         torch.testing.assert_close(torch.cat([a[i, :n] for i, n in enumerate(lengths)]), b, rtol=0, atol=0)
+
+
+def test_backend_zero_fill_and_max_len(backend):
+    """The contract's varlen arguments on each backend: with every row in a sequence (packed input),
+    zero_fill=False gives the zero-filled answer; rows left out of every sequence are zero in out,
+    lse and dqkv; the C++ backend rejects a sequence longer than max_len (it sizes scratch by it)."""
+    mod = backend_module("attention", backend)
+    qkv = torch.randn(12, 3 * 2 * 16)
+    packed = torch.tensor([[0, 5], [5, 7]])
+    filled = mod.attention_varlen_forward(qkv, packed, 7, True, 2, 0.25, 0.0, 0)
+    unfilled = mod.attention_varlen_forward(qkv, packed, 7, False, 2, 0.25, 0.0, 0)
+    for a, b in zip(filled, unfilled):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    gaps = torch.tensor([[0, 6], [4, 3]])  # rows 4, 5 and 9..11 belong to no sequence
+    out, lse = mod.attention_varlen_forward(qkv, gaps, 4, True, 2, 0.25, 0.0, 0)
+    dqkv = mod.attention_varlen_backward(torch.randn_like(out), qkv, out, lse, gaps, 4, 2, 0.25, 0.0, 0)
+    for t in (out, lse.t(), dqkv):
+        assert torch.equal(t[[4, 5, 9, 10, 11]], torch.zeros_like(t[[4, 5, 9, 10, 11]]))
+        assert t[[0, 6, 8]].abs().sum() > 0
+    if backend == "cpu":
+        with pytest.raises(RuntimeError, match="max_len"):
+            mod.attention_varlen_forward(qkv, packed, 6, True, 2, 0.25, 0.0, 0)
 
 
 def test_equal_lengths_match_fixed(backend):
