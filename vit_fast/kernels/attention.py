@@ -90,6 +90,24 @@ def _seq(SeqStart, SeqLen, s, T, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _program(SeqStart, SeqLen, T, H, VARLEN: tl.constexpr):
+    """(bh, h, start, L, tile) of this program: grid axis 0 is (sequence or batch) * H + head, axis 1
+    the tile index; start and L as `_seq` gives them."""
+    bh = tl.program_id(0)
+    h = bh % H
+    start, L = _seq(SeqStart, SeqLen, bh // H, T, VARLEN)
+    return bh, h, start, L, tl.program_id(1)
+
+
+@triton.jit
+def _block(first, BLOCK: tl.constexpr, L, IDX64: tl.constexpr):
+    """Positions first.. of one BLOCK-row tile of a sequence of L rows: (offsets, valid, row indices
+    for `rows * stride`)."""
+    offs = first + tl.arange(0, BLOCK)
+    return offs, offs < L, _rows(offs, IDX64)
+
+
+@triton.jit
 def _off(start, stride_b, stride_t, VARLEN: tl.constexpr):
     """Element offset (int64) of the first row of a sequence in one tensor."""
     if VARLEN:
@@ -175,17 +193,12 @@ def _attn_fwd_kernel(
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    h = bh % H
-    start, L = _seq(SeqStart, SeqLen, bh // H, T, VARLEN)
+    bh, h, start, L, pid_m = _program(SeqStart, SeqLen, T, H, VARLEN)
     # Varlen grids cover the longest sequence; tiles past this one's end have nothing to do.
     if pid_m * BLOCK_M >= L:
         return
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < L
-    rows_m = _rows(offs_m, IDX64)
+    offs_m, m_valid, rows_m = _block(pid_m * BLOCK_M, BLOCK_M, L, IDX64)
 
     base = QKV + _off(start, stride_qb, stride_qt, VARLEN) + h * head_dim
     q = _ld(base, rows_m, stride_qt, m_valid, 0, BLOCK_D, head_dim)
@@ -199,9 +212,7 @@ def _attn_fwd_kernel(
     inv_keep = 1.0 / (1.0 - dropout_p)
 
     for start_n in range(0, L, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < L
-        rows_n = _rows(offs_n, IDX64)
+        offs_n, n_valid, rows_n = _block(start_n, BLOCK_N, L, IDX64)
         k = _ld(base + D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
         v = _ld(base + 2 * D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
         s = _mm(q, tl.trans(k), UPCAST, IEEE)
@@ -261,15 +272,10 @@ def _attn_bwd_delta_kernel(
 ):
     """Delta[b, h, t] = sum_d dO * O (fp32): the softmax-backward row term, computed once so the
     dk/dv kernel (which walks over query rows) does not need whole rows of P."""
-    bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    h = bh % H
-    start, L = _seq(SeqStart, SeqLen, bh // H, T, VARLEN)
+    _, h, start, L, pid_m = _program(SeqStart, SeqLen, T, H, VARLEN)
     if pid_m * BLOCK_M >= L:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < L
-    rows_m = _rows(offs_m, IDX64)
+    offs_m, m_valid, rows_m = _block(pid_m * BLOCK_M, BLOCK_M, L, IDX64)
     o_base = Out + _off(start, stride_ob, stride_ot, VARLEN) + h * head_dim
     g_base = dOut + _off(start, stride_gb, stride_gt, VARLEN) + h * head_dim
     o = _ld(o_base, rows_m, stride_ot, m_valid, 0, BLOCK_D, head_dim)
@@ -323,10 +329,7 @@ def _attn_bwd_kernel(
     DKDV: one program per key block keeps k, v and the dk, dv accumulators on chip and walks over
     all query blocks, recomputing P from the saved lse. Otherwise (dq): one program per query block
     walks over all key blocks accumulating dq on chip."""
-    bh = tl.program_id(0)
-    pid = tl.program_id(1)
-    h = bh % H
-    start, L = _seq(SeqStart, SeqLen, bh // H, T, VARLEN)
+    bh, h, start, L, pid = _program(SeqStart, SeqLen, T, H, VARLEN)
     if pid * (BLOCK_N if DKDV else BLOCK_M) >= L:
         return
     base = QKV + _off(start, stride_qb, stride_qt, VARLEN) + h * head_dim
@@ -336,9 +339,7 @@ def _attn_bwd_kernel(
     inv_keep = 1.0 / (1.0 - dropout_p)
 
     if DKDV:
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows_n = _rows(offs_n, IDX64)
-        n_valid = offs_n < L
+        offs_n, n_valid, rows_n = _block(pid * BLOCK_N, BLOCK_N, L, IDX64)
 
         k = _ld(base + D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
         v = _ld(base + 2 * D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
@@ -351,9 +352,7 @@ def _attn_bwd_kernel(
             dv_t = tl.zeros([BLOCK_N, TAIL_D], tl.float32)
 
         for start_m in range(0, L, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            rows_m = _rows(offs_m, IDX64)
-            m_valid = offs_m < L
+            offs_m, m_valid, rows_m = _block(start_m, BLOCK_M, L, IDX64)
             q = _ld(base, rows_m, stride_qt, m_valid, 0, BLOCK_D, head_dim)
             do = _ld(g_base, rows_m, stride_gt, m_valid, 0, BLOCK_D, head_dim)
             lse = tl.load(Lse + row_base + offs_m, mask=m_valid, other=0.0)
@@ -389,9 +388,7 @@ def _attn_bwd_kernel(
             _st(d_base + D, rows_n, stride_dt, n_valid, BLOCK_D, TAIL_D, head_dim, dk_t * scale)
             _st(d_base + 2 * D, rows_n, stride_dt, n_valid, BLOCK_D, TAIL_D, head_dim, dv_t)
     else:
-        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows_m = _rows(offs_m, IDX64)
-        m_valid = offs_m < L
+        offs_m, m_valid, rows_m = _block(pid * BLOCK_M, BLOCK_M, L, IDX64)
 
         q = _ld(base, rows_m, stride_qt, m_valid, 0, BLOCK_D, head_dim)
         do = _ld(g_base, rows_m, stride_gt, m_valid, 0, BLOCK_D, head_dim)
@@ -404,9 +401,7 @@ def _attn_bwd_kernel(
         delta = tl.load(Delta + row_base + offs_m, mask=m_valid, other=0.0)
 
         for start_n in range(0, L, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            rows_n = _rows(offs_n, IDX64)
-            n_valid = offs_n < L
+            offs_n, n_valid, rows_n = _block(start_n, BLOCK_N, L, IDX64)
             k = _ld(base + D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
             v = _ld(base + 2 * D, rows_n, stride_qt, n_valid, 0, BLOCK_D, head_dim)
             s = _mm(q, tl.trans(k), UPCAST, IEEE)

@@ -142,10 +142,9 @@ def _attention_fwd_op(
     return run(backend)
 
 
+# The fake kernels give the output shapes from the arguments they need (the rest: `*_`).
 @_attention_fwd_op.register_fake
-def _attention_fwd_fake(
-    qkv: Tensor, num_heads: int, scale: float, dropout_p: float, seed: Tensor | None
-) -> tuple[Tensor, Tensor]:
+def _attention_fwd_fake(qkv: Tensor, num_heads: int, *_: object) -> tuple[Tensor, Tensor]:
     batch, tokens, width3 = qkv.shape
     out = qkv.new_empty((batch, tokens, width3 // 3))
     lse = qkv.new_empty((batch, num_heads, tokens), dtype=torch.float32)
@@ -182,17 +181,7 @@ def _attention_bwd_op(
 
 
 @_attention_bwd_op.register_fake
-def _attention_bwd_fake(
-    grad_out: Tensor,
-    qkv: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    num_heads: int,
-    scale: float,
-    dropout_p: float,
-    seed: Tensor | None,
-    backend: str,
-) -> Tensor:
+def _attention_bwd_fake(grad_out: Tensor, qkv: Tensor, *_: object) -> Tensor:
     return qkv.new_empty(qkv.shape)
 
 
@@ -347,13 +336,7 @@ def _attention_varlen_fwd_op(
 
 @_attention_varlen_fwd_op.register_fake
 def _attention_varlen_fwd_fake(
-    qkv: Tensor,
-    lengths: Tensor,
-    padded: bool,
-    num_heads: int,
-    scale: float,
-    dropout_p: float,
-    seed: Tensor | None,
+    qkv: Tensor, lengths: Tensor, padded: bool, num_heads: int, *_: object
 ) -> tuple[Tensor, Tensor]:
     rows = qkv.numel() // qkv.shape[-1]
     return qkv.new_empty(_varlen_out_shape(qkv)), qkv.new_empty((num_heads, rows), dtype=torch.float32)
@@ -384,19 +367,7 @@ def _attention_varlen_bwd_op(
 
 
 @_attention_varlen_bwd_op.register_fake
-def _attention_varlen_bwd_fake(
-    grad_out: Tensor,
-    qkv: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    lengths: Tensor,
-    padded: bool,
-    num_heads: int,
-    scale: float,
-    dropout_p: float,
-    seed: Tensor | None,
-    backend: str,
-) -> Tensor:
+def _attention_varlen_bwd_fake(grad_out: Tensor, qkv: Tensor, *_: object) -> Tensor:
     return qkv.new_empty(qkv.shape)
 
 
