@@ -27,8 +27,14 @@ regenerated identically in the forward, both backward kernels and the debug mask
 (`_keep_mask` is the one place that formula lives). In varlen mode b is the sequence index and T its
 length. Counters are 32-bit, so T*T must fit in int32.
 
-This module only holds kernels, their launch-config tables and `aot_specs()`; validation, backend
-choice and autograd live in `vit_fast.ops.attention`.
+Backward passes. The delta pre-pass, then one kernel in two passes (DKDV constexpr: dk/dv over key
+blocks, dq over query blocks) that share arguments, setup and tile math.
+
+This module is the Triton backend of the attention family: kernels, launch-config tables, the
+launchers under the contract's names (`attention_forward`, `attention_backward`,
+`attention_varlen_forward`, `attention_varlen_backward`; see vit_fast.ops.contract and
+docs/backend_contract.md), the debug `dropout_keep_mask`, the head-dim FLOP report and
+`aot_specs()`. Validation, backend choice and autograd live in `vit_fast.ops.attention`.
 """
 
 from __future__ import annotations
