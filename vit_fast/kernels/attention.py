@@ -47,7 +47,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vit_fast.kernels._common import ARCHS, arch_key, needs_int64, triton_interpreting
+from vit_fast.kernels._common import (
+    ARCHS,
+    KernelSpec,
+    arch_key,
+    kernel_parameters,
+    needs_int64,
+    triton_interpreting,
+)
 
 # Module globals read inside @triton.jit must be constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -1039,47 +1046,39 @@ def _mode_suffix(varlen: bool, idx64: bool) -> str:
     return ("_varlen" if varlen else "") + ("_i64" if idx64 else "")
 
 
-def _signature(kernel: str, dt: str, idx64: bool) -> tuple[dict[str, str], tuple[str, ...]]:
-    """Argument types of one kernel and the args the launcher keeps 16-divisible for ViT widths
-    (pointers, token strides, D). IDX64 launches come with batch strides past 2**31 (i64)."""
-    big = "i64" if idx64 else "i32"
-    tables = {"SeqStart": "*i32", "SeqLen": "*i32"}
-    if kernel == "fwd":
-        ptrs = {"QKV": f"*{dt}", "Out": f"*{dt}", "Lse": "*fp32"}
-        strides = {"stride_qb": big, "stride_qt": "i32", "stride_ob": big, "stride_ot": "i32"}
-        tail = {"scale_log2": "fp32", "dropout_p": "fp32", "seed": "i32"}
-    elif kernel == "delta":
-        ptrs = {"Out": f"*{dt}", "dOut": f"*{dt}", "Delta": "*fp32"}
-        strides = {"stride_ob": big, "stride_ot": "i32", "stride_gb": big, "stride_gt": "i32"}
-        tail = {}
-    else:
-        ptrs = {"QKV": f"*{dt}", "dOut": f"*{dt}", "Lse": "*fp32", "Delta": "*fp32", "dQKV": f"*{dt}"}
-        strides = {
-            "stride_qb": big,
-            "stride_qt": "i32",
-            "stride_gb": big,
-            "stride_gt": "i32",
-            "stride_db": big,
-            "stride_dt": "i32",
-        }
-        tail = {"scale": "fp32", "scale_log2": "fp32", "dropout_p": "fp32", "seed": "i32"}
-    dims = {"stride_lh": "i32", "T": "i32", "H": "i32"} | ({} if kernel == "delta" else {"D": "i32"})
-    sig = {**ptrs, **tables, **strides, **dims, "head_dim": "i32", **tail}
-    div16 = (*ptrs, *tables, *[k for k, t in strides.items() if t == "i32"]) + (
-        () if kernel == "delta" else ("D",)
+#: Argument types other than the default i32; "DT" stands for the launch's dtype.
+_ARG_TYPES = {
+    **dict.fromkeys(("QKV", "Out", "dOut", "dQKV"), "*DT"),
+    **dict.fromkeys(("Lse", "Delta"), "*fp32"),
+    **dict.fromkeys(("SeqStart", "SeqLen"), "*i32"),
+    **dict.fromkeys(("scale", "scale_log2", "dropout_p"), "fp32"),
+}
+_BATCH_STRIDES = ("stride_qb", "stride_ob", "stride_gb", "stride_db")
+_TOKEN_STRIDES = ("stride_qt", "stride_ot", "stride_gt", "stride_dt")
+
+
+def _spec(name: str, fn, constexprs: dict, dt: str, idx64: bool, **launch) -> KernelSpec:  # type: ignore[no-untyped-def]
+    """One spec, its signature generated from `fn`'s own parameters (`KernelSpec.for_kernel`): IDX64
+    launches come with batch strides past 2**31 (i64); the launchers keep pointers, the 32-bit
+    strides and D divisible by 16 for ViT widths (as the JIT would specialise them)."""
+    params = kernel_parameters(fn)
+    types = {p: t.replace("DT", dt) for p, t in _ARG_TYPES.items() if p in params}
+    if idx64:
+        types |= {p: "i64" for p in _BATCH_STRIDES if p in params}
+    div16 = [p for p in params if types.get(p, "").startswith("*") or p in (*_TOKEN_STRIDES, "D")]
+    div16 += [] if idx64 else [p for p in _BATCH_STRIDES if p in params]
+    return KernelSpec.for_kernel(
+        name, fn, constexprs, ptr=dt, types=types, divisible_by_16=tuple(div16), **launch
     )
-    return sig, div16
 
 
-def aot_specs() -> list:
+def aot_specs() -> list[KernelSpec]:
     """Every shipped (kernel, dtype, BLOCK_D, tile, arch, mode) config, for `python -m vit_fast.perf.aot`.
 
     fp16 and bf16 at BLOCK_D 64 (head dims 33..64), 64 + 16 (65..80), 64 + 32 (81..96) and 128
     (97..128), fp16 also at BLOCK_D 32 and 256; every tile of GPU_CONFIGS for those, with and without dropout, for the
     forward, dk/dv and dq kernels, each in the four (VARLEN, IDX64) modes; plus the delta pre-pass.
     (fp32 runs the same tiles with IEEE dots and is not part of the shipped report.)"""
-    from vit_fast.kernels._common import KernelSpec
-
     specs: list[KernelSpec] = []
     shipped = [("fp16", bd, 0) for bd in (32, 64, 128, 256)] + [("bf16", bd, 0) for bd in (64, 128)]
     shipped += [(dt, 64, tail) for dt in ("fp16", "bf16") for tail in (16, 32)]
@@ -1090,7 +1089,6 @@ def aot_specs() -> list:
             mode = _mode_suffix(varlen, idx64)
             for arch in ARCHS:
                 for kernel in ("fwd", "dkdv", "dq"):
-                    sig, div16 = _signature(kernel, dt, idx64)
                     for bm, bn, w, st in tiles_for(kernel, table, arch, varlen, idx64):
                         for dropout in (False, True):
                             cx = {
@@ -1106,29 +1104,24 @@ def aot_specs() -> list:
                             }
                             if kernel != "fwd":  # dkdv and dq are the two passes of one kernel
                                 cx["DKDV"] = kernel == "dkdv"
+                            name = f"attention_{kernel}_{dt}_{dname}_m{bm}n{bn}{'_drop' if dropout else ''}{mode}"
                             specs.append(
-                                KernelSpec(
-                                    name=f"attention_{kernel}_{dt}_{dname}_m{bm}n{bn}{'_drop' if dropout else ''}{mode}",
-                                    fn=_KERNELS[kernel],
-                                    signature={**sig, **dict.fromkeys(cx, "constexpr")},
-                                    constexprs=cx,
+                                _spec(
+                                    name,
+                                    _KERNELS[kernel],
+                                    cx,
+                                    dt,
+                                    idx64,
                                     num_warps=w,
                                     num_stages=st,
-                                    divisible_by_16=div16,
                                     archs=(arch,),
                                 )
                             )
             bm, w = _gpu_delta_tile(block_d + tail_d)
-            sig, div16 = _signature("delta", dt, idx64)
             cx = {"BLOCK_M": bm, "BLOCK_D": block_d, "TAIL_D": tail_d, "VARLEN": varlen, "IDX64": idx64}
             specs.append(
-                KernelSpec(
-                    name=f"attention_delta_{dt}_{dname}{mode}",
-                    fn=_attn_bwd_delta_kernel,
-                    signature={**sig, **dict.fromkeys(cx, "constexpr")},
-                    constexprs=cx,
-                    num_warps=w,
-                    divisible_by_16=div16,
+                _spec(
+                    f"attention_delta_{dt}_{dname}{mode}", _attn_bwd_delta_kernel, cx, dt, idx64, num_warps=w
                 )
             )
     return specs
