@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -675,22 +676,54 @@ def _check_like(name: str, t: Tensor, like: Tensor, shape: tuple[int, ...], dtyp
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
-def _launch_setup(qkv: Tensor, num_heads: int, head_dim: int, dropout_p: float, varlen: bool):
-    """What every launch of one call shares: (BLOCK_D, TAIL_D), the arch and the constexpr flags."""
+@dataclass(frozen=True)
+class _Grid:
+    """What a fixed-length and a varlen launch differ in. Fixed: B sequences of T rows addressed
+    through the batch strides (the table is a stand-in, never read). Varlen: sequences of rows [R]
+    addressed through the table's first rows (batch strides 0)."""
+
+    table: Tensor  # int32 [2, N] (first row, length) on qkv's device
+    rows: int  # the kernels' T argument: lse's head stride (T, or R for varlen)
+    max_len: int  # the longest sequence: grid axis 1 covers it
+    programs: int  # grid axis 0: sequences (or batch) x heads
+    varlen: bool
+    covers_rows: bool  # every row lies in a sequence (else the backward zeroes dqkv first)
+
+    def batch_stride(self, t: Tensor) -> int:
+        return 0 if self.varlen else t.stride(0)
+
+
+def _fixed_grid(qkv: Tensor, num_heads: int) -> _Grid:
+    batch, tokens = qkv.shape[0], qkv.shape[1]
+    table = torch.empty((2, 1), dtype=torch.int32, device=qkv.device)
+    return _Grid(table, tokens, tokens, batch * num_heads, False, True)
+
+
+def _varlen_grid(qkv: Tensor, table: Tensor, max_len: int, num_heads: int) -> _Grid:
+    # table is the host int64 table of ops.attention: the coverage test costs no device sync.
+    covers = int(table[1].sum()) == qkv.shape[0]
+    dev_table = table.to(device=qkv.device, dtype=torch.int32)
+    return _Grid(dev_table, qkv.shape[0], max_len, table.shape[1] * num_heads, True, covers)
+
+
+def _flags(qkv: Tensor, head_dim: int, dropout_p: float, grid: _Grid, idx64: bool) -> dict[str, object]:
+    """The constexprs every launch of one call shares (the tile sizes come from the configs)."""
     block_d, tail_d = head_split(head_dim)
-    flags = {
+    return {
         "BLOCK_D": block_d,
         "TAIL_D": tail_d,
         "HAS_DROPOUT": dropout_p > 0.0,
-        "VARLEN": varlen,
+        "VARLEN": grid.varlen,
+        "IDX64": idx64,
         "UPCAST": triton_interpreting() and qkv.dtype != torch.float32,
         "IEEE": qkv.dtype == torch.float32,
     }
-    return block_d, tail_d, _capability(qkv.device), flags
 
 
-def _batch_stride(t: Tensor, varlen: bool) -> int:
-    return 0 if varlen else t.stride(0)
+def _autotuned(kernel: str, qkv: Tensor, flags: dict[str, object]):  # type: ignore[no-untyped-def]
+    return tuned_kernel(
+        kernel, flags["BLOCK_D"], _capability(qkv.device), flags["TAIL_D"], flags["VARLEN"], flags["IDX64"]
+    )
 
 
 def _on_device(t: Tensor) -> contextlib.AbstractContextManager:
@@ -701,141 +734,122 @@ def _launch_forward(
     qkv: Tensor,
     out: Tensor,
     lse: Tensor,
-    table: Tensor,
-    *,
-    rows: int,
-    max_len: int,
-    programs: int,
+    grid: _Grid,
     num_heads: int,
     scale: float,
     dropout_p: float,
     seed: int,
-    varlen: bool,
 ) -> None:
-    """The forward launch shared by the fixed-length and the varlen forward, on a (sequence or
-    batch) x head grid of `programs` rows. Varlen launches address rows through `table`'s first
-    rows (batch strides 0); `rows` is the kernel's T argument (lse's head stride)."""
+    """The forward launch of the fixed-length and the varlen forward: one program per (sequence,
+    head, query tile), writing out and lse."""
     _unit_feature_stride(qkv=qkv)
     width = qkv.shape[-1] // 3
     head_dim = width // num_heads
-    block_d, tail_d, cap, flags = _launch_setup(qkv, num_heads, head_dim, dropout_p, varlen)
-    idx64 = _idx64(qkv, out)
-    kernel = tuned_kernel("fwd", block_d, cap, tail_d, varlen, idx64)
-    grid = lambda meta: (programs, triton.cdiv(max_len, meta["BLOCK_M"]))
+    flags = _flags(qkv, head_dim, dropout_p, grid, _idx64(qkv, out))
     with _on_device(qkv):
-        kernel[grid](
+        _autotuned("fwd", qkv, flags)[
+            lambda meta: (grid.programs, triton.cdiv(grid.max_len, meta["BLOCK_M"]))
+        ](
             qkv,
             out,
             lse,
-            table[0],
-            table[1],
-            _batch_stride(qkv, varlen),
+            grid.table[0],
+            grid.table[1],
+            grid.batch_stride(qkv),
             qkv.stride(-2),
-            _batch_stride(out, varlen),
+            grid.batch_stride(out),
             out.stride(-2),
-            rows,
-            max_len,
+            grid.rows,
+            grid.max_len,
             num_heads,
             width,
             head_dim,
             float(scale) * LOG2E.value,
             float(dropout_p),
             int(seed),
-            IDX64=idx64,
             **flags,
         )
 
 
 def _launch_backward(
+    grad_out: Tensor,
     qkv: Tensor,
     out: Tensor,
-    grad_out: Tensor,
     lse: Tensor,
-    table: Tensor,
-    *,
-    rows: int,
-    max_len: int,
-    programs: int,
+    grid: _Grid,
     num_heads: int,
     scale: float,
     dropout_p: float,
     seed: int,
-    varlen: bool,
 ) -> Tensor:
-    """The three backward launches shared by the fixed-length and the varlen backward: the delta
-    pre-pass, then dK/dV and dQ, on a (sequence or batch) x head grid of `programs` rows. Returns
-    dqkv (qkv's shape, contiguous; rows outside every sequence zero).
-
-    Varlen launches address rows through `table`'s first rows (batch strides 0). `rows` is the
-    kernels' T argument (lse's head stride), `max_len` the longest sequence; the delta scratch has
-    lse's shape."""
+    """The three backward launches of the fixed-length and the varlen backward: the delta pre-pass
+    (fp32 scratch of lse's shape), then dK/dV and dQ. Returns dqkv (qkv's shape, contiguous; rows
+    outside every sequence zero)."""
     _unit_feature_stride(qkv=qkv, out=out)
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     lse = lse.contiguous()
     # Each pass writes only rows inside a sequence: zero the rest when the sequences leave any.
-    covered = not varlen or int(table[1].sum()) == qkv.shape[0]
-    dqkv = (torch.empty if covered else torch.zeros)(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    if max_len == 0:
+    dqkv = (torch.empty if grid.covers_rows else torch.zeros)(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    if grid.max_len == 0:
         return dqkv
     delta = torch.empty_like(lse)
     width = qkv.shape[-1] // 3
     head_dim = width // num_heads
-    block_d, tail_d, cap, flags = _launch_setup(qkv, num_heads, head_dim, dropout_p, varlen)
-    idx64 = _idx64(qkv, out, grad_out, dqkv)
-    table = table.to(device=qkv.device, dtype=torch.int32)
-    common = (
-        table[0],
-        table[1],
-        _batch_stride(qkv, varlen),
-        qkv.stride(-2),
-        _batch_stride(grad_out, varlen),
-        grad_out.stride(-2),
-        _batch_stride(dqkv, varlen),
-        dqkv.stride(-2),
-        rows,
-        max_len,
-        num_heads,
-        width,
-        head_dim,
-        float(scale),
-        float(scale) * LOG2E.value,
-        float(dropout_p),
-        int(seed),
-    )
+    flags = _flags(qkv, head_dim, dropout_p, grid, _idx64(qkv, out, grad_out, dqkv))
     with _on_device(qkv):
-        bm, warps = delta_tile(block_d + tail_d)
-        _attn_bwd_delta_kernel[(programs, triton.cdiv(max_len, bm))](
+        bm, warps = delta_tile(flags["BLOCK_D"] + flags["TAIL_D"])
+        _attn_bwd_delta_kernel[(grid.programs, triton.cdiv(grid.max_len, bm))](
             out,
             grad_out,
             delta,
-            table[0],
-            table[1],
-            _batch_stride(out, varlen),
+            grid.table[0],
+            grid.table[1],
+            grid.batch_stride(out),
             out.stride(-2),
-            _batch_stride(grad_out, varlen),
+            grid.batch_stride(grad_out),
             grad_out.stride(-2),
-            rows,
-            max_len,
+            grid.rows,
+            grid.max_len,
             num_heads,
             head_dim,
             BLOCK_M=bm,
-            BLOCK_D=block_d,
-            TAIL_D=tail_d,
-            VARLEN=varlen,
-            IDX64=idx64,
+            BLOCK_D=flags["BLOCK_D"],
+            TAIL_D=flags["TAIL_D"],
+            VARLEN=grid.varlen,
+            IDX64=flags["IDX64"],
             num_warps=warps,
         )
         for kernel, block in (("dkdv", "BLOCK_N"), ("dq", "BLOCK_M")):
-            tuned_kernel(kernel, block_d, cap, tail_d, varlen, idx64)[
-                lambda meta, block=block: (programs, triton.cdiv(max_len, meta[block]))
-            ](qkv, grad_out, lse, delta, dqkv, *common, IDX64=idx64, DKDV=kernel == "dkdv", **flags)
+            _autotuned(kernel, qkv, flags)[
+                lambda meta, block=block: (grid.programs, triton.cdiv(grid.max_len, meta[block]))
+            ](
+                qkv,
+                grad_out,
+                lse,
+                delta,
+                dqkv,
+                grid.table[0],
+                grid.table[1],
+                grid.batch_stride(qkv),
+                qkv.stride(-2),
+                grid.batch_stride(grad_out),
+                grad_out.stride(-2),
+                grid.batch_stride(dqkv),
+                dqkv.stride(-2),
+                grid.rows,
+                grid.max_len,
+                num_heads,
+                width,
+                head_dim,
+                float(scale),
+                float(scale) * LOG2E.value,
+                float(dropout_p),
+                int(seed),
+                DKDV=kernel == "dkdv",
+                **flags,
+            )
     return dqkv
-
-
-def _fixed_table(device: torch.device) -> Tensor:
-    # Stands in for the sequence tables in fixed-length launches (never read: VARLEN is off).
-    return torch.empty((2, 1), dtype=torch.int32, device=device)
 
 
 def attention_forward(
@@ -850,20 +864,7 @@ def attention_forward(
     batch, tokens, width3 = qkv.shape
     out = torch.empty((batch, tokens, width3 // 3), dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty((batch, num_heads, tokens), dtype=torch.float32, device=qkv.device)
-    _launch_forward(
-        qkv,
-        out,
-        lse,
-        _fixed_table(qkv.device),
-        rows=tokens,
-        max_len=tokens,
-        programs=batch * num_heads,
-        num_heads=num_heads,
-        scale=scale,
-        dropout_p=dropout_p,
-        seed=seed,
-        varlen=False,
-    )
+    _launch_forward(qkv, out, lse, _fixed_grid(qkv, num_heads), num_heads, scale, dropout_p, seed)
     return out, lse
 
 
@@ -887,21 +888,8 @@ def attention_backward(
     _check_like("grad_out", grad_out, qkv, (batch, tokens, width3 // 3), qkv.dtype)
     _check_like("out", out, qkv, (batch, tokens, width3 // 3), qkv.dtype)
     _check_like("lse", lse, qkv, (batch, num_heads, tokens), torch.float32)
-    return _launch_backward(
-        qkv,
-        out,
-        grad_out,
-        lse,
-        _fixed_table(qkv.device),
-        rows=tokens,
-        max_len=tokens,
-        programs=batch * num_heads,
-        num_heads=num_heads,
-        scale=scale,
-        dropout_p=dropout_p,
-        seed=seed,
-        varlen=False,
-    )
+    grid = _fixed_grid(qkv, num_heads)
+    return _launch_backward(grad_out, qkv, out, lse, grid, num_heads, scale, dropout_p, seed)
 
 
 def attention_varlen_forward(
@@ -914,8 +902,8 @@ def attention_varlen_forward(
     dropout_p: float,
     seed: int,
 ) -> tuple[Tensor, Tensor]:
-    """Triton varlen forward. qkv [R, 3*D] rows (last dim contiguous); table int [2, N] = (first
-    row, length) per sequence (validated by ops.attention), max_len its longest length.
+    """Triton varlen forward. qkv [R, 3*D] rows (last dim contiguous); table int64 CPU [2, N] =
+    (first row, length) per sequence (validated by ops.attention), max_len its longest length.
 
     Returns out [R, D] in qkv's dtype and lse [H, R] fp32. Rows outside every sequence are zero in
     out and lse when zero_fill (padded batches) and left unwritten otherwise. Sequence n's dropout
@@ -926,20 +914,8 @@ def attention_varlen_forward(
     out = alloc((rows, width3 // 3), dtype=qkv.dtype, device=qkv.device)
     lse = alloc((num_heads, rows), dtype=torch.float32, device=qkv.device)
     if max_len > 0:
-        _launch_forward(
-            qkv,
-            out,
-            lse,
-            table.to(device=qkv.device, dtype=torch.int32),
-            rows=rows,
-            max_len=max_len,
-            programs=table.shape[1] * num_heads,
-            num_heads=num_heads,
-            scale=scale,
-            dropout_p=dropout_p,
-            seed=seed,
-            varlen=True,
-        )
+        grid = _varlen_grid(qkv, table, max_len, num_heads)
+        _launch_forward(qkv, out, lse, grid, num_heads, scale, dropout_p, seed)
     return out, lse
 
 
@@ -962,21 +938,8 @@ def attention_varlen_backward(
     _check_like("grad_out", grad_out, qkv, (rows, width3 // 3), qkv.dtype)
     _check_like("out", out, qkv, (rows, width3 // 3), qkv.dtype)
     _check_like("lse", lse, qkv, (num_heads, rows), torch.float32)
-    return _launch_backward(
-        qkv,
-        out,
-        grad_out,
-        lse,
-        table,
-        rows=rows,
-        max_len=max_len,
-        programs=table.shape[1] * num_heads,
-        num_heads=num_heads,
-        scale=scale,
-        dropout_p=dropout_p,
-        seed=seed,
-        varlen=True,
-    )
+    grid = _varlen_grid(qkv, table, max_len, num_heads)
+    return _launch_backward(grad_out, qkv, out, lse, grid, num_heads, scale, dropout_p, seed)
 
 
 def dropout_keep_mask(
