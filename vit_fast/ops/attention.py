@@ -124,13 +124,32 @@ def _measured(
 
 
 # --------------------------------------------------------------------------------------------------
-# fixed length: custom ops
+# the custom ops: their schemas, written once (the op bodies take these arguments in this order;
+# the seed is a one-element int64 tensor drawn by `attention`, None without dropout; `backend` is
+# where the forward ran)
+
+_SCHEMAS = {
+    "attention_fwd": "(Tensor qkv, SymInt num_heads, float scale, float dropout_p, Tensor? seed) "
+    "-> (Tensor, Tensor)",
+    "attention_bwd": "(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, SymInt num_heads, float scale, "
+    "float dropout_p, Tensor? seed, str backend) -> Tensor",
+    "attention_varlen_fwd": "(Tensor qkv, Tensor lengths, bool padded, SymInt num_heads, float scale, "
+    "float dropout_p, Tensor? seed) -> (Tensor, Tensor)",
+    "attention_varlen_bwd": "(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor lengths, bool padded, "
+    "SymInt num_heads, float scale, float dropout_p, Tensor? seed, str backend) -> Tensor",
+}
 
 
-@torch.library.custom_op("vit_fast::attention_fwd", mutates_args=())
-def _attention_fwd_op(
-    qkv: Tensor, num_heads: int, scale: float, dropout_p: float, seed: Tensor | None
-) -> tuple[Tensor, Tensor]:
+def _custom_op(name: str) -> Callable[[Callable[..., Any]], Any]:
+    return torch.library.custom_op(f"vit_fast::{name}", mutates_args=(), schema=_SCHEMAS[name])
+
+
+# --------------------------------------------------------------------------------------------------
+# fixed length
+
+
+@_custom_op("attention_fwd")
+def _attention_fwd_op(qkv, num_heads, scale, dropout_p, seed):  # type: ignore[no-untyped-def]
     args = (qkv, num_heads, scale, dropout_p, _seed_int(seed))
 
     def run(backend: str) -> tuple[Tensor, Tensor]:
@@ -151,18 +170,8 @@ def _attention_fwd_fake(qkv: Tensor, num_heads: int, *_: object) -> tuple[Tensor
     return out, lse
 
 
-@torch.library.custom_op("vit_fast::attention_bwd", mutates_args=())
-def _attention_bwd_op(
-    grad_out: Tensor,
-    qkv: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    num_heads: int,
-    scale: float,
-    dropout_p: float,
-    seed: Tensor | None,
-    backend: str,
-) -> Tensor:
+@_custom_op("attention_bwd")
+def _attention_bwd_op(grad_out, qkv, out, lse, num_heads, scale, dropout_p, seed, backend):  # type: ignore[no-untyped-def]
     # `backend` is the one the forward ran on (chosen again here it could differ, e.g. when the
     # forward ran inside `use_backend(...)`, and dropout masks only match within one backend).
     # "auto:<name>" marks an automatic choice: without dropout it may be refined by measurement.
@@ -296,7 +305,7 @@ def _rows_view(t: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# variable length: custom ops
+# variable length
 
 
 def _pick_varlen_backend(qkv: Tensor) -> str:
@@ -312,16 +321,8 @@ def _varlen_out_shape(qkv: Tensor) -> tuple[int, ...]:
     return (*qkv.shape[:-1], qkv.shape[-1] // 3)
 
 
-@torch.library.custom_op("vit_fast::attention_varlen_fwd", mutates_args=())
-def _attention_varlen_fwd_op(
-    qkv: Tensor,
-    lengths: Tensor,
-    padded: bool,
-    num_heads: int,
-    scale: float,
-    dropout_p: float,
-    seed: Tensor | None,
-) -> tuple[Tensor, Tensor]:
+@_custom_op("attention_varlen_fwd")
+def _attention_varlen_fwd_op(qkv, lengths, padded, num_heads, scale, dropout_p, seed):  # type: ignore[no-untyped-def]
     """qkv [R, 3*D] with lengths = cu_seqlens [N+1] (padded=False) or qkv [B, T, 3*D] with
     lengths = seq_lens [B] (padded=True). Returns out (qkv's shape with width D) and lse [H, rows].
     Rows outside every sequence (padding) are zero in both."""
@@ -342,20 +343,10 @@ def _attention_varlen_fwd_fake(
     return qkv.new_empty(_varlen_out_shape(qkv)), qkv.new_empty((num_heads, rows), dtype=torch.float32)
 
 
-@torch.library.custom_op("vit_fast::attention_varlen_bwd", mutates_args=())
-def _attention_varlen_bwd_op(
-    grad_out: Tensor,
-    qkv: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    lengths: Tensor,
-    padded: bool,
-    num_heads: int,
-    scale: float,
-    dropout_p: float,
-    seed: Tensor | None,
-    backend: str,
-) -> Tensor:
+@_custom_op("attention_varlen_bwd")
+def _attention_varlen_bwd_op(  # type: ignore[no-untyped-def]
+    grad_out, qkv, out, lse, lengths, padded, num_heads, scale, dropout_p, seed, backend
+):
     table, max_len = _seq_tables(lengths, padded, tuple(qkv.shape), dropout_p)
     rows, g, o = _rows_view(qkv), _rows_view(grad_out.to(qkv.dtype)), _rows_view(out)
     dqkv = _call(
