@@ -14,7 +14,10 @@
 // backward. bf16 inputs are widened to fp32 per (b, h) slice so every tile GEMM runs in fp32.
 // Variable length (attention_varlen_*): the same loops over a list of sequences (SeqDesc: where each
 // sequence's row 0 sits in every tensor, and its length), so the work is sum(len^2); fixed-length
-// batches are the special case of B sequences of T rows (fixed_layout).
+// batches are the special case of B sequences of T rows (fixed_layout). The longest length (max_len)
+// sizes every per-thread scratch buffer once (tiles shrink to it for short sequences; the packed K^T,
+// V and dQ buffers never grow inside the loop). zero_fill = false skips zeroing out and lse (packed
+// input: the sequences cover every row); the backward zeroes dqkv only where rows are left uncovered.
 #include "common.h"
 #include "tile_gemm.h"
 
@@ -141,11 +144,18 @@ struct SeqDesc {
 struct SeqLayout {
   int64_t heads, head_dim, dim, stride_t, lse_sh;
   uint64_t ctr_sh;
+  int64_t max_len;     // longest sequence: sizes the per-thread scratch
+  bool covers_all;     // the sequences tile every row (nothing outside them to zero)
   std::vector<SeqDesc> seqs;
 };
 
+// A tile edge no longer than the longest sequence: the same blocking (a sequence shorter than the
+// default edge is one block either way), smaller scratch.
+int64_t tile_edge(int64_t edge, int64_t max_len) { return std::max<int64_t>(1, std::min(edge, max_len)); }
+
 SeqLayout fixed_layout(const AttnShape& s) {
-  SeqLayout l{s.heads, s.head_dim, s.dim, s.stride_t, s.tokens, static_cast<uint64_t>(s.tokens * s.tokens), {}};
+  SeqLayout l{s.heads, s.head_dim, s.dim, s.stride_t, s.tokens, static_cast<uint64_t>(s.tokens * s.tokens),
+              s.tokens, true, {}};
   for (int64_t b = 0; b < s.batch; ++b)
     l.seqs.push_back({b * s.stride_b, b * s.tokens * s.dim, b * s.tokens * 3 * s.dim, b * s.heads * s.tokens, s.tokens,
                       static_cast<uint64_t>(b * s.heads * s.tokens * s.tokens)});
@@ -159,7 +169,9 @@ void attention_forward_impl(const Tensor& qkv, const SeqLayout& s, float scale, 
   T* out_p = out.data_ptr<T>();
   float* lse_p = lse.data_ptr<float>();
   const int64_t hd = s.head_dim, D = s.dim;
-  const int64_t kFwdBlockQ = tiles().fwd_q, kFwdBlockK = tiles().fwd_k;
+  const int64_t kFwdBlockQ = tile_edge(tiles().fwd_q, s.max_len);
+  const int64_t kFwdBlockK = tile_edge(tiles().fwd_k, s.max_len);
+  const size_t seq_scratch = static_cast<size_t>(s.max_len * hd);
   // Tasks (sequence, head, query block), consecutive tasks sharing (sequence, head).
   struct Task {
     int64_t seq, h, i0;
@@ -176,6 +188,9 @@ void attention_forward_impl(const Tensor& qkv, const SeqLayout& s, float scale, 
     std::vector<float> acc(static_cast<size_t>(kFwdBlockQ * hd));
     std::vector<float> row_max(kFwdBlockQ), row_sum(kFwdBlockQ);
     std::vector<float> qbuf, ktbuf, vbuf;
+    qbuf.reserve(static_cast<size_t>(kFwdBlockQ * hd));
+    ktbuf.reserve(seq_scratch);
+    vbuf.reserve(seq_scratch);
     int64_t packed_seq = -1, packed_h = -1;
     const float* vf = nullptr;
     int64_t ldv = 0;
@@ -244,14 +259,17 @@ void attention_backward_impl(const Tensor& grad_out, const Tensor& qkv, const Te
   const int64_t hd = s.head_dim, D = s.dim;
   const uint64_t key = seed_key(seed);
   const float inv_keep = dropout_p > 0.0f ? 1.0f / (1.0f - dropout_p) : 1.0f;
-  const int64_t BQ = tiles().bwd_q, BK = tiles().bwd_k;
+  const int64_t BQ = tile_edge(tiles().bwd_q, s.max_len), BK = tile_edge(tiles().bwd_k, s.max_len);
   const int64_t n_tasks = static_cast<int64_t>(s.seqs.size()) * s.heads;
+  const size_t seq_scratch = static_cast<size_t>(s.max_len * hd);
 
   at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> p_tile(static_cast<size_t>(BQ * BK)), dp_tile(static_cast<size_t>(BQ * BK));
     std::vector<float> pd_tile(dropout_p > 0.0f ? static_cast<size_t>(BQ * BK) : 0);
     std::vector<float> dq, dk(static_cast<size_t>(BK * hd)), dv(static_cast<size_t>(BK * hd)), delta;
     std::vector<float> qbuf, kbuf, gobuf, ktbuf, vtbuf;
+    for (auto* buf : {&dq, &qbuf, &kbuf, &gobuf, &ktbuf, &vtbuf}) buf->reserve(seq_scratch);
+    delta.reserve(static_cast<size_t>(s.max_len));
     for (int64_t task = t0; task < t1; ++task) {
       const SeqDesc& sq = s.seqs[static_cast<size_t>(task / s.heads)];
       const int64_t h = task % s.heads, L = sq.len;
@@ -333,9 +351,9 @@ void attention_backward_impl(const Tensor& grad_out, const Tensor& qkv, const Te
 }
 
 // Variable-length layout of rows qkv [R, 3D] from table int64 [2, N] = (first row, length) per
-// sequence. Sequence n's dropout counters start at (n*H + h) << 32 (lengths^2 < 2^31 is checked by
-// the Python layer), lse is [H, R].
-SeqLayout varlen_layout(const Tensor& qkv, const Tensor& table, int64_t num_heads) {
+// sequence, no longer than max_len. Sequence n's dropout counters start at (n*H + h) << 32
+// (lengths^2 < 2^31 is checked by the Python layer), lse is [H, R].
+SeqLayout varlen_layout(const Tensor& qkv, const Tensor& table, int64_t max_len, int64_t num_heads) {
   check_float_tensor(qkv, "qkv");
   check_dim(qkv, "qkv", 2);
   TORCH_CHECK(num_heads > 0, "num_heads must be positive, got ", num_heads);
@@ -351,13 +369,19 @@ SeqLayout varlen_layout(const Tensor& qkv, const Tensor& table, int64_t num_head
   const int64_t* st = t.data_ptr<int64_t>();
   const int64_t* ln = st + n_seq;
   const int64_t dim = width3 / 3;
-  SeqLayout l{num_heads, dim / num_heads, dim, qkv.stride(0), rows, uint64_t{1} << 32, {}};
+  TORCH_CHECK(max_len >= 0, "max_len must be >= 0, got ", max_len);
+  SeqLayout l{num_heads, dim / num_heads, dim, qkv.stride(0), rows, uint64_t{1} << 32, max_len, true, {}};
+  int64_t next_row = 0;  // sequences in row order, back to back, from row 0: they cover every row
   for (int64_t n = 0; n < n_seq; ++n) {
     TORCH_CHECK(ln[n] >= 0 && st[n] >= 0 && st[n] + ln[n] <= rows, "table: sequence ", n, " (first row ", st[n],
                 ", length ", ln[n], ") is outside qkv's ", rows, " rows");
+    TORCH_CHECK(ln[n] <= max_len, "table: sequence ", n, " has length ", ln[n], " > max_len = ", max_len);
+    l.covers_all = l.covers_all && st[n] == next_row;
+    next_row = st[n] + ln[n];
     l.seqs.push_back({st[n] * qkv.stride(0), st[n] * dim, st[n] * width3, st[n], ln[n],
                       static_cast<uint64_t>(n * num_heads) << 32});
   }
+  l.covers_all = l.covers_all && next_row == rows;
   return l;
 }
 
@@ -403,13 +427,17 @@ Tensor attention_backward(const Tensor& grad_out, const Tensor& qkv, const Tenso
   return dqkv;
 }
 
-std::tuple<Tensor, Tensor> attention_varlen_forward(const Tensor& qkv, const Tensor& table, int64_t num_heads,
-                                                    double scale, double dropout_p, int64_t seed) {
-  const SeqLayout l = varlen_layout(qkv, table, num_heads);
+std::tuple<Tensor, Tensor> attention_varlen_forward(const Tensor& qkv, const Tensor& table, int64_t max_len,
+                                                    bool zero_fill, int64_t num_heads, double scale, double dropout_p,
+                                                    int64_t seed) {
+  const SeqLayout l = varlen_layout(qkv, table, max_len, num_heads);
   check_dropout(dropout_p);
-  // Zero-filled: rows outside every sequence (padding) read as zero output.
-  Tensor out = at::zeros({qkv.size(0), l.dim}, qkv.options());
-  Tensor lse = at::zeros({num_heads, qkv.size(0)}, qkv.options().dtype(at::kFloat));
+  // zero_fill: rows outside every sequence (padding) read as zero in out and lse; without it they are
+  // left unwritten (the caller's promise: packed input, where the sequences cover every row).
+  const auto opts = qkv.options();
+  Tensor out = zero_fill ? at::zeros({qkv.size(0), l.dim}, opts) : at::empty({qkv.size(0), l.dim}, opts);
+  Tensor lse = zero_fill ? at::zeros({num_heads, qkv.size(0)}, opts.dtype(at::kFloat))
+                         : at::empty({num_heads, qkv.size(0)}, opts.dtype(at::kFloat));
   VF_DISPATCH(qkv.scalar_type(), "attention_varlen_forward", [&] {
     attention_forward_impl<scalar_t>(qkv, l, static_cast<float>(scale), static_cast<float>(dropout_p), seed, out, lse);
   });
@@ -417,9 +445,9 @@ std::tuple<Tensor, Tensor> attention_varlen_forward(const Tensor& qkv, const Ten
 }
 
 Tensor attention_varlen_backward(const Tensor& grad_out, const Tensor& qkv, const Tensor& out, const Tensor& lse,
-                                 const Tensor& table, int64_t num_heads, double scale, double dropout_p,
-                                 int64_t seed) {
-  const SeqLayout l = varlen_layout(qkv, table, num_heads);
+                                 const Tensor& table, int64_t max_len, int64_t num_heads, double scale,
+                                 double dropout_p, int64_t seed) {
+  const SeqLayout l = varlen_layout(qkv, table, max_len, num_heads);
   check_dropout(dropout_p);
   const int64_t rows = qkv.size(0);
   check_float_tensor(grad_out, "grad_out");
@@ -433,7 +461,9 @@ Tensor attention_varlen_backward(const Tensor& grad_out, const Tensor& qkv, cons
   TORCH_CHECK(lse.sizes() == at::IntArrayRef({num_heads, rows}), "lse must have shape [", num_heads, ", ", rows,
               "], got ", lse.sizes());
   const Tensor go = grad_out.contiguous(), o = out.contiguous(), ls = lse.contiguous();
-  Tensor dqkv = at::zeros({rows, 3 * l.dim}, qkv.options());
+  // Rows outside every sequence get zero gradient; when the sequences cover every row nothing is zeroed.
+  Tensor dqkv = l.covers_all ? at::empty({rows, 3 * l.dim}, qkv.options())
+                             : at::zeros({rows, 3 * l.dim}, qkv.options());
   VF_DISPATCH(qkv.scalar_type(), "attention_varlen_backward", [&] {
     attention_backward_impl<scalar_t>(go, qkv, o, ls, l, static_cast<float>(scale), static_cast<float>(dropout_p), seed,
                                       dqkv);

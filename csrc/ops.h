@@ -11,12 +11,15 @@ std::tuple<Tensor, Tensor> attention_forward(const Tensor& qkv, int64_t num_head
                                              int64_t seed);
 Tensor attention_backward(const Tensor& grad_out, const Tensor& qkv, const Tensor& out, const Tensor& lse,
                           int64_t num_heads, double scale, double dropout_p, int64_t seed);
-// Variable length: qkv rows [R, 3D], table int64 CPU [2, N] = (first row, length) per sequence;
-// out [R, D] and dqkv [R, 3D] zero outside every sequence, lse [H, R].
-std::tuple<Tensor, Tensor> attention_varlen_forward(const Tensor& qkv, const Tensor& table, int64_t num_heads,
-                                                    double scale, double dropout_p, int64_t seed);
+// Variable length: qkv rows [R, 3D], table int64 CPU [2, N] = (first row, length) per sequence,
+// max_len >= every length; out [R, D] and lse [H, R] zero outside every sequence when zero_fill
+// (unwritten otherwise), dqkv [R, 3D] zero there.
+std::tuple<Tensor, Tensor> attention_varlen_forward(const Tensor& qkv, const Tensor& table, int64_t max_len,
+                                                    bool zero_fill, int64_t num_heads, double scale, double dropout_p,
+                                                    int64_t seed);
 Tensor attention_varlen_backward(const Tensor& grad_out, const Tensor& qkv, const Tensor& out, const Tensor& lse,
-                                 const Tensor& table, int64_t num_heads, double scale, double dropout_p, int64_t seed);
+                                 const Tensor& table, int64_t max_len, int64_t num_heads, double scale,
+                                 double dropout_p, int64_t seed);
 
 // layer_norm.cpp
 std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& x, const OptTensor& weight,

@@ -74,10 +74,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("seed"), nogil);
   m.def("attention_varlen_forward", &attention_varlen_forward,
         "(out [R,D], lse [H,R] fp32) from qkv rows [R,3D] and table int64 [2,N] (first row, length)", py::arg("qkv"),
-        py::arg("table"), py::arg("num_heads"), py::arg("scale"), py::arg("dropout_p"), py::arg("seed"), nogil);
+        py::arg("table"), py::arg("max_len"), py::arg("zero_fill"), py::arg("num_heads"), py::arg("scale"),
+        py::arg("dropout_p"), py::arg("seed"), nogil);
   m.def("attention_varlen_backward", &attention_varlen_backward, "dqkv [R,3D] (zero outside every sequence)",
-        py::arg("grad_out"), py::arg("qkv"), py::arg("out"), py::arg("lse"), py::arg("table"), py::arg("num_heads"),
-        py::arg("scale"), py::arg("dropout_p"), py::arg("seed"), nogil);
+        py::arg("grad_out"), py::arg("qkv"), py::arg("out"), py::arg("lse"), py::arg("table"), py::arg("max_len"),
+        py::arg("num_heads"), py::arg("scale"), py::arg("dropout_p"), py::arg("seed"), nogil);
 
   m.def("layer_norm_forward", &layer_norm_forward, "(y, mean, rstd)", py::arg("x"), py::arg("weight"),
         py::arg("bias"), py::arg("eps"), nogil);

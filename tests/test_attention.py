@@ -15,11 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vit_fast import reference
+from vit_fast.kernels.attention import attention_backward, attention_forward, dropout_keep_mask
 from vit_fast.ops import use_backend
-from vit_fast.ops.attention import attention, attention_backward, attention_forward, dropout_keep_mask
+from vit_fast.ops.attention import attention
+from vit_fast.plain import attention as plain
 from vit_fast.testing import check_numerics
 
-# `vit_fast.ops.attention` the attribute is the function; the module holds the backends.
+# `vit_fast.ops.attention` the attribute is the function; the module holds the custom ops.
 attn_mod = importlib.import_module("vit_fast.ops.attention")
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -109,7 +111,7 @@ def test_reference_backend_matches(device):
     qkv = _qkv(2, 19, 2, 24, device)
     with use_backend("reference"):
         check_numerics(attention, reference.attention, [qkv, 2], dtype=F32)
-        _, lse = attn_mod.reference_attention_forward(qkv.detach(), 2, 0.3, 0.0, 0)
+        _, lse = plain.attention_forward(qkv.detach(), 2, 0.3, 0.0, 0)
     assert lse.dtype == torch.float32 and lse.shape == (2, 2, 19)
 
 
@@ -185,7 +187,7 @@ def test_dropout_reference_backend_consistent(device):
         out, _ = attn_mod._attention_fwd_op(qkv, 2, 0.5, 0.4, seed)
     grad = torch.randn_like(out)
     (dqkv,) = torch.autograd.grad(out, qkv, grad)
-    keep = attn_mod._reference_mask((1, 2, 12, 12), 0.4, 99, qkv.device)
+    keep = plain.keep_mask((1, 2, 12, 12), 0.4, 99, qkv.device)
     q, k, v = qkv.reshape(1, 12, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
     probs = (q @ k.transpose(-2, -1) * 0.5).softmax(-1) * keep / 0.6
     want = (probs @ v).transpose(1, 2).reshape(1, 12, 16)
@@ -339,8 +341,9 @@ def test_backend_checks_grad_args(device, triton_backend):
         attention_backward(out.to("meta"), qkv, out, lse, 2, 0.25, 0.0, 0)
     with pytest.raises(ValueError, match="lse must have shape"):
         attention_backward(out, qkv, out, lse[:, :1], 2, 0.25, 0.0, 0)
+    # The seed enters the backends through the custom op's seed tensor, checked there once.
     with pytest.raises(ValueError, match="seed"):
-        attention_forward(qkv, 2, 0.25, 0.1, -1)
+        attn_mod._attention_fwd_op(qkv, 2, 0.25, 0.1, torch.tensor([-1]))
 
 
 # --------------------------------------------------------------------------------------------------

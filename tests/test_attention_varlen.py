@@ -15,9 +15,11 @@ import torch
 from torch import nn
 
 from vit_fast import reference
+from vit_fast.kernels._common import needs_int64
+from vit_fast.kernels.attention import dropout_keep_mask, force_int64_indexing
 from vit_fast.ops import use_backend
-from vit_fast.ops.attention import attention, dropout_keep_mask, force_int64_indexing, needs_int64
-from vit_fast.ops.backend import has_cpu_kernel
+from vit_fast.ops.attention import attention
+from vit_fast.ops.backend import backend_module, has_cpu_kernel
 from vit_fast.testing import check_numerics
 
 attn_mod = importlib.import_module("vit_fast.ops.attention")
@@ -111,6 +113,28 @@ def test_padded_equals_packed(backend):
         torch.manual_seed(11)
         b = attention(packed, heads, cu_seqlens=_cu(lengths), dropout_p=p)
         torch.testing.assert_close(torch.cat([a[i, :n] for i, n in enumerate(lengths)]), b, rtol=0, atol=0)
+
+
+def test_backend_zero_fill_and_max_len(backend):
+    """The contract's varlen arguments on each backend: with every row in a sequence (packed input),
+    zero_fill=False gives the zero-filled answer; rows left out of every sequence are zero in out,
+    lse and dqkv; the C++ backend rejects a sequence longer than max_len (it sizes scratch by it)."""
+    mod = backend_module("attention", backend)
+    qkv = torch.randn(12, 3 * 2 * 16)
+    packed = torch.tensor([[0, 5], [5, 7]])
+    filled = mod.attention_varlen_forward(qkv, packed, 7, True, 2, 0.25, 0.0, 0)
+    unfilled = mod.attention_varlen_forward(qkv, packed, 7, False, 2, 0.25, 0.0, 0)
+    for a, b in zip(filled, unfilled):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    gaps = torch.tensor([[0, 6], [4, 3]])  # rows 4, 5 and 9..11 belong to no sequence
+    out, lse = mod.attention_varlen_forward(qkv, gaps, 4, True, 2, 0.25, 0.0, 0)
+    dqkv = mod.attention_varlen_backward(torch.randn_like(out), qkv, out, lse, gaps, 4, 2, 0.25, 0.0, 0)
+    for t in (out, lse.t(), dqkv):
+        assert torch.equal(t[[4, 5, 9, 10, 11]], torch.zeros_like(t[[4, 5, 9, 10, 11]]))
+        assert t[[0, 6, 8]].abs().sum() > 0
+    if backend == "cpu":
+        with pytest.raises(RuntimeError, match="max_len"):
+            mod.attention_varlen_forward(qkv, packed, 6, True, 2, 0.25, 0.0, 0)
 
 
 def test_equal_lengths_match_fixed(backend):
@@ -247,8 +271,7 @@ BAD = [
 def test_bad_varlen_input(monkeypatch, name, shape, kwargs, err, match):
     if name == "cpu" and not _has_cpu_varlen():
         pytest.skip("no C++ varlen kernels")
-    for fn in ("attention_varlen_forward", "reference_attention_varlen_forward"):
-        monkeypatch.setattr(attn_mod, fn, _launch_forbidden)
+    monkeypatch.setattr(backend_module("attention", name), "attention_varlen_forward", _launch_forbidden)
     with use_backend(name), pytest.raises(err, match=match):
         attention(torch.randn(shape), 2, **kwargs)
 
@@ -392,14 +415,14 @@ def test_fake_shapes_past_2_31():
 
 
 def test_head_dim_padding_at_most_15_percent():
-    rows = {r["head_dim"]: r for r in attn_mod.head_dim_flops_report((64, 72, 80, 88, 96, 112, 128))}
+    rows = {r["head_dim"]: r for r in kern_mod.head_dim_flops_report((64, 72, 80, 88, 96, 112, 128))}
     for hd, r in rows.items():
         assert r["wasted"] <= 0.15, (hd, r)
         block_d, tail_d = kern_mod.head_split(hd)
         assert block_d + tail_d >= hd and tail_d in (0, 16, 32) and block_d & (block_d - 1) == 0
     assert rows[80]["executed"] == "64+16" and rows[88]["executed"] == "64+32"
     # Before the split, 80 ran 128 columns (37.5% wasted); the table says what runs now.
-    assert "64+16" in attn_mod.format_head_dim_flops()
+    assert "64+16" in kern_mod.format_head_dim_flops()
 
 
 def test_cost_model_counts_only_real_tokens():

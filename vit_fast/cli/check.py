@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     for k, v in info.items():
         print(f"  {k:20} {v}")
     try:  # executed vs useful attention FLOPs per head dim (the padded tail columns are the waste)
-        from vit_fast.ops.attention import format_head_dim_flops
+        from vit_fast.kernels.attention import format_head_dim_flops
 
         print()
         print(format_head_dim_flops())
