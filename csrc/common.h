@@ -195,18 +195,6 @@ inline float* scratch(int slot, int64_t n) {
   return buf.data();
 }
 
-// A row of T read as fp32: the row itself for float, a widened copy in scratch `slot` for bf16.
-template <typename T>
-inline const float* row_f32(const T* src, int64_t n, int slot) {
-  if constexpr (std::is_same_v<T, float>) {
-    return src;
-  } else {
-    float* d = scratch(slot, n);
-    widen_bf16(src, d, n);
-    return d;
-  }
-}
-
 // Where an output row of T is computed in fp32: the row itself for float, scratch `slot` for bf16
 // (then store_row narrows it into place).
 template <typename T>
@@ -229,6 +217,12 @@ inline float* inout_f32(T* row, int64_t n, int slot) {
     widen_bf16(row, d, n);
     return d;
   }
+}
+
+// A row of T read as fp32: inout_f32 without the write-back (the row itself is never written).
+template <typename T>
+inline const float* row_f32(const T* src, int64_t n, int slot) {
+  return inout_f32(const_cast<T*>(src), n, slot);
 }
 
 template <typename T>
@@ -258,6 +252,11 @@ inline void ln_row_forward(const T* x, const float* w, const float* b, T* y, int
   ln_row_forward_f32(row_f32(x, d, 0), w, b, yf, d, eps, mean_out, rstd_out);
   store_row(yf, y, d);
 }
+
+// LN of every row of x [M, D] (fp32 or bf16) into y (x's dtype), saving mean and rstd [M] fp32;
+// w32/b32 are the fp32 affine parameters or undefined (csrc/layer_norm.cpp).
+void ln_forward_into(const at::Tensor& x, const at::Tensor& w32, const at::Tensor& b32, double eps, at::Tensor& y,
+                     at::Tensor& mean, at::Tensor& rstd);
 
 // Recompute LN(x) row by row (used by backward passes that need the normalised input for a GEMM).
 template <typename T>

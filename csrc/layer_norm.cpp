@@ -80,24 +80,6 @@ void check_stats(const Tensor& mean, const Tensor& rstd, int64_t m) {
   }
 }
 
-// LN(x) into y (same dtype as x), saving mean and rstd.
-void ln_forward_into(const Tensor& x, const Tensor& w32, const Tensor& b32, double eps, Tensor& y, Tensor& mean,
-                     Tensor& rstd) {
-  const int64_t m = x.size(0), d = x.size(1);
-  VF_DISPATCH(x.scalar_type(), "layer_norm_forward", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    float* mp = mean.data_ptr<float>();
-    float* rp = rstd.data_ptr<float>();
-    const float* w = ptr_or_null(w32);
-    const float* b = ptr_or_null(b32);
-    at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        ln_row_forward(xp + r * d, w, b, yp + r * d, d, static_cast<float>(eps), mp + r, rp + r);
-    });
-  });
-}
-
 Tensor recompute_ln(const Tensor& x, const Tensor& w32, const Tensor& b32, const Tensor& mean, const Tensor& rstd) {
   Tensor y = at::empty_like(x);
   VF_DISPATCH(x.scalar_type(), "layer_norm recompute", [&] {
@@ -130,6 +112,24 @@ std::optional<Tensor> cast_like(const Tensor& g, const OptTensor& like) {
 }
 
 }  // namespace
+
+void ln_forward_into(const Tensor& x, const Tensor& w32, const Tensor& b32, double eps, Tensor& y, Tensor& mean,
+                     Tensor& rstd) {
+  const int64_t m = x.size(0), d = x.size(1);
+  VF_DISPATCH(x.scalar_type(), "layer_norm_forward", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    float* mp = mean.data_ptr<float>();
+    float* rp = rstd.data_ptr<float>();
+    const float* w = ptr_or_null(w32);
+    const float* b = ptr_or_null(b32);
+    at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        ln_row_forward(xp + r * d, w, b, yp + r * d, d, static_cast<float>(eps), mp + r, rp + r);
+    });
+  });
+}
+
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& x, const OptTensor& weight,
                                                       const OptTensor& bias, double eps) {

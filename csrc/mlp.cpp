@@ -250,22 +250,6 @@ MlpDims check_mlp(const Tensor& x, const OptTensor& ln_weight, const OptTensor& 
   return {m, d, f};
 }
 
-void ln_rows_into(const Tensor& x, const Tensor& w32, const Tensor& b32, double eps, Tensor& xn, Tensor& mean,
-                  Tensor& rstd) {
-  const int64_t m = x.size(0), d = x.size(1);
-  VF_DISPATCH(x.scalar_type(), "mlp layer_norm", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* yp = xn.data_ptr<scalar_t>();
-    float* mp = mean.data_ptr<float>();
-    float* rp = rstd.data_ptr<float>();
-    at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        ln_row_forward(xp + r * d, ptr_or_null(w32), ptr_or_null(b32), yp + r * d, d, static_cast<float>(eps), mp + r,
-                       rp + r);
-    });
-  });
-}
-
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> mlp_forward(const Tensor& x, const OptTensor& ln_weight,
@@ -285,7 +269,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mlp_forward(const Tensor& x, const Op
   Tensor xn = at::empty_like(xc);
   Tensor mean = at::empty({s.m}, x.options().dtype(at::kFloat));
   Tensor rstd = at::empty({s.m}, x.options().dtype(at::kFloat));
-  ln_rows_into(xc, lw, lb, eps, xn, mean, rstd);
+  ln_forward_into(xc, lw, lb, eps, xn, mean, rstd);
   Tensor h_pre = gemm::linear(xn, fc1_weight, b1);  // bias added by the GEMM
   Tensor act = at::empty_like(h_pre);
   VF_DISPATCH(x.scalar_type(), "mlp_forward", [&] {

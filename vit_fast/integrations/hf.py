@@ -18,19 +18,17 @@ its position table's.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import Tensor, nn
 
 from vit_fast.integrations.patch import (
-    SPEC_ATTR,
     BlockSpec,
     PatchPlan,
     fused_embed,
     gelu_variant,
     layer_norm_blocker,
     patch_conv_blocker,
+    run_block,
 )
 
 LAYERS = {
@@ -115,24 +113,21 @@ def _layer_forward(
     self: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None, *args, **kwargs
 ):
     """Instance forward of a patched layer: fused unless this call needs what only stock does."""
-    spec: BlockSpec = self.__dict__[SPEC_ATTR]
     attn_config = getattr(_first(self, ("attention", "self_attn")), "config", None)
-    if (
+    stock_call = (
         attention_mask is not None
-        or args
-        or kwargs.get("output_attentions")
+        or bool(args)
+        or bool(kwargs.get("output_attentions"))
         or kwargs.get("head_mask") is not None
-        or getattr(attn_config, "output_attentions", False)
-        or spec.stock_dropout_active(self.training)
-        or hidden_states.dim() != 3
-    ):
-        return type(self).forward(self, hidden_states, attention_mask, *args, **kwargs)
-    from vit_fast.integrations.patch import fused_block
-
-    if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
-        # What GradientCheckpointingLayer's class-level forward wrapper does for the stock forward.
-        return self._gradient_checkpointing_func(partial(fused_block, spec, training=True), hidden_states)
-    return fused_block(spec, hidden_states, self.training)
+        or bool(getattr(attn_config, "output_attentions", False))
+    )
+    stock = lambda: type(self).forward(self, hidden_states, attention_mask, *args, **kwargs)
+    # What GradientCheckpointingLayer's class-level forward wrapper does for the stock forward.
+    checkpointing = (
+        getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled()
+    )
+    checkpoint = self._gradient_checkpointing_func if checkpointing else None
+    return run_block(self, hidden_states, stock, stock_call=stock_call, checkpoint=checkpoint)
 
 
 # ------------------------------------------------------------------------------- embeddings

@@ -14,13 +14,12 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from vit_fast.integrations.patch import (
-    SPEC_ATTR,
     BlockSpec,
     PatchPlan,
-    fused_block,
     fused_embed,
     mha_block_spec,
     patch_conv_blocker,
+    run_block,
 )
 
 
@@ -53,10 +52,10 @@ def block_spec(block: nn.Module, impl: str) -> tuple[BlockSpec | None, list[str]
 
 
 def _block_forward(self: nn.Module, q_x: Tensor, k_x=None, v_x=None, attn_mask=None) -> Tensor:
-    spec: BlockSpec = self.__dict__[SPEC_ATTR]
-    if k_x is not None or v_x is not None or attn_mask is not None or q_x.dim() != 3:
-        return type(self).forward(self, q_x, k_x, v_x, attn_mask)
-    return fused_block(spec, q_x, self.training)
+    cross_or_masked = k_x is not None or v_x is not None or attn_mask is not None
+    return run_block(
+        self, q_x, lambda: type(self).forward(self, q_x, k_x, v_x, attn_mask), stock_call=cross_or_masked
+    )
 
 
 def _embeds(self: nn.Module, x: Tensor) -> Tensor:

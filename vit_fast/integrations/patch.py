@@ -22,6 +22,7 @@ one copy per call, still correct.
 
 from __future__ import annotations
 
+import functools
 import types
 import warnings
 from collections.abc import Callable
@@ -147,6 +148,27 @@ def fused_block(spec: BlockSpec, x: Tensor, training: bool) -> Tensor:
         drop_path_scale=dps,
         approximate=spec.approximate,
     )
+
+
+def run_block(
+    module: nn.Module,
+    x: Tensor,
+    stock: Callable[[], Tensor],
+    *,
+    stock_call: bool = False,
+    checkpoint: Callable[..., Tensor] | None = None,
+) -> Tensor:
+    """The instance forward of a patched layer: the fused block on `x` [B, T, D], or `stock()` (the
+    class's own forward) for a call the fused path cannot express: `stock_call` (what the adapter
+    saw in the call's arguments), an input that is not [B, T, D], or a dropout of the layer active
+    in training. `checkpoint(fn, x)`, when given, runs the fused block under activation
+    checkpointing (what the stock layer's own forward wrapper would do)."""
+    spec: BlockSpec = module.__dict__[SPEC_ATTR]
+    if stock_call or x.dim() != 3 or spec.stock_dropout_active(module.training):
+        return stock()
+    if checkpoint is not None:
+        return checkpoint(functools.partial(fused_block, spec, training=module.training), x)
+    return fused_block(spec, x, module.training)
 
 
 @dataclass

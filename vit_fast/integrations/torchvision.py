@@ -13,13 +13,12 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from vit_fast.integrations.patch import (
-    SPEC_ATTR,
     BlockSpec,
     PatchPlan,
-    fused_block,
     fused_embed,
     mha_block_spec,
     patch_conv_blocker,
+    run_block,
 )
 
 
@@ -42,10 +41,7 @@ def block_spec(block: nn.Module, impl: str) -> tuple[BlockSpec | None, list[str]
 
 
 def _block_forward(self: nn.Module, input: Tensor) -> Tensor:
-    spec: BlockSpec = self.__dict__[SPEC_ATTR]
-    if input.dim() != 3 or spec.stock_dropout_active(self.training):
-        return type(self).forward(self, input)
-    return fused_block(spec, input, self.training)
+    return run_block(self, input, lambda: type(self).forward(self, input))
 
 
 def _model_forward(self: nn.Module, x: Tensor) -> Tensor:

@@ -356,7 +356,7 @@ def _ln_wgrad(
     )
 
 
-def layer_norm_linear_grads(
+def layer_norm_linear_backward(
     dout: Tensor,
     x: Tensor,
     ln_weight: Tensor | None,
@@ -365,12 +365,15 @@ def layer_norm_linear_grads(
     mean: Tensor,
     rstd: Tensor,
     has_bias: bool,
-    dres: Tensor | None,
+    *,
+    dres: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor, Tensor | None]:
-    """The backward of out = LN(x) @ weight^T + bias from dout [M, N]: (dx, dln_weight, dln_bias,
-    dweight, dbias), with `dres` [M, D] (a gradient reaching x past the LN: the MLP's residual
-    path) added into dx, or None. The LN output is recomputed inside the wgrad GEMM's prologue;
-    dLN(x) = dout @ weight is kept in fp32 for the LN backward."""
+    """Contract `layer_norm_linear_backward`: the backward of out = LN(x) @ weight^T + bias from
+    dout [M, N] -> (dx, dln_weight, dln_bias, dweight, dbias). The LN output is recomputed inside
+    the wgrad GEMM's prologue; dLN(x) = dout @ weight is kept in fp32 for the LN backward.
+
+    `dres` [M, D] (not part of the contract; mlp_backward passes it): a gradient reaching x past the
+    LN (the MLP's residual path), added into dx by the LN backward pass itself."""
     dw = torch.empty_like(weight)
     _ln_wgrad(dout, x, ln_weight, ln_bias, mean, rstd, dw)
     db = dout.float().sum(0).to(weight.dtype) if has_bias else None
@@ -382,20 +385,6 @@ def layer_norm_linear_grads(
     if ln_bias is not None and dlnb is not None:
         dlnb = dlnb.to(ln_bias.dtype)
     return dx, dlnw, dlnb, dw, db
-
-
-def layer_norm_linear_backward(
-    dout: Tensor,
-    x: Tensor,
-    ln_weight: Tensor | None,
-    ln_bias: Tensor | None,
-    weight: Tensor,
-    mean: Tensor,
-    rstd: Tensor,
-    has_bias: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor, Tensor | None]:
-    """Contract `layer_norm_linear_backward`: (dx, dln_weight, dln_bias, dweight, dbias)."""
-    return layer_norm_linear_grads(dout, x, ln_weight, ln_bias, weight, mean, rstd, has_bias, None)
 
 
 # ------------------------------------------------------------------------------------------ AOT

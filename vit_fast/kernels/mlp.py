@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from vit_fast.kernels.gemm import PRO_LN_ROW, dgelu_epilogue, gelu_prologue, gemm
-from vit_fast.kernels.layer_norm import layer_norm_linear_grads, row_stats
+from vit_fast.kernels.layer_norm import layer_norm_linear_backward, row_stats
 
 __all__ = ["linear_residual_backward", "linear_residual_forward", "mlp_backward", "mlp_forward"]
 
@@ -170,7 +170,7 @@ def mlp_backward(
     sg = s * gamma.to(s.dtype) if gamma is not None else s
     dh = torch.empty_like(h_pre)
     gemm(sg, fc2_weight.t(), dh, epilogue=dgelu_epilogue(approximate), aux=h_pre)
-    dx, dlnw, dlnb, dw1, db1 = layer_norm_linear_grads(
-        dh, x, ln_weight, ln_bias, fc1_weight, mean, rstd, has_fc1_bias, dout
+    dx, dlnw, dlnb, dw1, db1 = layer_norm_linear_backward(
+        dh, x, ln_weight, ln_bias, fc1_weight, mean, rstd, has_fc1_bias, dres=dout
     )
     return dx, dlnw, dlnb, dw1, db1, dw2, db2 if fc2_bias is not None else None, dgamma
