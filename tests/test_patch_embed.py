@@ -62,9 +62,15 @@ def run_check(args: tuple, kwargs: dict, dtype: torch.dtype = torch.float32) -> 
 
 # -- numerics, Triton backend (interpreter) -----------------------------------------------------------
 
+
+def _slow(*case):
+    """A realistic shape: slow in the interpreter, so it runs in the slow tier."""
+    return pytest.param(case, marks=pytest.mark.slow)
+
+
 # (B, C, H, W, p, D, cls, R, no_embed_class, channels_last): every patch size of the issue, batch 1
 # and 3, with/without class token, register tokens, no_embed_class, channels-last, non-square grids.
-FAST_CASES = [
+CASES = [
     (3, 64, 8, 8, 1, 32, True, 0, False, False),  # hybrid: 1x1 over a many-channel feature map
     (1, 96, 6, 10, 1, 48, True, 4, False, True),  # hybrid, channels-last, non-square, registers
     (3, 3, 32, 32, 4, 32, True, 0, False, False),
@@ -74,18 +80,13 @@ FAST_CASES = [
     (3, 3, 64, 48, 16, 32, True, 2, True, True),
     (3, 1, 32, 64, 32, 32, False, 4, False, False),
     (3, 4, 32, 32, 8, 32, False, 0, False, False),  # no prefix at all
-]
-
-
-# Realistic shapes: slow in the interpreter.
-SLOW_CASES = [
-    (1, 3, 224, 224, 16, 192, True, 0, False, False),
-    (3, 3, 224, 160, 16, 96, True, 4, False, True),
-    (1, 3, 224, 224, 14, 96, True, 0, True, False),
-    (3, 3, 224, 224, 32, 96, False, 0, False, True),
-    (1, 3, 224, 160, 8, 64, True, 4, True, False),
-    (1, 3, 224, 224, 4, 48, True, 0, False, True),
-    (1, 256, 14, 14, 1, 192, True, 0, False, True),  # hybrid: ResNet stage feature map, 1x1
+    _slow(1, 3, 224, 224, 16, 192, True, 0, False, False),
+    _slow(3, 3, 224, 160, 16, 96, True, 4, False, True),
+    _slow(1, 3, 224, 224, 14, 96, True, 0, True, False),
+    _slow(3, 3, 224, 224, 32, 96, False, 0, False, True),
+    _slow(1, 3, 224, 160, 8, 64, True, 4, True, False),
+    _slow(1, 3, 224, 224, 4, 48, True, 0, False, True),
+    _slow(1, 256, 14, 14, 1, 192, True, 0, False, True),  # hybrid: ResNet stage feature map, 1x1
 ]
 
 
@@ -100,7 +101,7 @@ def run_case(case: tuple, device: str, dtype: torch.dtype = torch.float32) -> No
 
 @pytest.mark.parametrize(
     "case",
-    FAST_CASES + [pytest.param(c, marks=pytest.mark.slow) for c in SLOW_CASES],
+    CASES,
     ids=lambda c: "B{}C{}_{}x{}_p{}_D{}_cls{}_reg{}_nec{}_cl{}".format(*c),
 )
 def test_numerics_fp32(case, device, triton_backend):
