@@ -78,3 +78,15 @@ def test_validate_smoke_on_cpu(tmp_path, capsys):
     # the short table comes last
     assert "fused/timm" in printed.strip().splitlines()[-4] or "fused/timm" in printed
     assert printed.strip().splitlines()[-1].startswith("TINY")
+
+
+def test_numerics_in_a_fresh_process_runs_the_interpreter():
+    """`vit-fast validate` started from the console script has imported the kernels compiled
+    (importing vit_fast does), so on a CPU the numerics part re-runs in a process started with
+    TRITON_INTERPRET=1: every op passes there on Triton and on the C++ backend."""
+    import torch
+
+    result = validate._numerics_in_fresh_process(torch.float32, 300.0)
+    assert result["status"] == "pass", result
+    assert {c["backend"] for c in result["checks"]} >= {"triton"}
+    assert all(c["ok"] for c in result["checks"])

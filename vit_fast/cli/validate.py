@@ -211,6 +211,13 @@ def _numerics(device: Any, dtype: Any, models: list, batch: int, tiny: bool, sha
     backend that can run there (Triton; on a CPU also the C++ extension when built)."""
     import torch
 
+    from vit_fast.kernels._common import triton_interpreting
+
+    if device.type == "cpu" and not triton_interpreting():
+        # On a CPU the Triton kernels run in the interpreter, which must be on before their modules
+        # are imported; importing vit_fast imported them already: check in a fresh process.
+        return _numerics_in_fresh_process(dtype, share)
+
     from vit_fast import reference
     from vit_fast.ops.backend import cpu_extension, use_backend
     from vit_fast.perf import bench
@@ -244,6 +251,25 @@ def _numerics(device: Any, dtype: Any, models: list, batch: int, tiny: bool, sha
             rows.append(row)
     ok = all(r["ok"] for r in rows)
     return {"status": "pass" if ok else "fail", "shape": shape.__dict__, "checks": rows}
+
+
+def _numerics_in_fresh_process(dtype: Any, share: float) -> dict:
+    """`_numerics` on the CPU in a new interpreter with TRITON_INTERPRET=1; its result as JSON."""
+    code = (
+        "import json, torch; from vit_fast.cli.validate import _numerics; "
+        f"print(json.dumps(_numerics(torch.device('cpu'), torch.{str(dtype).removeprefix('torch.')}, "
+        f"[], 0, True, {share!r})))"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=share
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "why": f"stopped after {share:.0f} s (budget)"}
+    if out.returncode != 0 or not out.stdout.strip():
+        return {"status": "error", "why": out.stderr[-600:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _tests(device: Any, dtype: Any, models: list, batch: int, tiny: bool, share: float) -> dict:
