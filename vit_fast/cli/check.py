@@ -31,6 +31,7 @@ def environment() -> dict[str, Any]:
 
     from vit_fast.kernels._common import triton_interpreting
     from vit_fast.ops.backend import active_backends, cpu_extension
+    from vit_fast.ops.contract import FAMILIES
 
     try:
         import triton
@@ -39,7 +40,6 @@ def environment() -> dict[str, Any]:
     except ImportError:
         triton_version = "not installed"
     ext = cpu_extension()
-    families = ("patch_embed", "attention", "layer_norm", "mlp")
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -52,7 +52,7 @@ def environment() -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "triton_interpret": triton_interpreting(),
         "extension_built": ext is not None,
-        "extension_families": [f for f in families if ext is not None and hasattr(ext, f"{f}_forward")],
+        "extension_families": [f for f in FAMILIES if ext is not None and hasattr(ext, f"{f}_forward")],
         "backends_cpu": active_backends("cpu"),
         # The library the C++ backend's float32 GEMMs call (csrc/gemm.h): "onednn" or "aten".
         "cpu_gemm": ext.gemm_backend() if ext is not None and hasattr(ext, "gemm_backend") else "n/a",

@@ -199,4 +199,6 @@ def backend_fns(device: torch.device, family: str, dtype: torch.dtype | None = N
 def active_backends(device: torch.device | str = "cpu") -> dict[str, str]:
     """Which backend each op family uses on `device` right now (for `vit-fast check`)."""
     device = torch.device(device)
-    return {f: select_backend(device, f) for f in ("patch_embed", "attention", "layer_norm", "mlp")}
+    from vit_fast.ops.contract import FAMILIES
+
+    return {f: select_backend(device, f) for f in FAMILIES}

@@ -90,11 +90,3 @@ def bind(function: str, args: tuple[Any, ...]) -> Any:
     """`args` (a custom op's positional inputs) as a named tuple with contract function
     `function`'s argument names, for op bodies and fake kernels registered with `schema`."""
     return _bound_type(function)(*args)
-
-
-def family_of(function: str) -> str:
-    """The op family contract function `function` belongs to."""
-    for family, functions in CONTRACT.items():
-        if function in functions:
-            return family
-    raise KeyError(f"{function!r} is not a backend contract function")
