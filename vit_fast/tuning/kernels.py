@@ -31,10 +31,7 @@ def choose(device: torch.device, key: str, configs: Sequence[Any], launch: Calla
         return configs[0]
     by_name = {_name(c): c for c in configs}
     selector = tuning_ops.selector(device)
-    capturing = (
-        device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    )
-    if capturing:
+    if tuning_ops.capturing(device):
         cached = selector.cache.get(key)
         return by_name.get(cached["pick"], configs[0]) if cached is not None else configs[0]
     candidates = {name: (lambda c=c: launch(c)) for name, c in by_name.items()}

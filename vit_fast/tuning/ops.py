@@ -74,6 +74,12 @@ def selector(device: torch.device) -> Selector:
     return _selectors[name]
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on `device`'s current stream: nothing may be timed
+    then (only cached picks apply)."""
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def signature(args: Sequence[Any]) -> str:
     """The part of a key that describes the call: shape, dtype and layout of every tensor argument
     (`c` contiguous, `s` strided), and the value of every other argument."""
@@ -119,10 +125,7 @@ def choose_backend(
         return default
     chooser = selector(device)
     key = f"op/{family}/{op}/{signature(key_args)}"
-    capturing = (
-        device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    )
-    if capturing:
+    if capturing(device):
         cached = chooser.cache.get(key)
         return cached["pick"] if cached is not None and cached["pick"] in names else default
 
