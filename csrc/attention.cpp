@@ -19,8 +19,11 @@
 // V and dQ buffers never grow inside the loop). zero_fill = false skips zeroing out and lse (packed
 // input: the sequences cover every row); the backward zeroes dqkv only where rows are left uncovered.
 #include "common.h"
+#include "brgemm.h"
+#include "gemm.h"
 #include "tile_gemm.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 
@@ -104,11 +107,11 @@ VF_CLONES float row_max_f32(const float* row, int64_t n) {
   return mx;
 }
 
-VF_CLONES float exp_row_f32(float* row, int64_t n, float m) {
+VF_CLONES float exp_row_f32(float* row, int64_t n, float scale, float m) {
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
-    const float e = fast_exp(row[j] - m);
+    const float e = fast_exp(row[j] * scale - m);
     row[j] = e;
     sum += e;
   }
@@ -128,6 +131,51 @@ VF_CLONES float dot_f32(const float* a, const float* b, int64_t n) {
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < n; ++j) acc += a[j] * b[j];
   return acc;
+}
+
+// A bf16 A-operand row: narrow n floats, then zero the pad columns up to n_even.
+void narrow_padded(const float* src, at::BFloat16* dst, int64_t n, int64_t n_even) {
+  narrow_bf16(src, dst, n);
+  for (int64_t j = n; j < n_even; ++j) dst[j] = at::BFloat16(0.0f);
+}
+
+// One row of a forward score tile (scores s over bk keys, to be multiplied by scale > 0) in the online softmax: updates the
+// row's running max m and normaliser l, turns the row into exp(s - m) (times the dropout mask
+// Z / (1 - p) when dropout is on; the normaliser counts every key, dropout comes after softmax) and
+// rescales the row's output accumulator (hd floats) to the new max.
+void forward_row(float* row, int64_t bk, float scale, float& m, float& l, float* acc, int64_t hd, float dropout_p,
+                 float inv_keep, uint64_t key, uint64_t ctr, at::BFloat16* pb = nullptr, int64_t bk_even = 0) {
+  // The row holds s / scale (scale > 0): max(scale * s) = scale * max(s), and exp takes the scale.
+  const float m_new = std::max(m, scale * row_max_f32(row, bk));
+  // Rescale what was accumulated under the old running max (first block: nothing yet).
+  const float alpha = m == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(m - m_new);
+  l = l * alpha + exp_row_f32(row, bk, scale, m_new);
+  m = m_new;
+  if (dropout_p > 0.0f) {
+    for (int64_t j = 0; j < bk; ++j) row[j] = uniform01(key, ctr + j) >= dropout_p ? row[j] * inv_keep : 0.0f;
+  }
+  if (pb != nullptr) narrow_padded(row, pb, bk, bk_even);  // the bf16 A operand of P V
+  if (alpha != 1.0f) {
+    for (int64_t d = 0; d < hd; ++d) acc[d] *= alpha;
+  }
+}
+
+// One row of a backward score tile: p holds the scaled scores s, dp holds dP = dO V^T. Afterwards p
+// holds P = exp(s - lse), dp holds dS = P * (dP - delta), and with dropout pd holds P * Z (Z the
+// kept mask scaled by inv_keep, regenerated from the counters) and dS uses dP * Z.
+void backward_row(float* p, float* dp, float* pd, int64_t n, float lse, float delta, float dropout_p, float inv_keep,
+                  uint64_t key, uint64_t ctr) {
+  if (pd == nullptr) {
+    probs_and_dscores_f32(p, dp, n, lse, delta);
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) p[j] = fast_exp(p[j] - lse);
+  for (int64_t j = 0; j < n; ++j) {
+    const float z = uniform01(key, ctr + j) >= dropout_p ? inv_keep : 0.0f;
+    pd[j] = p[j] * z;
+    dp[j] *= z;
+  }
+  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
 }
 
 // One attention sequence: where its row 0 lives in each tensor and its length. Fixed-length batches
@@ -215,26 +263,9 @@ void attention_forward_impl(const Tensor& qkv, const SeqLayout& s, float scale, 
       for (int64_t j0 = 0; j0 < L; j0 += kFwdBlockK) {
         const int64_t bk = std::min(kFwdBlockK, L - j0);
         tile::gemm(bq, bk, hd, scale, qf, ldq, 1, ktbuf.data() + j0, L, false, tile.data(), kFwdBlockK);
-        for (int64_t i = 0; i < bq; ++i) {
-          float* row = tile.data() + i * kFwdBlockK;
-          const float mx = row_max_f32(row, bk);
-          const float m_new = std::max(row_max[i], mx);
-          // Rescale what was accumulated under the old running max (first block: nothing yet).
-          const float alpha = row_max[i] == -std::numeric_limits<float>::infinity() ? 0.0f
-                                                                                    : std::exp(row_max[i] - m_new);
-          const float sum = exp_row_f32(row, bk, m_new);
-          row_sum[i] = row_sum[i] * alpha + sum;  // normaliser counts every key: dropout comes after softmax
-          row_max[i] = m_new;
-          if (dropout_p > 0.0f) {
-            const uint64_t base_ctr = ctr0 + static_cast<uint64_t>((i0 + i) * L + j0);
-            for (int64_t j = 0; j < bk; ++j)
-              row[j] = uniform01(key, base_ctr + j) >= dropout_p ? row[j] * inv_keep : 0.0f;
-          }
-          if (alpha != 1.0f) {
-            float* a = acc.data() + i * hd;
-            for (int64_t d = 0; d < hd; ++d) a[d] *= alpha;
-          }
-        }
+        for (int64_t i = 0; i < bq; ++i)
+          forward_row(tile.data() + i * kFwdBlockK, bk, 1.0f, row_max[i], row_sum[i], acc.data() + i * hd, hd, dropout_p,
+                      inv_keep, key, ctr0 + static_cast<uint64_t>((i0 + i) * L + j0));
         tile::gemm(bq, hd, bk, 1.0f, tile.data(), kFwdBlockK, 1, vf + j0 * ldv, ldv, true, acc.data(), hd);
       }
       for (int64_t i = 0; i < bq; ++i) {
@@ -309,24 +340,9 @@ void attention_backward_impl(const Tensor& grad_out, const Tensor& qkv, const Te
           tile::gemm(bq, bk, hd, scale, qi, ldq, 1, ktbuf.data() + j0, L, false, p_tile.data(), BK);   // S
           tile::gemm(bq, bk, hd, 1.0f, goi, ldgo, 1, vtbuf.data() + j0, L, false, dp_tile.data(), BK);  // dP
           for (int64_t i = 0; i < bq; ++i) {
-            float* pr = p_tile.data() + i * BK;
-            float* dpr = dp_tile.data() + i * BK;
-            const float l = lse_row[i0 + i], dl = delta[i0 + i];
-            if (dropout_p == 0.0f) {
-              probs_and_dscores_f32(pr, dpr, bk, l, dl);
-              continue;
-            }
-            for (int64_t j = 0; j < bk; ++j) pr[j] = fast_exp(pr[j] - l);
-            {
-              float* pdr = pd_tile.data() + i * BK;
-              const uint64_t base_ctr = ctr0 + static_cast<uint64_t>((i0 + i) * L + j0);
-              for (int64_t j = 0; j < bk; ++j) {
-                const float z = uniform01(key, base_ctr + j) >= dropout_p ? inv_keep : 0.0f;
-                pdr[j] = pr[j] * z;
-                dpr[j] *= z;
-              }
-            }
-            for (int64_t j = 0; j < bk; ++j) dpr[j] = pr[j] * (dpr[j] - dl);  // dS
+            backward_row(p_tile.data() + i * BK, dp_tile.data() + i * BK,
+                         dropout_p > 0.0f ? pd_tile.data() + i * BK : nullptr, bk, lse_row[i0 + i], delta[i0 + i],
+                         dropout_p, inv_keep, key, ctr0 + static_cast<uint64_t>((i0 + i) * L + j0));
           }
           const float* pd = dropout_p > 0.0f ? pd_tile.data() : p_tile.data();
           // dV += P^T dO, dQ += scale dS K, dK += scale dS^T Q (the transposes are strides, not copies).
@@ -347,6 +363,183 @@ void attention_backward_impl(const Tensor& grad_out, const Tensor& qkv, const Te
         for (int64_t d = 0; d < hd; ++d) row[d] = from_f<T>(dq[i * hd + d]);
       }
     }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bf16 path on oneDNN's micro-kernel (brgemm.h): the same blocking, online softmax and
+// FlashAttention-2 backward as above, with every tile product a bf16 x bf16 -> fp32 brgemm call
+// instead of widening the operands to fp32. Q, dO (and K for S's A operand) are read in place from
+// qkv / grad_out; K^T, V (forward) and K^T, V^T, K (backward) are packed into VNNI layout once per
+// (sequence, head), and the probability / dS tiles are rounded to bf16 as they are packed: the
+// roundings FlashAttention-2 makes on GPUs. The backward forms dK^T and dV^T (A = Q^T, dO^T, packed
+// once per (sequence, head); B = the VNNI-packed P and dS tiles), so no tile is ever transposed.
+// Statistics (max, sum, lse, delta) and accumulators stay fp32. Requires an even head_dim.
+
+constexpr int64_t kBrgBlockQ = 64;   // query rows per tile (even: only the last block has a pad row)
+constexpr int64_t kBrgBlockK = 512;  // key columns per tile (a multiple of 64): one block for ViT lengths
+
+int64_t round16(int64_t v) { return (v + 15) / 16 * 16; }
+
+// dst[c * ld + r] = src[r * rs + c] for a [rows, cols] bf16 block, zero in columns rows..ld (pad).
+void transpose_bf16(const at::BFloat16* src, int64_t rs, int64_t rows, int64_t cols, at::BFloat16* dst, int64_t ld) {
+  for (int64_t c = 0; c < cols; ++c) {
+    at::BFloat16* d = dst + c * ld;
+    for (int64_t r = 0; r < rows; ++r) d[r] = src[r * rs + c];
+    for (int64_t r = rows; r < ld; ++r) d[r] = at::BFloat16(0.0f);
+  }
+}
+
+VF_CLONES void scale_row_inplace_f32(float* row, int64_t n, float s) {
+  for (int64_t j = 0; j < n; ++j) row[j] *= s;
+}
+
+void attention_forward_brgemm(const Tensor& qkv, const SeqLayout& s, float scale, float dropout_p, int64_t seed,
+                              Tensor& out, Tensor& lse) {
+  using bf16 = at::BFloat16;
+  const bf16* base = qkv.data_ptr<bf16>();
+  bf16* out_p = out.data_ptr<bf16>();
+  float* lse_p = lse.data_ptr<float>();
+  const int64_t hd = s.head_dim, D = s.dim, hdp = round16(hd);
+  const int64_t BQ = std::min(kBrgBlockQ, std::max<int64_t>(s.max_len, 1));
+  const int64_t BK = std::min(kBrgBlockK, std::max<int64_t>(s.max_len, 1));
+  const int64_t ldS = round16(BK), ldP = BK + (BK & 1);
+  struct Task {
+    int64_t seq, h, i0;
+  };
+  std::vector<Task> tasks;
+  for (int64_t n = 0; n < static_cast<int64_t>(s.seqs.size()); ++n)
+    for (int64_t h = 0; h < s.heads; ++h)
+      for (int64_t i0 = 0; i0 < s.seqs[n].len; i0 += BQ) tasks.push_back({n, h, i0});
+  const uint64_t key = seed_key(seed);
+  const float inv_keep = dropout_p > 0.0f ? 1.0f / (1.0f - dropout_p) : 1.0f;
+
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> tile(static_cast<size_t>(BQ * ldS)), acc(static_cast<size_t>(BQ * hdp));
+    std::vector<bf16> pb(static_cast<size_t>(BQ * ldP));
+    std::vector<float> row_max(BQ), row_sum(BQ);
+    brg::PackedB kt, v;
+    int64_t packed_seq = -1, packed_h = -1;
+    for (int64_t task = t0; task < t1; ++task) {
+      const Task& tk = tasks[static_cast<size_t>(task)];
+      const SeqDesc& sq = s.seqs[static_cast<size_t>(tk.seq)];
+      const int64_t h = tk.h, L = sq.len, i0 = tk.i0, bq = std::min(BQ, L - i0);
+      const bf16* q = base + sq.q_off + h * hd;
+      if (tk.seq != packed_seq || h != packed_h) {  // K^T [hd, L] and V [L, hd], once per (sequence, head)
+        brg::pack(q + D, 1, s.stride_t, hd, L, kt);
+        brg::pack(q + 2 * D, s.stride_t, 1, L, hd, v);
+        packed_seq = tk.seq;
+        packed_h = h;
+      }
+      const uint64_t ctr0 = sq.ctr + static_cast<uint64_t>(h) * s.ctr_sh;
+      std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<float>::infinity());
+      std::fill(row_sum.begin(), row_sum.end(), 0.0f);
+      for (int64_t j0 = 0; j0 < L; j0 += BK) {
+        const int64_t bk = std::min(BK, L - j0), bke = bk + (bk & 1);
+        brg::gemm_window(bq, q + i0 * s.stride_t, s.stride_t, kt, 0, hd, j0, bk, tile.data(), ldS, false);
+        for (int64_t i = 0; i < bq; ++i) {
+          float* row = tile.data() + i * ldS;
+          if (scale <= 0.0f) scale_row_inplace_f32(row, bk, scale);
+          forward_row(row, bk, scale > 0.0f ? scale : 1.0f, row_max[i], row_sum[i], acc.data() + i * hdp, hd,
+                      dropout_p, inv_keep, key, ctr0 + static_cast<uint64_t>((i0 + i) * L + j0),
+                      pb.data() + i * ldP, bke);
+        }
+        brg::gemm_window(bq, pb.data(), ldP, v, j0, bk, 0, hd, acc.data(), hdp, /*accumulate=*/j0 > 0);
+      }
+      for (int64_t i = 0; i < bq; ++i) {
+        float* a = acc.data() + i * hdp;
+        scale_row_inplace_f32(a, hd, 1.0f / row_sum[i]);
+        narrow_bf16(a, out_p + sq.o_off + (i0 + i) * D + h * hd, hd);
+        lse_p[sq.lse_off + h * s.lse_sh + i0 + i] = row_max[i] + std::log(row_sum[i]);
+      }
+    }
+    brg::release();
+  });
+}
+
+void attention_backward_brgemm(const Tensor& grad_out, const Tensor& qkv, const Tensor& out, const Tensor& lse,
+                               const SeqLayout& s, float scale, float dropout_p, int64_t seed, Tensor& dqkv) {
+  using bf16 = at::BFloat16;
+  const bf16* base = qkv.data_ptr<bf16>();
+  const bf16* go_p = grad_out.data_ptr<bf16>();
+  const bf16* out_p = out.data_ptr<bf16>();
+  const float* lse_p = lse.data_ptr<float>();
+  bf16* dqkv_p = dqkv.data_ptr<bf16>();
+  const int64_t hd = s.head_dim, D = s.dim, hdp = round16(hd);
+  const uint64_t key = seed_key(seed);
+  const float inv_keep = dropout_p > 0.0f ? 1.0f / (1.0f - dropout_p) : 1.0f;
+  const int64_t BQ = std::min(kBrgBlockQ, std::max<int64_t>(s.max_len, 1));
+  const int64_t BK = std::min(kBrgBlockK, std::max<int64_t>(s.max_len, 1));
+  const int64_t ldS = round16(BK), ldA = BK + (BK & 1);
+  const int64_t Le_max = s.max_len + (s.max_len & 1);
+  const int64_t n_tasks = static_cast<int64_t>(s.seqs.size()) * s.heads;
+
+  at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p_tile(static_cast<size_t>(BQ * ldS)), dp_tile(static_cast<size_t>(BQ * ldS));
+    std::vector<float> pd_tile(dropout_p > 0.0f ? static_cast<size_t>(BQ * ldS) : 0);
+    std::vector<float> dq(static_cast<size_t>(s.max_len * hdp)), dkt(static_cast<size_t>(hd * ldS)),
+        dvt(static_cast<size_t>(hd * ldS)), delta(static_cast<size_t>(s.max_len)), wide(static_cast<size_t>(2 * hd));
+    std::vector<bf16> qt(static_cast<size_t>(hd * Le_max)), got(static_cast<size_t>(hd * Le_max)),
+        dsb(static_cast<size_t>(BQ * ldA));
+    brg::PackedB kt, vt, kr, pp, ps;
+    for (int64_t task = t0; task < t1; ++task) {
+      const SeqDesc& sq = s.seqs[static_cast<size_t>(task / s.heads)];
+      const int64_t h = task % s.heads, L = sq.len, Le = L + (L & 1);
+      if (L == 0) continue;
+      const bf16* q = base + sq.q_off + h * hd;
+      const bf16* go = go_p + sq.o_off + h * hd;
+      const bf16* o = out_p + sq.o_off + h * hd;
+      const float* lse_row = lse_p + sq.lse_off + h * s.lse_sh;
+      const uint64_t ctr0 = sq.ctr + static_cast<uint64_t>(h) * s.ctr_sh;
+      brg::pack(q + D, 1, s.stride_t, hd, L, kt);      // K^T [hd, L]: B of S = Q K^T
+      brg::pack(q + 2 * D, 1, s.stride_t, hd, L, vt);  // V^T [hd, L]: B of dP = dO V^T
+      brg::pack(q + D, s.stride_t, 1, L, hd, kr);      // K [L, hd]:   B of dQ = dS K
+      transpose_bf16(q, s.stride_t, L, hd, qt.data(), Le);  // Q^T [hd, Le]:  A of dK^T = Q^T dS
+      transpose_bf16(go, D, L, hd, got.data(), Le);         // dO^T [hd, Le]: A of dV^T = dO^T P
+      for (int64_t i = 0; i < L; ++i) {
+        widen_bf16(go + i * D, wide.data(), hd);
+        widen_bf16(o + i * D, wide.data() + hd, hd);
+        delta[i] = dot_f32(wide.data(), wide.data() + hd, hd);
+      }
+      std::fill(dq.begin(), dq.begin() + L * hdp, 0.0f);
+      for (int64_t j0 = 0; j0 < L; j0 += BK) {
+        const int64_t bk = std::min(BK, L - j0), bke = bk + (bk & 1);
+        std::fill(dkt.begin(), dkt.end(), 0.0f);
+        std::fill(dvt.begin(), dvt.end(), 0.0f);
+        for (int64_t i0 = 0; i0 < L; i0 += BQ) {
+          const int64_t bq = std::min(BQ, L - i0);
+          brg::gemm_window(bq, q + i0 * s.stride_t, s.stride_t, kt, 0, hd, j0, bk, p_tile.data(), ldS, false);
+          brg::gemm_window(bq, go + i0 * D, D, vt, 0, hd, j0, bk, dp_tile.data(), ldS, false);
+          for (int64_t i = 0; i < bq; ++i) {
+            float* pr = p_tile.data() + i * ldS;
+            float* dpr = dp_tile.data() + i * ldS;
+            scale_row_inplace_f32(pr, bk, scale);
+            backward_row(pr, dpr, dropout_p > 0.0f ? pd_tile.data() + i * ldS : nullptr, bk, lse_row[i0 + i],
+                         delta[i0 + i], dropout_p, inv_keep, key, ctr0 + static_cast<uint64_t>((i0 + i) * L + j0));
+            scale_row_inplace_f32(dpr, bk, scale);  // dQ and dK carry the softmax scale
+            narrow_padded(dpr, dsb.data() + i * ldA, bk, bke);
+          }
+          // dV^T += dO^T (P Z), dK^T += Q^T dS: the tiles packed as B (rounded to bf16 on the way).
+          brg::pack_f32(dropout_p > 0.0f ? pd_tile.data() : p_tile.data(), ldS, bq, bk, pp);
+          brg::gemm(hd, got.data() + i0, Le, pp, dvt.data(), ldS, true);
+          brg::pack_f32(dp_tile.data(), ldS, bq, bk, ps);
+          brg::gemm(hd, qt.data() + i0, Le, ps, dkt.data(), ldS, true);
+          // dQ += dS K.
+          brg::gemm_window(bq, dsb.data(), ldA, kr, j0, bk, 0, hd, dq.data() + i0 * hdp, hdp, true);
+        }
+        for (int64_t j = 0; j < bk; ++j) {  // dK, dV rows out of the transposed accumulators
+          bf16* row = dqkv_p + sq.d_off + (j0 + j) * 3 * D + h * hd;
+          for (int64_t d = 0; d < hd; ++d) {
+            wide[d] = dkt[d * ldS + j];
+            wide[hd + d] = dvt[d * ldS + j];
+          }
+          narrow_bf16(wide.data(), row + D, hd);
+          narrow_bf16(wide.data() + hd, row + 2 * D, hd);
+        }
+      }
+      for (int64_t i = 0; i < L; ++i) narrow_bf16(dq.data() + i * hdp, dqkv_p + sq.d_off + i * 3 * D + h * hd, hd);
+    }
+    brg::release();
   });
 }
 
@@ -385,11 +578,94 @@ SeqLayout varlen_layout(const Tensor& qkv, const Tensor& table, int64_t max_len,
   return l;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Which kernel runs a call: bf16 calls whose head_dim is even, on a CPU where the micro-kernel runs,
+// have two candidates, "attn_tiles" (the fp32 tile path above) and "attn_brgemm", timed against each
+// other at the first call of a shape and the faster kept (gemm::choose: the GEMMs' table, cache and
+// VIT_FAST_CPU_GEMM / VIT_FAST_TUNE modes; untuned, brgemm). The key buckets the longest length to a
+// power of two so that variable-length batches do not measure at every new length.
+
+// The kernel forced by set_attention_kernel (or VIT_FAST_CPU_ATTN at load): "" = choose as above.
+std::string& forced_kernel() {
+  static std::string value = [] {
+    const char* env = std::getenv("VIT_FAST_CPU_ATTN");
+    return env != nullptr && std::string(env) != "auto" ? std::string(env) : std::string();
+  }();
+  return value;
+}
+
+bool brgemm_applies(const Tensor& qkv, const SeqLayout& l) {
+  return qkv.scalar_type() == at::kBFloat16 && l.head_dim % 2 == 0 && brg::available();
+}
+
+std::string choice_key(const char* pass, const SeqLayout& l, float dropout_p) {
+  int64_t len = 1;
+  while (len < l.max_len) len *= 2;
+  return std::string(pass) + "/bf16/H=" + std::to_string(l.heads) + ",hd=" + std::to_string(l.head_dim) +
+         ",len<=" + std::to_string(len) + "/dropout=" + (dropout_p > 0.0f ? "1" : "0");
+}
+
+void run_forward(const Tensor& qkv, const SeqLayout& l, float scale, float dropout_p, int64_t seed, Tensor& out,
+                 Tensor& lse) {
+  auto run = [&](const std::string& name) {
+    if (name == "attn_brgemm") {
+      attention_forward_brgemm(qkv, l, scale, dropout_p, seed, out, lse);
+    } else {
+      VF_DISPATCH(qkv.scalar_type(), "attention_forward",
+                  [&] { attention_forward_impl<scalar_t>(qkv, l, scale, dropout_p, seed, out, lse); });
+    }
+    return out;
+  };
+  if (!brgemm_applies(qkv, l) || !forced_kernel().empty()) {
+    run(brgemm_applies(qkv, l) ? forced_kernel() : "attn_tiles");
+    return;
+  }
+  Tensor measured;
+  run(gemm::choose(choice_key("attention_fwd", l, dropout_p), {"attn_tiles", "attn_brgemm"}, run, measured,
+                   "attn_brgemm"));
+}
+
+void run_backward(const Tensor& go, const Tensor& qkv, const Tensor& o, const Tensor& lse, const SeqLayout& l,
+                  float scale, float dropout_p, int64_t seed, Tensor& dqkv) {
+  auto run = [&](const std::string& name) {
+    if (name == "attn_brgemm") {
+      attention_backward_brgemm(go, qkv, o, lse, l, scale, dropout_p, seed, dqkv);
+    } else {
+      VF_DISPATCH(qkv.scalar_type(), "attention_backward",
+                  [&] { attention_backward_impl<scalar_t>(go, qkv, o, lse, l, scale, dropout_p, seed, dqkv); });
+    }
+    return dqkv;
+  };
+  if (!brgemm_applies(qkv, l) || !forced_kernel().empty()) {
+    run(brgemm_applies(qkv, l) ? forced_kernel() : "attn_tiles");
+    return;
+  }
+  Tensor measured;
+  run(gemm::choose(choice_key("attention_bwd", l, dropout_p), {"attn_tiles", "attn_brgemm"}, run, measured,
+                   "attn_brgemm"));
+}
+
 void check_dropout(double dropout_p) {
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
 }
 
 }  // namespace
+
+std::vector<std::string> attention_kernels() {
+  std::vector<std::string> names = {"attn_tiles"};
+  if (brg::available()) names.push_back("attn_brgemm");
+  return names;
+}
+
+std::string attention_kernel() { return forced_kernel().empty() ? "auto" : forced_kernel(); }
+
+void set_attention_kernel(const std::string& name) {
+  const auto names = attention_kernels();
+  TORCH_CHECK(name == "auto" || std::find(names.begin(), names.end(), name) != names.end(),
+              "attention kernel must be 'auto' or one of this CPU's kernels (", c10::Join(", ", names), "), got '",
+              name, "'");
+  forced_kernel() = name == "auto" ? std::string() : name;
+}
 
 std::tuple<Tensor, Tensor> attention_forward(const Tensor& qkv, int64_t num_heads, double scale, double dropout_p,
                                              int64_t seed) {
@@ -397,10 +673,7 @@ std::tuple<Tensor, Tensor> attention_forward(const Tensor& qkv, int64_t num_head
   check_dropout(dropout_p);
   Tensor out = at::empty({s.batch, s.tokens, s.dim}, qkv.options());
   Tensor lse = at::empty({s.batch, s.heads, s.tokens}, qkv.options().dtype(at::kFloat));
-  VF_DISPATCH(qkv.scalar_type(), "attention_forward", [&] {
-    attention_forward_impl<scalar_t>(qkv, fixed_layout(s), static_cast<float>(scale), static_cast<float>(dropout_p),
-                                     seed, out, lse);
-  });
+  run_forward(qkv, fixed_layout(s), static_cast<float>(scale), static_cast<float>(dropout_p), seed, out, lse);
   return {out, lse};
 }
 
@@ -420,10 +693,7 @@ Tensor attention_backward(const Tensor& grad_out, const Tensor& qkv, const Tenso
               s.heads, ", ", s.tokens, "], got ", lse.sizes());
   const Tensor go = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();
   Tensor dqkv = at::empty({s.batch, s.tokens, 3 * s.dim}, qkv.options());
-  VF_DISPATCH(qkv.scalar_type(), "attention_backward", [&] {
-    attention_backward_impl<scalar_t>(go, qkv, o, l, fixed_layout(s), static_cast<float>(scale),
-                                      static_cast<float>(dropout_p), seed, dqkv);
-  });
+  run_backward(go, qkv, o, l, fixed_layout(s), static_cast<float>(scale), static_cast<float>(dropout_p), seed, dqkv);
   return dqkv;
 }
 
@@ -438,9 +708,7 @@ std::tuple<Tensor, Tensor> attention_varlen_forward(const Tensor& qkv, const Ten
   Tensor out = zero_fill ? at::zeros({qkv.size(0), l.dim}, opts) : at::empty({qkv.size(0), l.dim}, opts);
   Tensor lse = zero_fill ? at::zeros({num_heads, qkv.size(0)}, opts.dtype(at::kFloat))
                          : at::empty({num_heads, qkv.size(0)}, opts.dtype(at::kFloat));
-  VF_DISPATCH(qkv.scalar_type(), "attention_varlen_forward", [&] {
-    attention_forward_impl<scalar_t>(qkv, l, static_cast<float>(scale), static_cast<float>(dropout_p), seed, out, lse);
-  });
+  run_forward(qkv, l, static_cast<float>(scale), static_cast<float>(dropout_p), seed, out, lse);
   return {out, lse};
 }
 
@@ -464,10 +732,7 @@ Tensor attention_varlen_backward(const Tensor& grad_out, const Tensor& qkv, cons
   // Rows outside every sequence get zero gradient; when the sequences cover every row nothing is zeroed.
   Tensor dqkv = l.covers_all ? at::empty({rows, 3 * l.dim}, qkv.options())
                              : at::zeros({rows, 3 * l.dim}, qkv.options());
-  VF_DISPATCH(qkv.scalar_type(), "attention_varlen_backward", [&] {
-    attention_backward_impl<scalar_t>(go, qkv, o, ls, l, static_cast<float>(scale), static_cast<float>(dropout_p), seed,
-                                      dqkv);
-  });
+  run_backward(go, qkv, o, ls, l, static_cast<float>(scale), static_cast<float>(dropout_p), seed, dqkv);
   return dqkv;
 }
 

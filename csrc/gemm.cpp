@@ -20,8 +20,10 @@ namespace {
 enum class Mode { kTuned, kOneDnn, kAten };
 
 // Every candidate of both kinds; the index is the call counter's slot.
-enum Cand : int { kAten = 0, kOneDnn, kOneDnnPacked, kOneDnnTa, kOneDnnTb, kNumCands };
-constexpr std::array<const char*, kNumCands> kNames = {"aten", "onednn", "onednn_packed", "onednn_ta", "onednn_tb"};
+// attn_tiles / attn_brgemm: the two bf16 attention kernels (attention.cpp), chosen through choose().
+enum Cand : int { kAten = 0, kOneDnn, kOneDnnPacked, kOneDnnTa, kOneDnnTb, kAttnTiles, kAttnBrgemm, kNumCands };
+constexpr std::array<const char*, kNumCands> kNames = {"aten",      "onednn",     "onednn_packed", "onednn_ta",
+                                                       "onednn_tb", "attn_tiles", "attn_brgemm"};
 
 std::array<std::atomic<int64_t>, kNumCands>& counters() {
   static std::array<std::atomic<int64_t>, kNumCands> c{};
@@ -254,6 +256,18 @@ Tensor mm_tn(const Tensor& a, const Tensor& b) {
   return result.defined() ? result : run_tn(c, a, b);
 }
 
+std::string choose(const std::string& key, const std::vector<std::string>& cands,
+                   const std::function<Tensor(const std::string&)>& run, Tensor& result, const std::string& fallback) {
+  int c = cand_index(fallback);
+  if (current().load() == Mode::kTuned) {
+    std::vector<int> idx;
+    for (const auto& name : cands) idx.push_back(cand_index(name));
+    c = tuned_choice(key, idx, [&](int k) { return run(kNames[k]); }, result);
+  }
+  counters()[c].fetch_add(1, std::memory_order_relaxed);
+  return kNames[c];
+}
+
 std::string backend() {
   switch (current().load()) {
     case Mode::kTuned:
@@ -297,7 +311,8 @@ void clear_choices() {
 
 std::map<std::string, std::vector<std::string>> candidate_names() {
   return {{"linear", {kNames[kAten], kNames[kOneDnn], kNames[kOneDnnPacked]}},
-          {"tn", {kNames[kAten], kNames[kOneDnnTa], kNames[kOneDnnTb]}}};
+          {"tn", {kNames[kAten], kNames[kOneDnnTa], kNames[kOneDnnTb]}},
+          {"attention", {kNames[kAttnTiles], kNames[kAttnBrgemm]}}};
 }
 
 std::map<std::string, int64_t> call_counts() {

@@ -25,6 +25,7 @@
 
 #include "common.h"
 
+#include <functional>
 #include <map>
 
 namespace vit_fast::gemm {
@@ -37,6 +38,14 @@ inline Tensor mm(const Tensor& a, const Tensor& b) { return gemm::linear(a, b.t(
 
 // out[M, N] = a[K, M]^T b[K, N]: a weight gradient (dW = dY^T X), reduced over the token rows K.
 Tensor mm_tn(const Tensor& a, const Tensor& b);
+
+// A measured choice between implementations of one call that are not GEMM-library calls (the
+// attention kernels' fp32 tiles vs bf16 brgemm), through the same table, cache and modes: `cands` are
+// candidate names of candidate_names(), `run(name)` runs one and returns its output (kept in `result`
+// when measuring produced it). In tuned mode the table's pick for `key` when it is among `cands`, else
+// each candidate timed on this call and the fastest stored; in the forced modes `fallback`.
+std::string choose(const std::string& key, const std::vector<std::string>& cands,
+                   const std::function<Tensor(const std::string&)>& run, Tensor& result, const std::string& fallback);
 
 // The mode: "tuned" (per-key measured choice), "onednn" or "aten" (every float32 GEMM on that
 // library; bfloat16 always at::mm, as before tuning existed).

@@ -21,6 +21,12 @@ Tensor attention_varlen_backward(const Tensor& grad_out, const Tensor& qkv, cons
                                  const Tensor& table, int64_t max_len, int64_t num_heads, double scale,
                                  double dropout_p, int64_t seed);
 
+// The bf16 attention kernels this CPU runs ("attn_tiles"; "attn_brgemm" where oneDNN's bf16
+// micro-kernel runs), and the forced choice: "auto" (measured per shape, the default) or one of them.
+std::vector<std::string> attention_kernels();
+std::string attention_kernel();
+void set_attention_kernel(const std::string& name);
+
 // layer_norm.cpp
 std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& x, const OptTensor& weight,
                                                       const OptTensor& bias, double eps);

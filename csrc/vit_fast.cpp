@@ -32,6 +32,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_tile_gemm_backend", &vit_fast::tile::set_backend,
         "Choose the attention-tile GEMMs: 'auto' (avx512 where the CPU has it), 'avx512' or 'blas'",
         pybind11::arg("name"));
+  m.def("attention_kernels", &vit_fast::attention_kernels,
+        "The bf16 attention kernels this CPU runs: 'attn_tiles' (fp32 tiles), 'attn_brgemm' (bf16 micro-kernel)");
+  m.def("attention_kernel", &vit_fast::attention_kernel, "The forced bf16 attention kernel, or 'auto' (measured)");
+  m.def("set_attention_kernel", &vit_fast::set_attention_kernel,
+        "Force a bf16 attention kernel ('attn_tiles', 'attn_brgemm') or measure per shape ('auto')",
+        pybind11::arg("name"));
   m.def("gemm_backend", &vit_fast::gemm::backend,
         "How the GEMMs choose their library now: 'tuned' (measured per shape), 'onednn' or 'aten'");
   m.def("set_gemm_backend", &vit_fast::gemm::set_backend,

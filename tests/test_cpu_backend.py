@@ -46,6 +46,19 @@ def tile_backend(request):
     _C.set_tile_gemm_backend(before)
 
 
+@pytest.fixture(params=["attn_tiles", "attn_brgemm"])
+def attention_kernel(request):
+    """Run a bf16 attention test once per kernel (csrc/attention.cpp): the fp32 tiles on widened
+    operands and the bf16 micro-kernel path (oneDNN brgemm: AMX or AVX512-BF16), forced instead of
+    measured; the latter only where this CPU runs it."""
+    if request.param not in _C.attention_kernels():
+        pytest.skip(f"{request.param}: oneDNN's bf16 micro-kernel does not run on this CPU")
+    before = _C.attention_kernel()
+    _C.set_attention_kernel(request.param)
+    yield request.param
+    _C.set_attention_kernel(before)
+
+
 def _p(*shape, requires_grad=True, scale=1.0):
     return (torch.randn(*shape) * scale).requires_grad_(requires_grad)
 
@@ -111,6 +124,88 @@ def test_attention_custom_scale():
 def test_attention_bf16(tokens, head_dim, tile_backend):
     qkv = _qkv(2, tokens, 2, head_dim)
     check_numerics(fused_attention, reference.attention, [qkv, 2], dtype=BF16)
+
+
+@pytest.mark.parametrize(
+    "batch,tokens,heads,head_dim",
+    [
+        (2, 197, 2, 64),  # ViT: odd length (a padded key row in P V), 64-wide column blocks plus a tail
+        (1, 1, 1, 16),
+        (2, 5, 2, 32),  # narrower VNNI blocks (16 / 32 columns)
+        (1, 77, 3, 48),
+        (1, 64, 1, 80),  # head_dim 80: one 64-wide block and one of 16
+        (1, 130, 2, 128),  # more than two query blocks, two column blocks of V
+        (1, 1100, 1, 64),  # several key blocks (512): online-softmax rescaling, dK/dV block accumulation
+        (1, 9, 2, 18),  # head_dim not a multiple of 16: columns padded with zeros
+    ],
+)
+def test_attention_bf16_kernels(batch, tokens, heads, head_dim, attention_kernel):
+    qkv = _qkv(batch, tokens, heads, head_dim, scale=2.0)
+    check_numerics(fused_attention, reference.attention, [qkv, heads], dtype=BF16)
+
+
+def test_attention_bf16_kernels_custom_scale_and_strided(attention_kernel):
+    heads, hd, tokens = 2, 32, 40
+    check_numerics(
+        fused_attention, reference.attention, [_qkv(2, tokens, heads, hd), heads], {"scale": 0.37}, dtype=BF16
+    )
+    # qkv as a view with a padded token stride (last dim contiguous): read by strides, no copy.
+    view = torch.randn(2, tokens, 3 * heads * hd + 24).to(BF16)[:, :, : 3 * heads * hd]
+    assert not view.is_contiguous()
+    out, lse = _C.attention_forward(view, heads, 0.37, 0.0, 0)
+    ref_out, ref_lse = _C.attention_forward(view.contiguous(), heads, 0.37, 0.0, 0)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    g = torch.randn_like(out)
+    assert torch.equal(
+        _C.attention_backward(g, view, out, lse, heads, 0.37, 0.0, 0),
+        _C.attention_backward(g, view.contiguous(), out, lse, heads, 0.37, 0.0, 0),
+    )
+
+
+@pytest.mark.parametrize("lengths,head_dim", [([1, 17, 0, 40], 64), ([197, 3, 50], 48), ([9, 2], 80)])
+def test_attention_varlen_bf16_kernels(lengths, head_dim, attention_kernel):
+    heads = 2
+    qkv = torch.randn(sum(lengths), 3 * heads * head_dim, requires_grad=True)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    check_numerics(fused_attention, reference.attention, [qkv, heads], {"cu_seqlens": cu}, dtype=BF16)
+
+
+def test_attention_bf16_kernels_agree_and_are_chosen_by_measurement():
+    """Where both bf16 kernels run, they give the same result up to bf16 rounding, and in tuned mode
+    the first call of a shape times both and stores the pick with both timings."""
+    kernels = _C.attention_kernels()
+    assert kernels[0] == "attn_tiles" and set(kernels) <= {"attn_tiles", "attn_brgemm"}
+    with pytest.raises(RuntimeError, match="attention kernel must be"):
+        _C.set_attention_kernel("amx")
+    if "attn_brgemm" not in kernels:
+        pytest.skip("oneDNN's bf16 micro-kernel does not run on this CPU: one kernel, nothing to choose")
+    qkv = torch.randn(2, 45, 3 * 2 * 64).to(BF16)
+    before, mode = _C.attention_kernel(), _C.gemm_backend()
+    saved = {k: v[0] for k, v in _C.gemm_choices().items()}
+    outs = {}
+    try:
+        for name in kernels:
+            _C.set_attention_kernel(name)
+            outs[name] = _C.attention_forward(qkv, 2, 0.125, 0.0, 0)
+        _C.set_attention_kernel("auto")
+        _C.set_gemm_backend("tuned")
+        _C.clear_gemm_choices()
+        _C.attention_forward(qkv, 2, 0.125, 0.0, 0)
+        pick, ms, measured = _C.gemm_choices()["attention_fwd/bf16/H=2,hd=64,len<=64/dropout=0"]
+        assert measured and set(ms) == {"attn_tiles", "attn_brgemm"} and pick == min(ms, key=ms.get)
+        # A cached pick is used as is: nothing measured again.
+        _C.clear_gemm_choices()
+        _C.set_gemm_choices({"attention_fwd/bf16/H=2,hd=64,len<=64/dropout=0": "attn_tiles"})
+        _C.reset_gemm_call_counts()
+        _C.attention_forward(qkv, 2, 0.125, 0.0, 0)
+        assert _C.gemm_call_counts()["attn_tiles"] == 1 and _C.gemm_call_counts()["attn_brgemm"] == 0
+    finally:
+        _C.set_attention_kernel(before)
+        _C.set_gemm_backend(mode)
+        _C.clear_gemm_choices()
+        _C.set_gemm_choices(saved)
+    for a, b in zip(outs["attn_tiles"], outs["attn_brgemm"]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_attention_strided_qkv():
@@ -188,10 +283,14 @@ def test_attention_dropout_mask_properties():
     assert abs(frac - p) < 0.05, frac  # 2304 Bernoulli draws: std ~0.009
 
 
-def test_attention_dropout_forward_and_backward():
+@pytest.mark.parametrize("dtype,hd", [(F32, 16), (BF16, 16), (BF16, 64)])
+def test_attention_dropout_forward_and_backward(dtype, hd, attention_kernel):
     # The mask depends only on (seed, b, h, i, j), so read it back with one-hot values, then check
     # the kernel on random inputs against a float64 reference that applies that mask explicitly.
-    batch, tokens, heads, hd, p = 2, 24, 2, 16, 0.3
+    # fp32 runs the tile path whatever the kernel; bf16 each kernel.
+    if dtype == F32 and attention_kernel != "attn_tiles":
+        pytest.skip("fp32 has one kernel")
+    batch, tokens, heads, p = 2, 24, 2, 0.3
     # ops.attention draws its dropout seed from torch's default generator: seeded here, known here.
     torch.manual_seed(99)
     seed = int(torch.randint(0, _SEED_BOUND, (1,), dtype=torch.int64))
@@ -206,7 +305,7 @@ def test_attention_dropout_forward_and_backward():
         torch.manual_seed(99)
         return ops.attention(qkv, num_heads, dropout_p=p)
 
-    check_numerics(fused, ref, [_qkv(batch, tokens, heads, hd), heads])
+    check_numerics(fused, ref, [_qkv(batch, tokens, heads, hd), heads], dtype=dtype)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,141 @@
+// bf16 tile GEMMs through oneDNN's micro-kernel (see brgemm.h).
+#include "brgemm.h"
+
+#include <ATen/native/CPUBlas.h>
+
+#include <cstring>
+
+namespace vit_fast::brg {
+namespace {
+constexpr int64_t kBlock = 64;  // widest VNNI column block oneDNN's pack layout allows
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+}  // namespace
+
+bool available() {
+  static const bool ok = [] {
+    try {
+      if (!at::native::cpublas::could_pack(at::kBFloat16)) return false;
+      // A 2 x 16 x 2 product of ones: raises where the micro-kernel is missing; check the value too.
+      PackedB b;
+      std::vector<at::BFloat16> ones(32, at::BFloat16(1.0f)), a(4, at::BFloat16(1.0f));
+      pack(ones.data(), 16, 1, 2, 16, b);
+      std::vector<float> c(32, 0.0f);
+      gemm(2, a.data(), 2, b, c.data(), 16, false);
+      release();
+      for (float v : c)
+        if (v != 2.0f) return false;
+      return true;
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  return ok;
+}
+
+namespace {
+// One VNNI row pair from two contiguous bf16 rows: out[j] = r0[j] | r1[j] << 16 (r1 null: zero row).
+VF_CLONES void interleave_rows(const uint16_t* r0, const uint16_t* r1, uint32_t* out, int64_t n) {
+  if (r1) {
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<uint32_t>(r0[j]) | (static_cast<uint32_t>(r1[j]) << 16);
+  } else {
+    for (int64_t j = 0; j < n; ++j) out[j] = r0[j];
+  }
+}
+}  // namespace
+
+void pack(const at::BFloat16* src, int64_t rs, int64_t cs, int64_t k, int64_t n, PackedB& out) {
+  out.k = k;
+  out.k_even = k + (k & 1);
+  out.n = n;
+  out.n_pad = round_up(n, 16);
+  out.data.resize(static_cast<size_t>(out.k_even * out.n_pad));
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint16_t* d = reinterpret_cast<uint16_t*>(out.data.data());
+  for (int64_t j0 = 0; j0 < out.n_pad; j0 += kBlock) {
+    const int64_t w = std::min(kBlock, out.n_pad - j0), wn = std::max<int64_t>(0, std::min(w, n - j0));
+    uint16_t* blk = d + j0 * out.k_even;
+    if (rs == 1 && k % 2 == 0) {
+      // B's rows p, p + 1 are adjacent in memory (B is a transposed view, e.g. K^T): each VNNI pair
+      // is one 32-bit word of the source, so the block is a 32-bit transpose.
+      uint32_t* b32 = reinterpret_cast<uint32_t*>(blk);
+      for (int64_t j = 0; j < wn; ++j) {
+        const uint16_t* col = s + (j0 + j) * cs;
+        for (int64_t p2 = 0; p2 < k / 2; ++p2) std::memcpy(b32 + p2 * w + j, col + 2 * p2, sizeof(uint32_t));
+      }
+      for (int64_t p2 = 0; p2 < k / 2 && wn < w; ++p2)
+        std::memset(b32 + p2 * w + wn, 0, static_cast<size_t>(w - wn) * sizeof(uint32_t));
+      continue;
+    }
+    for (int64_t p = 0; p < out.k_even; p += 2) {
+      uint16_t* row = blk + (p / 2) * w * 2;
+      const bool second = p + 1 < k;
+      if (cs == 1) {  // rows contiguous (e.g. V): interleave two rows
+        interleave_rows(s + p * rs + j0, second ? s + (p + 1) * rs + j0 : nullptr, reinterpret_cast<uint32_t*>(row),
+                        wn);
+        if (wn < w) std::memset(row + 2 * wn, 0, static_cast<size_t>(2 * (w - wn)) * sizeof(uint16_t));
+        continue;
+      }
+      for (int64_t j = 0; j < wn; ++j) {
+        row[2 * j] = s[p * rs + (j0 + j) * cs];
+        row[2 * j + 1] = second ? s[(p + 1) * rs + (j0 + j) * cs] : uint16_t{0};
+      }
+      if (wn < w) std::memset(row + 2 * wn, 0, static_cast<size_t>(2 * (w - wn)) * sizeof(uint16_t));
+    }
+  }
+}
+
+namespace {
+inline uint32_t rne_bits(float v) {  // the bf16 bits of v, rounded to nearest even; NaN -> quiet NaN
+  const uint32_t u = std::bit_cast<uint32_t>(v);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded;
+}
+
+// One VNNI row pair of a block: out[j] = bf16(r0[j]) | bf16(r1[j]) << 16 (r1 null: a zero pad row).
+VF_CLONES void pair_row(const float* r0, const float* r1, uint32_t* out, int64_t n) {
+  if (r1) {
+    for (int64_t j = 0; j < n; ++j) out[j] = rne_bits(r0[j]) | (rne_bits(r1[j]) << 16);
+  } else {
+    for (int64_t j = 0; j < n; ++j) out[j] = rne_bits(r0[j]);
+  }
+}
+}  // namespace
+
+void pack_f32(const float* src, int64_t ld, int64_t k, int64_t n, PackedB& out) {
+  out.k = k;
+  out.k_even = k + (k & 1);
+  out.n = n;
+  out.n_pad = round_up(n, 16);
+  out.data.resize(static_cast<size_t>(out.k_even * out.n_pad));
+  uint32_t* d = reinterpret_cast<uint32_t*>(out.data.data());  // one uint32 = one (row pair, column)
+  for (int64_t j0 = 0; j0 < out.n_pad; j0 += kBlock) {
+    const int64_t w = std::min(kBlock, out.n_pad - j0), wn = std::max<int64_t>(0, std::min(w, n - j0));
+    uint32_t* blk = d + j0 * out.k_even / 2;
+    for (int64_t p = 0; p < out.k_even; p += 2) {
+      uint32_t* row = blk + (p / 2) * w;
+      pair_row(src + p * ld + j0, p + 1 < k ? src + (p + 1) * ld + j0 : nullptr, row, wn);
+      if (wn < w) std::memset(row + wn, 0, static_cast<size_t>(w - wn) * sizeof(uint32_t));
+    }
+  }
+}
+
+void gemm_window(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB& b, int64_t row0, int64_t rows,
+                 int64_t col0, int64_t cols, float* c, int64_t ldc, bool accumulate) {
+  const int64_t k = rows + (rows & 1);
+  TORCH_CHECK(row0 % 2 == 0 && row0 + k <= b.k_even && col0 % kBlock == 0 && col0 + cols <= b.n_pad,
+              "brgemm window out of range");
+  for (int64_t j0 = col0; j0 < col0 + cols; j0 += kBlock) {
+    const int64_t w = std::min(kBlock, b.n_pad - j0);
+    const at::BFloat16* blk = b.data.data() + j0 * b.k_even + row0 * w;
+    at::native::cpublas::brgemm(m, w, k, lda, w, ldc, accumulate, a, blk, c + (j0 - col0), /*is_vnni=*/true);
+  }
+}
+
+void gemm(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB& b, float* c, int64_t ldc, bool accumulate) {
+  gemm_window(m, a, lda, b, 0, b.k, 0, b.n, c, ldc, accumulate);
+}
+
+void release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
+
+}  // namespace vit_fast::brg

@@ -1,0 +1,52 @@
+// bfloat16 tile GEMMs on AMX / AVX512-BF16 for the attention kernels: oneDNN's batch-reduce GEMM
+// micro-kernel as libtorch_cpu exports it (at::native::cpublas::brgemm, the kernel behind
+// torch's own CPU flash attention), bf16 operands, fp32 accumulation and output.
+//
+// The B operand must be in oneDNN's VNNI-2 layout: pairs of consecutive K rows interleaved, in
+// column blocks no wider than 64 (oneDNN's limit for this layout). PackedB builds that layout from
+// any strided source in one pass, so transposed operands (K^T, V^T) need no separate transpose.
+// Odd K is padded with a zero row; the column count is padded to a multiple of 16 with zeros, so the
+// C tile of a call has `padded_cols()` columns (the caller's leading dimension must allow that).
+//
+// available() says whether this CPU and this torch build run the kernel (probed once with a tiny
+// call: brgemm raises where oneDNN's micro-kernel is missing, e.g. no AVX512-BF16); the attention
+// kernels then measure it against their fp32 tile path (see attention.cpp), never assume it wins.
+#pragma once
+
+#include "common.h"
+
+namespace vit_fast::brg {
+
+bool available();
+
+// B [k, n] as VNNI-2 column blocks: block c (columns 64c ..) holds k_even x w elements, element
+// (p, j) at [(p / 2) * w * 2 + (j - 64c) * 2 + p % 2].
+struct PackedB {
+  std::vector<at::BFloat16> data;
+  int64_t k = 0, k_even = 0, n = 0, n_pad = 0;
+  int64_t padded_cols() const { return n_pad; }
+};
+
+// Packs B(p, j) = src[p * rs + j * cs] for p < k, j < n into `out` (reusing its storage).
+void pack(const at::BFloat16* src, int64_t rs, int64_t cs, int64_t k, int64_t n, PackedB& out);
+
+// Packs the fp32 matrix src[k, n] (row stride ld) into `out`, each element rounded to bf16 (nearest
+// even, as narrow_bf16): the VNNI-2 layout pairs rows, so this is one vectorisable pass per row pair.
+void pack_f32(const float* src, int64_t ld, int64_t k, int64_t n, PackedB& out);
+
+// C[m, 0:n_pad] (fp32, row stride ldc) = A B (+ C when accumulate). A is bf16 [m, b.k_even] with row
+// stride lda; when b.k is odd, A's column k (the padding) must be finite (B's pad row is zero).
+void gemm(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB& b, float* c, int64_t ldc, bool accumulate);
+
+// The same on a window of B: rows [row0, row0 + rows) (row0 even; rows rounded up to even, which
+// must stay inside b.k_even) and the column blocks from col0 (a multiple of 64) covering `cols`
+// columns; C's column 0 is B's column col0, and whole blocks are written (up to a multiple of 16, or
+// to b.n_pad at the right edge).
+void gemm_window(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB& b, int64_t row0, int64_t rows,
+                 int64_t col0, int64_t cols, float* c, int64_t ldc, bool accumulate);
+
+// Releases the AMX tile state the micro-kernel configured on this thread (call at the end of a
+// parallel task range, as torch's flash attention does).
+void release();
+
+}  // namespace vit_fast::brg
