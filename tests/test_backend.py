@@ -74,3 +74,33 @@ def test_package_works_without_the_extension(monkeypatch):
         assert set(backend.active_backends("cpu").values()) == {expected}
         with torch.no_grad():
             assert torch.allclose(fused(x), ref(x), atol=1e-5), expected
+
+
+def test_eager_fast_path_only_where_nothing_would_see_the_op():
+    """ops._eager.run_op skips the dispatcher only for calls nothing could observe: a gradient to
+    record, a dispatch / function mode (fake tensors, FLOP counters), the profiler, meta tensors and
+    Tensor[] arguments that need a gradient all take the custom op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vit_fast.ops._eager import plain_call, run_op
+    from vit_fast.ops.layer_norm import _layer_norm_fwd
+
+    x, w = torch.randn(3, 8), torch.randn(8, requires_grad=True)
+    assert not plain_call((x, w))
+    with torch.no_grad():
+        assert plain_call((x, w, None, 1e-6))
+        assert not plain_call((x, torch.empty(8, device="meta")))
+        with FlopCounterMode(display=False):
+            assert not plain_call((x,))
+        with TorchDispatchMode():
+            assert not plain_call((x,))
+        with torch.profiler.profile() as prof:
+            assert not plain_call((x,))
+            run_op(_layer_norm_fwd, x, w, None, 1e-6)
+        assert any("vit_fast::layer_norm_fwd" in e.name for e in prof.events())
+        direct = run_op(_layer_norm_fwd, x, w, None, 1e-6)
+        via_op = _layer_norm_fwd(x, w, None, 1e-6)
+    assert not plain_call(([x, w],))
+    for a, b in zip(direct, via_op):
+        assert torch.equal(a, b)

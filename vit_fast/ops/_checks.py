@@ -79,8 +79,8 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     """`torch.autocast(device_type, enabled=False)`, or a no-op where autocast does not exist (meta)."""
-    if not torch.amp.is_autocast_available(device_type):
-        return contextlib.nullcontext()
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()  # nothing to turn off (and no context object per op call)
     return torch.autocast(device_type, enabled=False)
 
 

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from vit_fast.ops._checks import autocast_dtype, check_nonempty, check_tensor
+from vit_fast.ops._eager import run_op
 from vit_fast.ops.backend import backend_module, cpu_extension, forced_backend, select_backend
 from vit_fast.tuning.ops import choose_backend
 
@@ -448,7 +449,9 @@ def attention(
         padded = seq_lens is not None
         lengths = seq_lens if padded else cu_seqlens
         assert lengths is not None
-        out, _ = _attention_varlen_fwd_op(qkv, lengths, padded, num_heads, scale, float(dropout_p), seed)
+        out, _ = run_op(
+            _attention_varlen_fwd_op, qkv, lengths, padded, num_heads, scale, float(dropout_p), seed
+        )
         return out
-    out, _ = _attention_fwd_op(qkv, num_heads, scale, float(dropout_p), seed)
+    out, _ = run_op(_attention_fwd_op, qkv, num_heads, scale, float(dropout_p), seed)
     return out

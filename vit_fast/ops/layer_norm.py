@@ -30,6 +30,7 @@ from vit_fast.ops._checks import (
     none_if_empty,
     rows2d,
 )
+from vit_fast.ops._eager import run_op
 from vit_fast.ops.backend import backend_fns, select_backend
 from vit_fast.ops.contract import bind, schema
 
@@ -361,9 +362,11 @@ def layer_norm(
     shape = x.shape
     with autocast_off(x.device.type):
         if residual is None:
-            y, _, _ = _layer_norm_fwd(rows2d(x), contig(weight), contig(bias), eps)
+            y, _, _ = run_op(_layer_norm_fwd, rows2d(x), contig(weight), contig(bias), eps)
             return y.reshape(shape)
-        y, s, _, _ = _add_layer_norm_fwd(rows2d(x), rows2d(residual), contig(weight), contig(bias), eps)
+        y, s, _, _ = run_op(
+            _add_layer_norm_fwd, rows2d(x), rows2d(residual), contig(weight), contig(bias), eps
+        )
         return y.reshape(shape), s.reshape(shape)
 
 
@@ -400,8 +403,14 @@ def layer_norm_linear(
     check_param(ln_bias, "ln_bias", (d,), x)
     check_param(bias, "bias", (weight.shape[0],), x)
     with autocast_off(x.device.type):
-        out, _, _ = _layer_norm_linear_fwd(
-            rows2d(x), contig(ln_weight), contig(ln_bias), weight.contiguous(), contig(bias), eps
+        out, _, _ = run_op(
+            _layer_norm_linear_fwd,
+            rows2d(x),
+            contig(ln_weight),
+            contig(ln_bias),
+            weight.contiguous(),
+            contig(bias),
+            eps,
         )
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -432,8 +441,14 @@ def _layer_norm_linear_rows(
             check_shape(biases[i], f"bias[{i}]", (w.shape[0],))
     bias_list = [] if biases is None else list(biases)
     with autocast_off(x.device.type):
-        out, _, _ = _layer_norm_linear_rows_fwd(
-            rows2d(x), contig(ln_weight), contig(ln_bias), weights, bias_list, eps
+        out, _, _ = run_op(
+            _layer_norm_linear_rows_fwd,
+            rows2d(x),
+            contig(ln_weight),
+            contig(ln_bias),
+            weights,
+            bias_list,
+            eps,
         )
     return out.reshape(*x.shape[:-1], out.shape[-1])
 

@@ -29,6 +29,7 @@ from vit_fast.ops._checks import (
     none_if_empty,
     rows2d,
 )
+from vit_fast.ops._eager import run_op
 from vit_fast.ops.backend import backend_fns
 from vit_fast.ops.contract import bind, schema
 
@@ -126,7 +127,8 @@ def linear_residual(
     drop_path_scale = check_dps(drop_path_scale, x)
     tokens = x.shape[1] if drop_path_scale is not None else 1
     with autocast_off(x.device.type):
-        out = _linear_residual_fwd(
+        out = run_op(
+            _linear_residual_fwd,
             rows2d(x),
             weight.contiguous(),
             contig(bias),
@@ -280,7 +282,8 @@ def layer_norm_mlp(
     drop_path_scale = check_dps(drop_path_scale, x)
     tokens = x.shape[1] if drop_path_scale is not None else 1
     with autocast_off(x.device.type):
-        out, _, _, _ = _mlp_fwd(
+        out, _, _, _ = run_op(
+            _mlp_fwd,
             rows2d(x),
             contig(ln_weight),
             contig(ln_bias),

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from vit_fast.ops._checks import autocast_args, autocast_off, check_nonempty, check_shape, check_tensor
+from vit_fast.ops._eager import run_op
 from vit_fast.ops.backend import backend_fns
 from vit_fast.ops.contract import bind, schema
 
@@ -230,6 +231,14 @@ def patch_embed(
     _validate(images, weight, bias, pos_embed, cls_token, reg_tokens, patch_size, no_embed_class)
     if reg_tokens is not None and reg_tokens.shape[1] == 0:
         reg_tokens = None
-    return _patch_embed_fwd(
-        images, weight, bias, pos_embed, cls_token, reg_tokens, int(patch_size), bool(no_embed_class)
+    return run_op(
+        _patch_embed_fwd,
+        images,
+        weight,
+        bias,
+        pos_embed,
+        cls_token,
+        reg_tokens,
+        int(patch_size),
+        bool(no_embed_class),
     )
