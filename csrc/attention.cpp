@@ -589,7 +589,10 @@ SeqLayout varlen_layout(const Tensor& qkv, const Tensor& table, int64_t max_len,
 std::string& forced_kernel() {
   static std::string value = [] {
     const char* env = std::getenv("VIT_FAST_CPU_ATTN");
-    return env != nullptr && std::string(env) != "auto" ? std::string(env) : std::string();
+    const std::string name = env != nullptr ? std::string(env) : std::string();
+    TORCH_CHECK(name.empty() || name == "auto" || name == "attn_tiles" || name == "attn_brgemm",
+                "VIT_FAST_CPU_ATTN must be 'auto', 'attn_tiles' or 'attn_brgemm', got '", name, "'");
+    return name == "auto" ? std::string() : name;
   }();
   return value;
 }
@@ -616,8 +619,9 @@ void run_forward(const Tensor& qkv, const SeqLayout& l, float scale, float dropo
     }
     return out;
   };
-  if (!brgemm_applies(qkv, l) || !forced_kernel().empty()) {
-    run(brgemm_applies(qkv, l) ? forced_kernel() : "attn_tiles");
+  const std::string forced = forced_kernel();  // read (and checked) at every call's first use
+  if (!brgemm_applies(qkv, l) || !forced.empty()) {
+    run(brgemm_applies(qkv, l) && !forced.empty() ? forced : "attn_tiles");
     return;
   }
   Tensor measured;
@@ -636,8 +640,9 @@ void run_backward(const Tensor& go, const Tensor& qkv, const Tensor& o, const Te
     }
     return dqkv;
   };
-  if (!brgemm_applies(qkv, l) || !forced_kernel().empty()) {
-    run(brgemm_applies(qkv, l) ? forced_kernel() : "attn_tiles");
+  const std::string forced = forced_kernel();  // read (and checked) at every call's first use
+  if (!brgemm_applies(qkv, l) || !forced.empty()) {
+    run(brgemm_applies(qkv, l) && !forced.empty() ? forced : "attn_tiles");
     return;
   }
   Tensor measured;

@@ -660,3 +660,20 @@ def test_vit_s_all_ops_batch8_fp32():
         [images, _p(d, 3, 16, 16, scale=0.05), _p(d), _p(1, 197, d), _p(1, 1, d)],
         {"patch_size": 16},
     )
+
+
+def test_attention_kernel_env_is_checked(tmp_path):
+    """VIT_FAST_CPU_ATTN is read once, at the first attention call: a wrong name raises there, naming
+    the variable (a fresh process, since the value is cached)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from vit_fast import _C; _C.attention_forward(torch.randn(1, 4, 24), 2, 0.5, 0.0, 0)"
+    )
+    env = {**__import__("os").environ, "VIT_FAST_CPU_ATTN": "amx"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode != 0 and "VIT_FAST_CPU_ATTN must be" in res.stderr
+    env["VIT_FAST_CPU_ATTN"] = "attn_tiles"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
