@@ -7,6 +7,8 @@ ViT-B/16 forward FLOPs against the published 35.1 GFLOPs, and eager-vs-fused san
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -369,8 +371,17 @@ def test_fitted_model_predicts_every_calibration_row_within_15_percent_and_match
     bad = [(r["row"], r["error"]) for r in table if abs(r["error"]) >= 0.15]
     assert not bad, bad
     refit = calibration.fit()
-    for name in ("cublas_gemm", "flash_attention", "memory", "launch_gap_s"):
+    # The refit reaches FITTED's least-squares cost, and FITTED is no worse than it.
+    assert calibration.fit_cost(refit) == pytest.approx(calibration.fit_cost(cost.FITTED), rel=1e-3)
+    assert calibration.fit_cost(cost.FITTED) <= calibration.fit_cost(refit) * (1 + 1e-3)
+    for name in ("cublas_gemm", "memory", "launch_gap_s"):
         assert getattr(refit, name) == pytest.approx(getattr(cost.FITTED, name), rel=0.05), name
+    # The attention efficiency is not pinned down by these rows: their attention records are
+    # memory-bound at any efficiency from ~0.8 up, so the cost is flat there and the optimiser's end
+    # point depends on the machine's floating point (1.0 on the AMD CI machine, 0.79 on an Intel Xeon).
+    # What must hold: the refit's value changes no prediction's cost.
+    flat = dataclasses.replace(cost.FITTED, flash_attention=refit.flash_attention)
+    assert calibration.fit_cost(flat) == pytest.approx(calibration.fit_cost(cost.FITTED), rel=1e-3)
 
 
 def test_break_even_fraction_equalises_the_predicted_times():

@@ -97,6 +97,16 @@ def _predict_vec(a: dict[str, np.ndarray], e_gemm: float, e_attn: float, e_mem: 
     return float(np.sum(np.maximum(compute, memory) + a["launches"] * gap))
 
 
+def fit_cost(eff: Efficiency, rows: tuple[CalibrationRow, ...] = CALIBRATION) -> float:
+    """What `fit` minimises: half the sum of squared log(predicted / published step time)."""
+    arrays = [_arrays(r) for r in rows]
+    pred = np.array(
+        [_predict_vec(a, eff.cublas_gemm, eff.flash_attention, eff.memory, eff.launch_gap_s) for a in arrays]
+    )
+    measured = np.array([r.step_ms / 1e3 for r in rows])
+    return float(0.5 * np.sum(np.log(pred / measured) ** 2))
+
+
 def fit(rows: tuple[CalibrationRow, ...] = CALIBRATION) -> Efficiency:
     """Least squares on log(predicted / published step time) over the efficiencies and the gap.
 
