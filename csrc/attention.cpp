@@ -107,7 +107,7 @@ VF_CLONES float row_max_f32(const float* row, int64_t n) {
   return mx;
 }
 
-VF_CLONES float exp_row_f32(float* row, int64_t n, float scale, float m) {
+VF_CLONES float exp_row_generic(float* row, int64_t n, float scale, float m) {
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
@@ -118,12 +118,59 @@ VF_CLONES float exp_row_f32(float* row, int64_t n, float scale, float m) {
   return sum;
 }
 
-VF_CLONES void probs_and_dscores_f32(float* p, float* dp, int64_t n, float lse, float delta) {
+VF_CLONES void probs_and_dscores_generic(float* p, float* dp, int64_t n, float lse, float delta) {
   for (int64_t j = 0; j < n; ++j) {
     const float pv = fast_exp(p[j] - lse);
     p[j] = pv;
     dp[j] = pv * (dp[j] - delta);
   }
+}
+
+#ifdef VF_AVX512_EXP
+// The same two sweeps with AVX-512 intrinsics (exp16: common.h).
+VF_TARGET_AVX512 float exp_row_avx512(float* row, int64_t n, float scale, float m) {
+  const __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(m);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), vs, vm));
+    _mm512_storeu_ps(row + j, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  if (j < n) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512 e = exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, row + j), vs, vm));
+    _mm512_mask_storeu_ps(row + j, k, e);
+    acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(k, e));
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+VF_TARGET_AVX512 void probs_and_dscores_avx512(float* p, float* dp, int64_t n, float lse, float delta) {
+  const __m512 vl = _mm512_set1_ps(lse), vd = _mm512_set1_ps(delta);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512 pv = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p + j), vl));
+    _mm512_mask_storeu_ps(p + j, k, pv);
+    _mm512_mask_storeu_ps(dp + j, k, _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + j), vd)));
+  }
+}
+#endif
+
+// exp(row * scale - m) in place, returning the sum (the forward's softmax sweep).
+float exp_row_f32(float* row, int64_t n, float scale, float m) {
+#ifdef VF_AVX512_EXP
+  if (use_avx512_exp()) return exp_row_avx512(row, n, scale, m);
+#endif
+  return exp_row_generic(row, n, scale, m);
+}
+
+// P = exp(p - lse) in place and dS = P * (dP - delta) into dp (the backward's sweep, no dropout).
+void probs_and_dscores_f32(float* p, float* dp, int64_t n, float lse, float delta) {
+#ifdef VF_AVX512_EXP
+  if (use_avx512_exp()) return probs_and_dscores_avx512(p, dp, n, lse, delta);
+#endif
+  probs_and_dscores_generic(p, dp, n, lse, delta);
 }
 
 VF_CLONES float dot_f32(const float* a, const float* b, int64_t n) {

@@ -124,6 +124,47 @@ inline float fast_erf(float x) {
   return x < 0.0f ? -y : y;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+// exp on 16 lanes for the hand-vectorised sweeps (attention softmax, GELU): fast_exp's range
+// reduction (n = round(x / ln2), ln2 split hi + lo) and degree-7 polynomial, with vscalefps doing the
+// 2^n scaling, clamping and underflow in one instruction: about half the instructions GCC makes of
+// fast_exp. (Below -87 it returns denormals where fast_exp returns exactly 0.) Callers check
+// use_avx512_exp() first.
+#define VF_AVX512_EXP 1
+#define VF_TARGET_AVX512 __attribute__((target("avx512f")))
+
+VF_TARGET_AVX512 inline __m512 exp16(__m512 x) {
+  // Clamp as fast_exp does (exp(-104) is 0 after scaling; -inf stays finite); the constant first,
+  // because max/min return their second operand when either is NaN: a NaN stays NaN.
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
+  x = _mm512_min_ps(_mm512_set1_ps(88.0f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+#endif
+
+inline bool use_avx512_exp() {
+#ifdef VF_AVX512_EXP
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 constexpr float kSqrtHalf = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 constexpr float kSqrt2OverPi = 0.79788456080286536f;
