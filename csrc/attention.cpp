@@ -257,6 +257,20 @@ SeqLayout fixed_layout(const AttnShape& s) {
   return l;
 }
 
+// The forward's parallel tasks: (sequence, head, first query row) per block of block_q rows,
+// consecutive tasks sharing (sequence, head) so each thread packs K and V once per run of them.
+struct FwdTask {
+  int64_t seq, h, i0;
+};
+
+std::vector<FwdTask> forward_tasks(const SeqLayout& s, int64_t block_q) {
+  std::vector<FwdTask> tasks;
+  for (int64_t n = 0; n < static_cast<int64_t>(s.seqs.size()); ++n)
+    for (int64_t h = 0; h < s.heads; ++h)
+      for (int64_t i0 = 0; i0 < s.seqs[n].len; i0 += block_q) tasks.push_back({n, h, i0});
+  return tasks;
+}
+
 template <typename T>
 void attention_forward_impl(const Tensor& qkv, const SeqLayout& s, float scale, float dropout_p, int64_t seed,
                             Tensor& out, Tensor& lse) {
@@ -267,14 +281,7 @@ void attention_forward_impl(const Tensor& qkv, const SeqLayout& s, float scale, 
   const int64_t kFwdBlockQ = tile_edge(tiles().fwd_q, s.max_len);
   const int64_t kFwdBlockK = tile_edge(tiles().fwd_k, s.max_len);
   const size_t seq_scratch = static_cast<size_t>(s.max_len * hd);
-  // Tasks (sequence, head, query block), consecutive tasks sharing (sequence, head).
-  struct Task {
-    int64_t seq, h, i0;
-  };
-  std::vector<Task> tasks;
-  for (int64_t n = 0; n < static_cast<int64_t>(s.seqs.size()); ++n)
-    for (int64_t h = 0; h < s.heads; ++h)
-      for (int64_t i0 = 0; i0 < s.seqs[n].len; i0 += kFwdBlockQ) tasks.push_back({n, h, i0});
+  const std::vector<FwdTask> tasks = forward_tasks(s, kFwdBlockQ);
   const uint64_t key = seed_key(seed);
   const float inv_keep = dropout_p > 0.0f ? 1.0f / (1.0f - dropout_p) : 1.0f;
 
@@ -290,7 +297,7 @@ void attention_forward_impl(const Tensor& qkv, const SeqLayout& s, float scale, 
     const float* vf = nullptr;
     int64_t ldv = 0;
     for (int64_t task = t0; task < t1; ++task) {
-      const Task& tk = tasks[static_cast<size_t>(task)];
+      const FwdTask& tk = tasks[static_cast<size_t>(task)];
       const SeqDesc& sq = s.seqs[static_cast<size_t>(tk.seq)];
       const int64_t h = tk.h, L = sq.len, i0 = tk.i0;
       const T* q = base + sq.q_off + h * hd;
@@ -451,13 +458,7 @@ void attention_forward_brgemm(const Tensor& qkv, const SeqLayout& s, float scale
   const int64_t BQ = std::min(kBrgBlockQ, std::max<int64_t>(s.max_len, 1));
   const int64_t BK = std::min(kBrgBlockK, std::max<int64_t>(s.max_len, 1));
   const int64_t ldS = round16(BK), ldP = BK + (BK & 1);
-  struct Task {
-    int64_t seq, h, i0;
-  };
-  std::vector<Task> tasks;
-  for (int64_t n = 0; n < static_cast<int64_t>(s.seqs.size()); ++n)
-    for (int64_t h = 0; h < s.heads; ++h)
-      for (int64_t i0 = 0; i0 < s.seqs[n].len; i0 += BQ) tasks.push_back({n, h, i0});
+  const std::vector<FwdTask> tasks = forward_tasks(s, BQ);
   const uint64_t key = seed_key(seed);
   const float inv_keep = dropout_p > 0.0f ? 1.0f / (1.0f - dropout_p) : 1.0f;
 
@@ -468,7 +469,7 @@ void attention_forward_brgemm(const Tensor& qkv, const SeqLayout& s, float scale
     brg::PackedB kt, v;
     int64_t packed_seq = -1, packed_h = -1;
     for (int64_t task = t0; task < t1; ++task) {
-      const Task& tk = tasks[static_cast<size_t>(task)];
+      const FwdTask& tk = tasks[static_cast<size_t>(task)];
       const SeqDesc& sq = s.seqs[static_cast<size_t>(tk.seq)];
       const int64_t h = tk.h, L = sq.len, i0 = tk.i0, bq = std::min(BQ, L - i0);
       const bf16* q = base + sq.q_off + h * hd;
