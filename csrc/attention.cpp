@@ -24,6 +24,7 @@
 #include "tile_gemm.h"
 
 #include <algorithm>
+#include <functional>
 #include <cstdio>
 #include <cstdlib>
 
@@ -131,17 +132,11 @@ VF_CLONES void probs_and_dscores_generic(float* p, float* dp, int64_t n, float l
 VF_TARGET_AVX512 float exp_row_avx512(float* row, int64_t n, float scale, float m) {
   const __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(m);
   __m512 acc = _mm512_setzero_ps();
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m512 e = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), vs, vm));
-    _mm512_storeu_ps(row + j, e);
-    acc = _mm512_add_ps(acc, e);
-  }
-  if (j < n) {
-    const __mmask16 k = static_cast<__mmask16>((1u << (n - j)) - 1u);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = tail_mask(n - j);
     const __m512 e = exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, row + j), vs, vm));
     _mm512_mask_storeu_ps(row + j, k, e);
-    acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(k, e));
+    acc = _mm512_mask_add_ps(acc, k, acc, e);
   }
   return _mm512_reduce_add_ps(acc);
 }
@@ -149,7 +144,7 @@ VF_TARGET_AVX512 float exp_row_avx512(float* row, int64_t n, float scale, float 
 VF_TARGET_AVX512 void probs_and_dscores_avx512(float* p, float* dp, int64_t n, float lse, float delta) {
   const __m512 vl = _mm512_set1_ps(lse), vd = _mm512_set1_ps(delta);
   for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 k = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __mmask16 k = tail_mask(n - j);
     const __m512 pv = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p + j), vl));
     _mm512_mask_storeu_ps(p + j, k, pv);
     _mm512_mask_storeu_ps(dp + j, k, _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + j), vd)));
@@ -186,13 +181,15 @@ void narrow_padded(const float* src, at::BFloat16* dst, int64_t n, int64_t n_eve
   for (int64_t j = n; j < n_even; ++j) dst[j] = at::BFloat16(0.0f);
 }
 
-// One row of a forward score tile (scores s over bk keys, to be multiplied by scale > 0) in the online softmax: updates the
-// row's running max m and normaliser l, turns the row into exp(s - m) (times the dropout mask
-// Z / (1 - p) when dropout is on; the normaliser counts every key, dropout comes after softmax) and
-// rescales the row's output accumulator (hd floats) to the new max.
+// One row of a forward score tile in the online softmax: the row holds raw scores r over bk keys,
+// the logits are scale * r (scale > 0). Updates the row's running max m and normaliser l (of the
+// logits), turns the row into exp(scale * r - m) (times the dropout mask Z / (1 - p) when dropout is
+// on; the normaliser counts every key, dropout comes after softmax), writes its bf16 copy into pb
+// when given (padded with zeros to bk_even) and rescales the row's output accumulator (hd floats) to
+// the new max.
 void forward_row(float* row, int64_t bk, float scale, float& m, float& l, float* acc, int64_t hd, float dropout_p,
                  float inv_keep, uint64_t key, uint64_t ctr, at::BFloat16* pb = nullptr, int64_t bk_even = 0) {
-  // The row holds s / scale (scale > 0): max(scale * s) = scale * max(s), and exp takes the scale.
+  // scale > 0, so max(scale * r) = scale * max(r); the exp sweep applies the scale.
   const float m_new = std::max(m, scale * row_max_f32(row, bk));
   // Rescale what was accumulated under the old running max (first block: nothing yet).
   const float alpha = m == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(m - m_new);
@@ -656,9 +653,25 @@ std::string choice_key(const char* pass, const SeqLayout& l, float dropout_p) {
          ",len<=" + std::to_string(len) + "/dropout=" + (dropout_p > 0.0f ? "1" : "0");
 }
 
+// Runs one pass (`run(kernel name)`) on the kernel this call gets: the fp32 tiles where brgemm does
+// not apply, else the forced kernel, else the measured choice (the measuring call times both
+// candidates on the real operands, then runs the pick once more so the result is the pick's).
+void run_chosen(const char* pass, const Tensor& qkv, const SeqLayout& l, float dropout_p,
+                const std::function<Tensor(const std::string&)>& run) {
+  const std::string forced = forced_kernel();  // checked at the first call, whatever the dtype
+  if (!brgemm_applies(qkv, l)) {
+    run("attn_tiles");
+  } else if (!forced.empty()) {
+    run(forced);
+  } else {
+    Tensor measured;
+    run(gemm::choose(choice_key(pass, l, dropout_p), {"attn_tiles", "attn_brgemm"}, run, measured, "attn_brgemm"));
+  }
+}
+
 void run_forward(const Tensor& qkv, const SeqLayout& l, float scale, float dropout_p, int64_t seed, Tensor& out,
                  Tensor& lse) {
-  auto run = [&](const std::string& name) {
+  run_chosen("attention_fwd", qkv, l, dropout_p, [&](const std::string& name) {
     if (name == "attn_brgemm") {
       attention_forward_brgemm(qkv, l, scale, dropout_p, seed, out, lse);
     } else {
@@ -666,20 +679,12 @@ void run_forward(const Tensor& qkv, const SeqLayout& l, float scale, float dropo
                   [&] { attention_forward_impl<scalar_t>(qkv, l, scale, dropout_p, seed, out, lse); });
     }
     return out;
-  };
-  const std::string forced = forced_kernel();  // read (and checked) at every call's first use
-  if (!brgemm_applies(qkv, l) || !forced.empty()) {
-    run(brgemm_applies(qkv, l) && !forced.empty() ? forced : "attn_tiles");
-    return;
-  }
-  Tensor measured;
-  run(gemm::choose(choice_key("attention_fwd", l, dropout_p), {"attn_tiles", "attn_brgemm"}, run, measured,
-                   "attn_brgemm"));
+  });
 }
 
 void run_backward(const Tensor& go, const Tensor& qkv, const Tensor& o, const Tensor& lse, const SeqLayout& l,
                   float scale, float dropout_p, int64_t seed, Tensor& dqkv) {
-  auto run = [&](const std::string& name) {
+  run_chosen("attention_bwd", qkv, l, dropout_p, [&](const std::string& name) {
     if (name == "attn_brgemm") {
       attention_backward_brgemm(go, qkv, o, lse, l, scale, dropout_p, seed, dqkv);
     } else {
@@ -687,15 +692,7 @@ void run_backward(const Tensor& go, const Tensor& qkv, const Tensor& o, const Te
                   [&] { attention_backward_impl<scalar_t>(go, qkv, o, lse, l, scale, dropout_p, seed, dqkv); });
     }
     return dqkv;
-  };
-  const std::string forced = forced_kernel();  // read (and checked) at every call's first use
-  if (!brgemm_applies(qkv, l) || !forced.empty()) {
-    run(brgemm_applies(qkv, l) && !forced.empty() ? forced : "attn_tiles");
-    return;
-  }
-  Tensor measured;
-  run(gemm::choose(choice_key("attention_bwd", l, dropout_p), {"attn_tiles", "attn_brgemm"}, run, measured,
-                   "attn_brgemm"));
+  });
 }
 
 void check_dropout(double dropout_p) {

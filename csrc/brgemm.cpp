@@ -10,6 +10,15 @@ namespace {
 constexpr int64_t kBlock = 64;  // widest VNNI column block oneDNN's pack layout allows
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Sizes `out` for a [k, n] B operand: K padded to even, N to a multiple of 16 (storage reused).
+void shape_for(PackedB& out, int64_t k, int64_t n) {
+  out.k = k;
+  out.k_even = k + (k & 1);
+  out.n = n;
+  out.n_pad = round_up(n, 16);
+  out.data.resize(static_cast<size_t>(out.k_even * out.n_pad));
+}
 }  // namespace
 
 bool available() {
@@ -45,11 +54,7 @@ VF_CLONES void interleave_rows(const uint16_t* r0, const uint16_t* r1, uint32_t*
 }  // namespace
 
 void pack(const at::BFloat16* src, int64_t rs, int64_t cs, int64_t k, int64_t n, PackedB& out) {
-  out.k = k;
-  out.k_even = k + (k & 1);
-  out.n = n;
-  out.n_pad = round_up(n, 16);
-  out.data.resize(static_cast<size_t>(out.k_even * out.n_pad));
+  shape_for(out, k, n);
   const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
   uint16_t* d = reinterpret_cast<uint16_t*>(out.data.data());
   for (int64_t j0 = 0; j0 < out.n_pad; j0 += kBlock) {
@@ -86,28 +91,18 @@ void pack(const at::BFloat16* src, int64_t rs, int64_t cs, int64_t k, int64_t n,
 }
 
 namespace {
-inline uint32_t rne_bits(float v) {  // the bf16 bits of v, rounded to nearest even; NaN -> quiet NaN
-  const uint32_t u = std::bit_cast<uint32_t>(v);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded;
-}
-
 // One VNNI row pair of a block: out[j] = bf16(r0[j]) | bf16(r1[j]) << 16 (r1 null: a zero pad row).
 VF_CLONES void pair_row(const float* r0, const float* r1, uint32_t* out, int64_t n) {
   if (r1) {
-    for (int64_t j = 0; j < n; ++j) out[j] = rne_bits(r0[j]) | (rne_bits(r1[j]) << 16);
+    for (int64_t j = 0; j < n; ++j) out[j] = bf16_bits(r0[j]) | (bf16_bits(r1[j]) << 16);
   } else {
-    for (int64_t j = 0; j < n; ++j) out[j] = rne_bits(r0[j]);
+    for (int64_t j = 0; j < n; ++j) out[j] = bf16_bits(r0[j]);
   }
 }
 }  // namespace
 
 void pack_f32(const float* src, int64_t ld, int64_t k, int64_t n, PackedB& out) {
-  out.k = k;
-  out.k_even = k + (k & 1);
-  out.n = n;
-  out.n_pad = round_up(n, 16);
-  out.data.resize(static_cast<size_t>(out.k_even * out.n_pad));
+  shape_for(out, k, n);
   uint32_t* d = reinterpret_cast<uint32_t*>(out.data.data());  // one uint32 = one (row pair, column)
   for (int64_t j0 = 0; j0 < out.n_pad; j0 += kBlock) {
     const int64_t w = std::min(kBlock, out.n_pad - j0), wn = std::max<int64_t>(0, std::min(w, n - j0));

@@ -154,6 +154,10 @@ VF_TARGET_AVX512 inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// The lanes of a 16-wide step with `left` elements still to go.
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+}
 #endif
 
 inline bool use_avx512_exp() {
@@ -226,7 +230,15 @@ inline int parse_approximate(const std::string& approximate) {
 // round-to-nearest-even per output: the same single rounding the bf16 reference does, and no scalar
 // bf16 arithmetic in any loop.
 
-// bfloat16 <-> float32 runs (rows.cpp; multi-target). narrow_bf16 rounds to nearest even, NaN stays NaN.
+// The bf16 bits of v rounded to nearest, ties to even (as c10::BFloat16); any NaN becomes the canonical
+// quiet NaN. Branch-free, so loops over it vectorise (narrow_bf16, the VNNI packing in brgemm.cpp).
+inline uint32_t bf16_bits(float v) {
+  const uint32_t u = std::bit_cast<uint32_t>(v);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded;
+}
+
+// bfloat16 <-> float32 runs (rows.cpp; multi-target). narrow_bf16 rounds with bf16_bits.
 void widen_bf16(const at::BFloat16* src, float* dst, int64_t n);
 void narrow_bf16(const float* src, at::BFloat16* dst, int64_t n);
 

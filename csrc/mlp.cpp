@@ -75,10 +75,6 @@ VF_TARGET_AVX512 inline __m512 gelu_erf16(__m512 h, __m512* grad) {
   return _mm512_mul_ps(h, cdf);
 }
 
-inline __mmask16 tail_mask(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
-}
-
 VF_TARGET_AVX512 void gelu_erf_avx512(const float* h, float* a, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = tail_mask(n - i);
