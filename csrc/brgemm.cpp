@@ -1,9 +1,18 @@
-// bf16 tile GEMMs through oneDNN's micro-kernel (see brgemm.h).
+// bf16 tile GEMMs through oneDNN's micro-kernel, or our AVX512-BF16 one where oneDNN's does not run
+// (see brgemm.h).
 #include "brgemm.h"
 
 #include <ATen/native/CPUBlas.h>
 
+#include <array>
 #include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define VF_BRG_DPBF16 1
+// Only these functions are compiled for AVX512-BF16; they run only after a cpuid check (available()).
+#define VF_DPBF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#endif
 
 namespace vit_fast::brg {
 namespace {
@@ -19,12 +28,113 @@ void shape_for(PackedB& out, int64_t k, int64_t n) {
   out.n_pad = round_up(n, 16);
   out.data.resize(static_cast<size_t>(out.k_even * out.n_pad));
 }
+
+// ------------------------------------------------------------------------------------------------
+// Our micro-kernel for CPUs where torch's brgemm does not run (it needs AMX for bf16, e.g. AMD Zen 4 /
+// Zen 5 have AVX512-BF16 but no AMX). The VNNI-2 block layout is exactly what vdpbf16ps consumes: one
+// row pair of a 16-column slice is one zmm of 32 bf16, and a pair of A's elements is one 32-bit
+// broadcast, so C[MR, 16 NV] += A[MR, 2] B[2, 16 NV] is NV * MR instructions per row pair, fp32
+// accumulators in registers (MR * NV <= 24 of the 32 zmm).
+
+#ifdef VF_BRG_DPBF16
+constexpr int kMR = 6;
+constexpr int kNV = kBlock / 16;
+
+template <int MR, int NV>
+VF_DPBF16 void dot_micro(int64_t pairs, const uint16_t* a, int64_t lda, const uint16_t* blk, int64_t w, float* c,
+                         int64_t ldc, bool accumulate) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (int64_t p2 = 0; p2 < pairs; ++p2) {
+    const uint16_t* brow = blk + p2 * w * 2;
+    __m512bh bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(brow + 32 * v);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      int32_t pair;
+      std::memcpy(&pair, a + i * lda + 2 * p2, sizeof(pair));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], av, bv[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      float* cp = c + i * ldc + 16 * v;
+      __m512 r = acc[i][v];
+      if (accumulate) r = _mm512_add_ps(r, _mm512_loadu_ps(cp));
+      _mm512_storeu_ps(cp, r);
+    }
+  }
+}
+
+using DotFn = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool);
+
+template <int MR>
+constexpr std::array<DotFn, kNV> dot_row_of_kernels() {
+  return {&dot_micro<MR, 1>, &dot_micro<MR, 2>, &dot_micro<MR, 3>, &dot_micro<MR, 4>};
+}
+
+// kDot[rows - 1][vectors - 1]
+constexpr std::array<std::array<DotFn, kNV>, kMR> kDot = {dot_row_of_kernels<1>(), dot_row_of_kernels<2>(),
+                                                         dot_row_of_kernels<3>(), dot_row_of_kernels<4>(),
+                                                         dot_row_of_kernels<5>(), dot_row_of_kernels<6>()};
+
+// One column block (w a multiple of 16, at most 64): C[m, w] (+)= A[m, k] B_blk[k, w], k even.
+void dot_block(int64_t m, int64_t w, int64_t k, const at::BFloat16* a, int64_t lda, const at::BFloat16* blk,
+               float* c, int64_t ldc, bool accumulate) {
+  const auto* a16 = reinterpret_cast<const uint16_t*>(a);
+  const auto* b16 = reinterpret_cast<const uint16_t*>(blk);
+  const int nv = static_cast<int>(w / 16);
+  for (int64_t i0 = 0; i0 < m; i0 += kMR) {
+    const int rows = static_cast<int>(std::min<int64_t>(kMR, m - i0));
+    kDot[rows - 1][nv - 1](k / 2, a16 + i0 * lda, lda, b16, w, c + i0 * ldc, ldc, accumulate);
+  }
+}
+#endif
+
+enum class Kernel { kNone, kOneDnn, kDpbf16 };
+
+// Which micro-kernel runs the tile products here: oneDNN's when torch's brgemm takes bf16 on this CPU,
+// else ours when the CPU has AVX512-BF16, else none (the attention kernels keep their fp32 tiles).
+Kernel pick_kernel() {
+  try {
+    if (at::native::cpublas::could_pack(at::kBFloat16)) return Kernel::kOneDnn;
+  } catch (const c10::Error&) {
+  }
+#ifdef VF_BRG_DPBF16
+  if (__builtin_cpu_supports("avx512bf16")) return Kernel::kDpbf16;
+#endif
+  return Kernel::kNone;
+}
+
+Kernel kernel() {
+  static const Kernel k = pick_kernel();
+  return k;
+}
 }  // namespace
+
+const char* micro_kernel() {
+  switch (kernel()) {
+    case Kernel::kOneDnn:
+      return "onednn_brgemm";
+    case Kernel::kDpbf16:
+      return "avx512_bf16";
+    default:
+      return "none";
+  }
+}
 
 bool available() {
   static const bool ok = [] {
     try {
-      if (!at::native::cpublas::could_pack(at::kBFloat16)) return false;
+      if (kernel() == Kernel::kNone) return false;
       // A 2 x 16 x 2 product of ones: raises where the micro-kernel is missing; check the value too.
       PackedB b;
       std::vector<at::BFloat16> ones(32, at::BFloat16(1.0f)), a(4, at::BFloat16(1.0f));
@@ -123,6 +233,12 @@ void gemm_window(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB& b
   for (int64_t j0 = col0; j0 < col0 + cols; j0 += kBlock) {
     const int64_t w = std::min(kBlock, b.n_pad - j0);
     const at::BFloat16* blk = b.data.data() + j0 * b.k_even + row0 * w;
+#ifdef VF_BRG_DPBF16
+    if (kernel() == Kernel::kDpbf16) {
+      dot_block(m, w, k, a, lda, blk, c + (j0 - col0), ldc, accumulate);
+      continue;
+    }
+#endif
     at::native::cpublas::brgemm(m, w, k, lda, w, ldc, accumulate, a, blk, c + (j0 - col0), /*is_vnni=*/true);
   }
 }
@@ -131,6 +247,8 @@ void gemm(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB& b, float
   gemm_window(m, a, lda, b, 0, b.k, 0, b.n, c, ldc, accumulate);
 }
 
-void release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
+void release() {
+  if (kernel() == Kernel::kOneDnn) at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+}
 
 }  // namespace vit_fast::brg

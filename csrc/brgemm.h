@@ -1,6 +1,7 @@
-// bfloat16 tile GEMMs on AMX / AVX512-BF16 for the attention kernels: oneDNN's batch-reduce GEMM
-// micro-kernel as libtorch_cpu exports it (at::native::cpublas::brgemm, the kernel behind
-// torch's own CPU flash attention), bf16 operands, fp32 accumulation and output.
+// bfloat16 tile GEMMs for the attention kernels, bf16 operands, fp32 accumulation and output: oneDNN's
+// batch-reduce GEMM micro-kernel as libtorch_cpu exports it (at::native::cpublas::brgemm, the kernel
+// behind torch's own CPU flash attention; it takes bf16 only with AMX), else our own AVX512-BF16
+// (vdpbf16ps) micro-kernel on the same packed layout (CPUs with AVX512-BF16 but no AMX: AMD Zen 4/5).
 //
 // The B operand must be in oneDNN's VNNI-2 layout: pairs of consecutive K rows interleaved, in
 // column blocks no wider than 64 (oneDNN's limit for this layout). PackedB builds that layout from
@@ -8,8 +9,8 @@
 // Odd K is padded with a zero row; the column count is padded to a multiple of 16 with zeros, so the
 // C tile of a call has `padded_cols()` columns (the caller's leading dimension must allow that).
 //
-// available() says whether this CPU and this torch build run the kernel (probed once with a tiny
-// call: brgemm raises where oneDNN's micro-kernel is missing, e.g. no AVX512-BF16); the attention
+// available() says whether this CPU and this torch build run either kernel (probed once with a tiny
+// call; micro_kernel() names the one in use: "onednn_brgemm", "avx512_bf16" or "none"); the attention
 // kernels then measure it against their fp32 tile path (see attention.cpp), never assume it wins.
 #pragma once
 
@@ -18,6 +19,7 @@
 namespace vit_fast::brg {
 
 bool available();
+const char* micro_kernel();
 
 // B [k, n] as VNNI-2 column blocks: block c (columns 64c ..) holds k_even x w elements, element
 // (p, j) at [(p / 2) * w * 2 + (j - 64c) * 2 + p % 2].

@@ -4,6 +4,7 @@
 // torch.library custom ops in vit_fast/ops can call `vit_fast._C.<name>` for CPU tensors.
 #include <torch/extension.h>
 
+#include "brgemm.h"
 #include "gemm.h"
 #include "tile_gemm.h"
 #include "ops.h"
@@ -34,6 +35,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("name"));
   m.def("attention_kernels", &vit_fast::attention_kernels,
         "The bf16 attention kernels this CPU runs: 'attn_tiles' (fp32 tiles), 'attn_brgemm' (bf16 micro-kernel)");
+  m.def("bf16_micro_kernel", &vit_fast::brg::micro_kernel,
+        "Which bf16 micro-kernel 'attn_brgemm' runs on: 'onednn_brgemm' (AMX), 'avx512_bf16' (ours) or 'none'");
   m.def("attention_kernel", &vit_fast::attention_kernel, "The forced bf16 attention kernel, or 'auto' (measured)");
   m.def("set_attention_kernel", &vit_fast::set_attention_kernel,
         "Force a bf16 attention kernel ('attn_tiles', 'attn_brgemm') or measure per shape ('auto')",

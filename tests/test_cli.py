@@ -83,7 +83,8 @@ def test_check_environment(capsys):
     if ext is not None:  # the libraries the C++ backend uses now, as the extension reports them
         assert f"cpu_gemm             {ext.gemm_backend()}" in out
         assert f"cpu_attention_tiles  {ext.tile_gemm_backend()}" in out
-        assert f"cpu_bf16_attention   {','.join(ext.attention_kernels())} (auto)" in out
+        kernels = f"{','.join(ext.attention_kernels())} [{ext.bf16_micro_kernel()}]"
+        assert f"cpu_bf16_attention   {kernels} (auto)" in out
 
 
 def test_check_aot_one_kernel(capsys):

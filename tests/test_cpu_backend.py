@@ -6,6 +6,8 @@ functions' own input checks, called directly.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -49,10 +51,10 @@ def tile_backend(request):
 @pytest.fixture(params=["attn_tiles", "attn_brgemm"])
 def attention_kernel(request):
     """Run a bf16 attention test once per kernel (csrc/attention.cpp): the fp32 tiles on widened
-    operands and the bf16 micro-kernel path (oneDNN brgemm: AMX or AVX512-BF16), forced instead of
-    measured; the latter only where this CPU runs it."""
+    operands and the bf16 micro-kernel path (oneDNN's brgemm with AMX, else ours with AVX512-BF16),
+    forced instead of measured; the latter only where this CPU runs one of them."""
     if request.param not in _C.attention_kernels():
-        pytest.skip(f"{request.param}: oneDNN's bf16 micro-kernel does not run on this CPU")
+        pytest.skip(f"{request.param}: no bf16 micro-kernel runs on this CPU (neither AMX nor AVX512-BF16)")
     before = _C.attention_kernel()
     _C.set_attention_kernel(request.param)
     yield request.param
@@ -168,6 +170,22 @@ def test_attention_varlen_bf16_kernels(lengths, head_dim, attention_kernel):
     qkv = torch.randn(sum(lengths), 3 * heads * head_dim, requires_grad=True)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     check_numerics(fused_attention, reference.attention, [qkv, heads], {"cu_seqlens": cu}, dtype=BF16)
+
+
+def test_bf16_micro_kernel_matches_the_cpu():
+    """The bf16 tile kernel in use follows the CPU: oneDNN's where torch's brgemm takes bf16 (AMX),
+    ours where the CPU has AVX512-BF16 only (e.g. AMD Zen 4/5), none otherwise; attn_brgemm is
+    offered exactly when one runs."""
+    name = _C.bf16_micro_kernel()
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    assert name in {"onednn_brgemm", "avx512_bf16", "none"}
+    assert ("attn_brgemm" in _C.attention_kernels()) == (name != "none")
+    if "amx_bf16" in flags:
+        assert name == "onednn_brgemm"
+    elif "avx512_bf16" in flags:
+        assert name == "avx512_bf16"
+    elif flags:
+        assert name == "none"
 
 
 def test_attention_bf16_kernels_agree_and_are_chosen_by_measurement():

@@ -60,9 +60,11 @@ def environment() -> dict[str, Any]:
         "cpu_attention_tiles": ext.tile_gemm_backend()
         if ext is not None and hasattr(ext, "tile_gemm_backend")
         else "n/a",
-        # ... and the bf16 attention kernels this CPU runs ("attn_brgemm" needs oneDNN's bf16
-        # micro-kernel: AMX or AVX512-BF16), with the forced one or "auto" (measured per shape).
-        "cpu_bf16_attention": f"{','.join(ext.attention_kernels())} ({ext.attention_kernel()})"
+        # ... and the bf16 attention kernels this CPU runs ("attn_brgemm" runs on oneDNN's bf16
+        # micro-kernel with AMX, else on ours with AVX512-BF16: its name in brackets), with the
+        # forced one or "auto" (measured per shape).
+        "cpu_bf16_attention": f"{','.join(ext.attention_kernels())} [{ext.bf16_micro_kernel()}]"
+        f" ({ext.attention_kernel()})"
         if ext is not None and hasattr(ext, "attention_kernels")
         else "n/a",
     }
