@@ -418,14 +418,13 @@ void attention_backward_impl(const Tensor& grad_out, const Tensor& qkv, const Te
 }
 
 // ---------------------------------------------------------------------------------------------
-// The bf16 path on a bf16 micro-kernel (brgemm.h: oneDNN's on AMX, ours on AVX512-BF16): the same
-// blocking, online softmax and FlashAttention-2 backward as above, with every tile product a
-// bf16 x bf16 -> fp32 micro-kernel call instead of widening the operands to fp32. Q, dO (and K for
-// S's A operand) are read in place from qkv / grad_out; K^T, V (forward) and K^T, V^T, K (backward) are packed into VNNI layout once per
-// (sequence, head), and the probability / dS tiles are rounded to bf16 as they are packed: the
-// roundings FlashAttention-2 makes on GPUs. The backward forms dK^T and dV^T (A = Q^T, dO^T, packed
-// once per (sequence, head); B = the VNNI-packed P and dS tiles), so no tile is ever transposed.
-// Statistics (max, sum, lse, delta) and accumulators stay fp32. Requires an even head_dim.
+// The bf16 path on a bf16 micro-kernel (brgemm.h: oneDNN's on AMX, ours on AVX512-BF16): the same blocking, online
+// softmax and FlashAttention-2 backward as above, with every tile product a bf16 x bf16 -> fp32 micro-kernel call
+// instead of widening the operands to fp32. Q, dO (and K for S's A operand) are read in place from qkv / grad_out; K^T,
+// V (forward) and K^T, V^T, K (backward) are packed into VNNI layout once per (sequence, head), and the probability /
+// dS tiles are rounded to bf16 as they are packed: the roundings FlashAttention-2 makes on GPUs. The backward forms
+// dK^T and dV^T (A = Q^T, dO^T, packed once per (sequence, head); B = the VNNI-packed P and dS tiles), so no tile is
+// ever transposed. Statistics (max, sum, lse, delta) and accumulators stay fp32. Requires an even head_dim.
 
 constexpr int64_t kBrgBlockQ = 64;   // query rows per tile (even: only the last block has a pad row)
 constexpr int64_t kBrgBlockK = 512;  // key columns per tile (a multiple of 64): one block for ViT lengths
