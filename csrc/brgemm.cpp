@@ -76,15 +76,8 @@ VF_DPBF16 void dot_micro(int64_t pairs, const uint16_t* a, int64_t lda, const ui
 
 using DotFn = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool);
 
-template <int MR>
-constexpr std::array<DotFn, kNV> dot_row_of_kernels() {
-  return {&dot_micro<MR, 1>, &dot_micro<MR, 2>, &dot_micro<MR, 3>, &dot_micro<MR, 4>};
-}
-
 // kDot[rows - 1][vectors - 1]
-constexpr std::array<std::array<DotFn, kNV>, kMR> kDot = {dot_row_of_kernels<1>(), dot_row_of_kernels<2>(),
-                                                         dot_row_of_kernels<3>(), dot_row_of_kernels<4>(),
-                                                         dot_row_of_kernels<5>(), dot_row_of_kernels<6>()};
+constexpr auto kDot = micro_kernel_table<kMR, kNV>([]<int MR, int NV>() -> DotFn { return &dot_micro<MR, NV>; });
 
 // One column block (w a multiple of 16, at most 64): C[m, w] (+)= A[m, k] B_blk[k, w], k even.
 void dot_block(int64_t m, int64_t w, int64_t k, const at::BFloat16* a, int64_t lda, const at::BFloat16* blk,

@@ -6,12 +6,14 @@
 
 #include <ATen/Parallel.h>
 
+#include <array>
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace vit_fast {
@@ -85,6 +87,23 @@ inline T from_f(float v) {
 #else
 #define VF_CLONES
 #endif
+
+// The instantiation table of a register-blocked micro-kernel template K<rows, vectors>, indexed
+// [rows - 1][vectors - 1], so a tile edge picks its kernel with one lookup instead of a switch. `make`
+// is a lambda template returning one instantiation's address:
+//   micro_kernel_table<6, 4>([]<int R, int V>() { return &K<R, V>; })
+template <int Row, typename Make, int... Vs>
+constexpr auto micro_kernel_row(Make make, std::integer_sequence<int, Vs...>) {
+  return std::array{make.template operator()<Row, Vs + 1>()...};
+}
+template <int NV, typename Make, int... Rs>
+constexpr auto micro_kernel_rows(Make make, std::integer_sequence<int, Rs...>) {
+  return std::array{micro_kernel_row<Rs + 1>(make, std::make_integer_sequence<int, NV>{})...};
+}
+template <int MR, int NV, typename Make>
+constexpr auto micro_kernel_table(Make make) {
+  return micro_kernel_rows<NV>(make, std::make_integer_sequence<int, MR>{});
+}
 
 // ---------------------------------------------------------------------------------------------
 // Vectorisable math. std::exp / std::erf are libm calls that stop GCC from vectorising a loop, so

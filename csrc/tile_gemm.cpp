@@ -93,15 +93,8 @@ VF_AVX512 void micro(int64_t k, float alpha, const float* a, int64_t a_rs, int64
 using MicroFn = void (*)(int64_t, float, const float*, int64_t, int64_t, const float*, int64_t, bool, float*, int64_t,
                          __mmask16);
 
-template <int MR>
-constexpr std::array<MicroFn, kNV> row_of_kernels() {
-  return {&micro<MR, 1>, &micro<MR, 2>, &micro<MR, 3>, &micro<MR, 4>};
-}
-
-// kernels[rows - 1][vectors - 1]
-constexpr std::array<std::array<MicroFn, kNV>, kMR> kKernels = {row_of_kernels<1>(), row_of_kernels<2>(),
-                                                               row_of_kernels<3>(), row_of_kernels<4>(),
-                                                               row_of_kernels<5>(), row_of_kernels<6>()};
+// kKernels[rows - 1][vectors - 1]
+constexpr auto kKernels = micro_kernel_table<kMR, kNV>([]<int MR, int NV>() -> MicroFn { return &micro<MR, NV>; });
 
 VF_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_cs,
                            const float* b, int64_t ldb, bool accumulate, float* c, int64_t ldc) {
