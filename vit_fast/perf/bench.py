@@ -550,7 +550,11 @@ def _floor_results(cfg: BenchConfig, shape: OpShape) -> list[BenchResult]:
     from vit_fast.perf.gemm_floor import gemm_floor
 
     def case() -> list[BenchResult]:
-        floors = gemm_floor(cfg.model, cfg.batch, cfg.device, cfg.dtype, cfg.model_modes, **cfg.model_kwargs)
+        # Each library and shape is timed for 0.05 s, or less when the whole run asks for less.
+        floor_time = min(cfg.min_run_time, 0.05)
+        floors = gemm_floor(
+            cfg.model, cfg.batch, cfg.device, cfg.dtype, cfg.model_modes, floor_time, **cfg.model_kwargs
+        )
         return [
             BenchResult(
                 "floor", cfg.model, mode, "gemm_floor", ",".join(sorted({lib for _, _, lib in fl.rows}))[:60],
