@@ -431,15 +431,6 @@ constexpr int64_t kBrgBlockK = 512;  // key columns per tile (a multiple of 64):
 
 int64_t round16(int64_t v) { return (v + 15) / 16 * 16; }
 
-// dst[c * ld + r] = src[r * rs + c] for a [rows, cols] bf16 block, zero in columns rows..ld (pad).
-void transpose_bf16(const at::BFloat16* src, int64_t rs, int64_t rows, int64_t cols, at::BFloat16* dst, int64_t ld) {
-  for (int64_t c = 0; c < cols; ++c) {
-    at::BFloat16* d = dst + c * ld;
-    for (int64_t r = 0; r < rows; ++r) d[r] = src[r * rs + c];
-    for (int64_t r = rows; r < ld; ++r) d[r] = at::BFloat16(0.0f);
-  }
-}
-
 VF_CLONES void scale_row_inplace_f32(float* row, int64_t n, float s) {
   for (int64_t j = 0; j < n; ++j) row[j] *= s;
 }
@@ -525,6 +516,8 @@ void attention_backward_brgemm(const Tensor& grad_out, const Tensor& qkv, const 
         dvt(static_cast<size_t>(hd * ldS)), delta(static_cast<size_t>(s.max_len)), wide(static_cast<size_t>(2 * hd));
     std::vector<bf16> qt(static_cast<size_t>(hd * Le_max)), got(static_cast<size_t>(hd * Le_max)),
         dsb(static_cast<size_t>(BQ * ldA));
+    std::vector<float> dk_rows(static_cast<size_t>(BK * hd)), dv_rows(static_cast<size_t>(BK * hd));
+    std::vector<uint32_t> pairs;
     brg::PackedB kt, vt, kr, pp, ps;
     for (int64_t task = t0; task < t1; ++task) {
       const SeqDesc& sq = s.seqs[static_cast<size_t>(task / s.heads)];
@@ -538,8 +531,8 @@ void attention_backward_brgemm(const Tensor& grad_out, const Tensor& qkv, const 
       brg::pack(q + D, 1, s.stride_t, hd, L, kt);      // K^T [hd, L]: B of S = Q K^T
       brg::pack(q + 2 * D, 1, s.stride_t, hd, L, vt);  // V^T [hd, L]: B of dP = dO V^T
       brg::pack(q + D, s.stride_t, 1, L, hd, kr);      // K [L, hd]:   B of dQ = dS K
-      transpose_bf16(q, s.stride_t, L, hd, qt.data(), Le);  // Q^T [hd, Le]:  A of dK^T = Q^T dS
-      transpose_bf16(go, D, L, hd, got.data(), Le);         // dO^T [hd, Le]: A of dV^T = dO^T P
+      brg::transpose_bf16(q, s.stride_t, L, hd, qt.data(), Le, pairs);  // Q^T [hd, Le]:  A of dK^T = Q^T dS
+      brg::transpose_bf16(go, D, L, hd, got.data(), Le, pairs);         // dO^T [hd, Le]: A of dV^T = dO^T P
       for (int64_t i = 0; i < L; ++i) {
         widen_bf16(go + i * D, wide.data(), hd);
         widen_bf16(o + i * D, wide.data() + hd, hd);
@@ -571,14 +564,13 @@ void attention_backward_brgemm(const Tensor& grad_out, const Tensor& qkv, const 
           // dQ += dS K.
           brg::gemm_window(bq, dsb.data(), ldA, kr, j0, bk, 0, hd, dq.data() + i0 * hdp, hdp, true);
         }
-        for (int64_t j = 0; j < bk; ++j) {  // dK, dV rows out of the transposed accumulators
+        // dK, dV rows out of the transposed accumulators.
+        brg::transpose32(dkt.data(), ldS, hd, bk, dk_rows.data(), hd);
+        brg::transpose32(dvt.data(), ldS, hd, bk, dv_rows.data(), hd);
+        for (int64_t j = 0; j < bk; ++j) {
           bf16* row = dqkv_p + sq.d_off + (j0 + j) * 3 * D + h * hd;
-          for (int64_t d = 0; d < hd; ++d) {
-            wide[d] = dkt[d * ldS + j];
-            wide[hd + d] = dvt[d * ldS + j];
-          }
-          narrow_bf16(wide.data(), row + D, hd);
-          narrow_bf16(wide.data() + hd, row + 2 * D, hd);
+          narrow_bf16(dk_rows.data() + j * hd, row + D, hd);
+          narrow_bf16(dv_rows.data() + j * hd, row + 2 * D, hd);
         }
       }
       for (int64_t i = 0; i < L; ++i) narrow_bf16(dq.data() + i * hdp, dqkv_p + sq.d_off + i * 3 * D + h * hd, hd);

@@ -154,7 +154,84 @@ VF_CLONES void interleave_rows(const uint16_t* r0, const uint16_t* r1, uint32_t*
     for (int64_t j = 0; j < n; ++j) out[j] = r0[j];
   }
 }
+
+#ifdef VF_BRG_DPBF16
+#define VF_AVX512F __attribute__((target("avx512f")))
+// One 16 x 16 block of transpose32 (rows, cols <= 16: masked loads and stores). Rows are interleaved
+// at 32 and 64 bits, which leaves each 128-bit lane holding 4 rows of one column; two rounds of
+// 128-bit lane shuffles then gather a column's four lanes into one register.
+VF_AVX512F void transpose_block16(const uint32_t* s, int64_t ls, int rows, int cols, uint32_t* d, int64_t ld) {
+  const __mmask16 col_mask = static_cast<__mmask16>(cols >= 16 ? 0xFFFFu : (1u << cols) - 1u);
+  const __mmask16 row_mask = static_cast<__mmask16>(rows >= 16 ? 0xFFFFu : (1u << rows) - 1u);
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i)
+    r[i] = i < rows ? _mm512_maskz_loadu_epi32(col_mask, s + i * ls) : _mm512_setzero_si512();
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  // r[4g + c], lane L: column 4L + c of rows 4g .. 4g + 3.
+  for (int g = 0; g < 16; g += 4) {
+    r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+    r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+    r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+    r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i x0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), x1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
+    const __m512i y0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88),
+                  y1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
+    const __m512i out[4] = {_mm512_shuffle_i32x4(x0, y0, 0x88), _mm512_shuffle_i32x4(x1, y1, 0x88),
+                            _mm512_shuffle_i32x4(x0, y0, 0xDD), _mm512_shuffle_i32x4(x1, y1, 0xDD)};
+    for (int l = 0; l < 4; ++l)  // out[l] is column 4l + c
+      if (4 * l + c < cols) _mm512_mask_storeu_epi32(d + (4 * l + c) * ld, row_mask, out[l]);
+  }
+}
+
+VF_AVX512F void transpose32_avx512(const uint32_t* s, int64_t ls, int64_t rows, int64_t cols, uint32_t* d,
+                                   int64_t ld) {
+  for (int64_t i0 = 0; i0 < rows; i0 += 16)
+    for (int64_t j0 = 0; j0 < cols; j0 += 16)
+      transpose_block16(s + i0 * ls + j0, ls, static_cast<int>(std::min<int64_t>(16, rows - i0)),
+                        static_cast<int>(std::min<int64_t>(16, cols - j0)), d + j0 * ld + i0, ld);
+}
+#endif
 }  // namespace
+
+void transpose32(const void* src, int64_t ld_src, int64_t rows, int64_t cols, void* dst, int64_t ld_dst) {
+  const auto* s = static_cast<const uint32_t*>(src);
+  auto* d = static_cast<uint32_t*>(dst);
+#ifdef VF_BRG_DPBF16
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) {
+    transpose32_avx512(s, ld_src, rows, cols, d, ld_dst);
+    return;
+  }
+#endif
+  // memcpy: the words may sit at any 2-byte boundary (bf16 pairs of a strided view).
+  const auto* sb = static_cast<const char*>(src);
+  auto* db = static_cast<char*>(dst);
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(db + 4 * (c * ld_dst + r), sb + 4 * (r * ld_src + c), sizeof(uint32_t));
+}
+
+void transpose_bf16(const at::BFloat16* src, int64_t rs, int64_t rows, int64_t cols, at::BFloat16* dst, int64_t ld,
+                    std::vector<uint32_t>& scratch) {
+  // Pair p of the interleaved rows holds (src[2p, c], src[2p + 1, c]) at column c: exactly the two
+  // adjacent bf16 of dst row c at columns 2p, 2p + 1.
+  const int64_t pairs = ld / 2;
+  scratch.resize(static_cast<size_t>(pairs * cols));
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t p = 0; p < pairs; ++p) {
+    uint32_t* row = scratch.data() + p * cols;
+    if (2 * p >= rows)
+      std::memset(row, 0, static_cast<size_t>(cols) * sizeof(uint32_t));
+    else
+      interleave_rows(s + 2 * p * rs, 2 * p + 1 < rows ? s + (2 * p + 1) * rs : nullptr, row, cols);
+  }
+  transpose32(scratch.data(), cols, pairs, cols, dst, pairs);
+}
 
 void pack(const at::BFloat16* src, int64_t rs, int64_t cs, int64_t k, int64_t n, PackedB& out) {
   shape_for(out, k, n);
@@ -163,14 +240,11 @@ void pack(const at::BFloat16* src, int64_t rs, int64_t cs, int64_t k, int64_t n,
   for (int64_t j0 = 0; j0 < out.n_pad; j0 += kBlock) {
     const int64_t w = std::min(kBlock, out.n_pad - j0), wn = std::max<int64_t>(0, std::min(w, n - j0));
     uint16_t* blk = d + j0 * out.k_even;
-    if (rs == 1 && k % 2 == 0) {
+    if (rs == 1 && k % 2 == 0 && cs % 2 == 0) {
       // B's rows p, p + 1 are adjacent in memory (B is a transposed view, e.g. K^T): each VNNI pair
       // is one 32-bit word of the source, so the block is a 32-bit transpose.
       uint32_t* b32 = reinterpret_cast<uint32_t*>(blk);
-      for (int64_t j = 0; j < wn; ++j) {
-        const uint16_t* col = s + (j0 + j) * cs;
-        for (int64_t p2 = 0; p2 < k / 2; ++p2) std::memcpy(b32 + p2 * w + j, col + 2 * p2, sizeof(uint32_t));
-      }
+      transpose32(s + j0 * cs, cs / 2, wn, k / 2, b32, w);
       for (int64_t p2 = 0; p2 < k / 2 && wn < w; ++p2)
         std::memset(b32 + p2 * w + wn, 0, static_cast<size_t>(w - wn) * sizeof(uint32_t));
       continue;

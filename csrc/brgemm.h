@@ -47,6 +47,17 @@ void gemm(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB& b, float
 void gemm_window(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB& b, int64_t row0, int64_t rows,
                  int64_t col0, int64_t cols, float* c, int64_t ldc, bool accumulate);
 
+// dst[c * ld_dst + r] = src[r * ld_src + c] for a [rows, cols] matrix of 32-bit words (a bf16 pair
+// or a float each; strides in words, any alignment): 16 x 16 AVX-512 blocks where the CPU has
+// AVX-512F, else a scalar loop.
+void transpose32(const void* src, int64_t ld_src, int64_t rows, int64_t cols, void* dst, int64_t ld_dst);
+
+// dst[c * ld + r] = src[r * rs + c] for a [rows, cols] bf16 block, with zeros in columns
+// rows .. ld of dst (ld even, at least rows rounded up to even): rows pairs interleaved into `scratch`,
+// then one transpose32 of the pairs.
+void transpose_bf16(const at::BFloat16* src, int64_t rs, int64_t rows, int64_t cols, at::BFloat16* dst, int64_t ld,
+                    std::vector<uint32_t>& scratch);
+
 // Releases the AMX tile state the micro-kernel configured on this thread (call at the end of a
 // parallel task range, as torch's flash attention does).
 void release();
