@@ -92,6 +92,10 @@ const float* as_f32(const T* src, int64_t ld, int64_t rows, int64_t cols, std::v
 template <typename T>
 void pack_transposed(const T* src, int64_t ld, int64_t rows, int64_t cols, std::vector<float>& dst) {
   dst.resize(static_cast<size_t>(rows * cols));
+  if constexpr (std::is_same_v<T, float>) {
+    brg::transpose32(src, ld, rows, cols, dst.data(), rows);  // 16 x 16 register blocks where AVX-512 runs
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const T* s = src + r * ld;
     for (int64_t c = 0; c < cols; ++c) dst[static_cast<size_t>(c * rows + r)] = to_f(s[c]);
@@ -119,11 +123,12 @@ VF_CLONES float exp_row_generic(float* row, int64_t n, float scale, float m) {
   return sum;
 }
 
-VF_CLONES void probs_and_dscores_generic(float* p, float* dp, int64_t n, float lse, float delta) {
+VF_CLONES void probs_and_dscores_generic(float* p, float* dp, int64_t n, float lse, float delta, float s_scale,
+                                         float ds_scale) {
   for (int64_t j = 0; j < n; ++j) {
-    const float pv = fast_exp(p[j] - lse);
+    const float pv = fast_exp(p[j] * s_scale - lse);
     p[j] = pv;
-    dp[j] = pv * (dp[j] - delta);
+    dp[j] = pv * (dp[j] - delta) * ds_scale;
   }
 }
 
@@ -141,13 +146,16 @@ VF_TARGET_AVX512 float exp_row_avx512(float* row, int64_t n, float scale, float 
   return _mm512_reduce_add_ps(acc);
 }
 
-VF_TARGET_AVX512 void probs_and_dscores_avx512(float* p, float* dp, int64_t n, float lse, float delta) {
-  const __m512 vl = _mm512_set1_ps(lse), vd = _mm512_set1_ps(delta);
+VF_TARGET_AVX512 void probs_and_dscores_avx512(float* p, float* dp, int64_t n, float lse, float delta, float s_scale,
+                                               float ds_scale) {
+  const __m512 vl = _mm512_set1_ps(lse), vd = _mm512_set1_ps(delta), vs = _mm512_set1_ps(s_scale),
+               vds = _mm512_set1_ps(ds_scale);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 k = tail_mask(n - j);
-    const __m512 pv = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p + j), vl));
+    const __m512 pv = exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, p + j), vs, vl));
     _mm512_mask_storeu_ps(p + j, k, pv);
-    _mm512_mask_storeu_ps(dp + j, k, _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + j), vd)));
+    const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(pv, vds), _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + j), vd));
+    _mm512_mask_storeu_ps(dp + j, k, ds);
   }
 }
 #endif
@@ -160,12 +168,13 @@ float exp_row_f32(float* row, int64_t n, float scale, float m) {
   return exp_row_generic(row, n, scale, m);
 }
 
-// P = exp(p - lse) in place and dS = P * (dP - delta) into dp (the backward's sweep, no dropout).
-void probs_and_dscores_f32(float* p, float* dp, int64_t n, float lse, float delta) {
+// P = exp(s_scale * p - lse) in place and dS = ds_scale * P * (dP - delta) into dp (the backward's sweep, no
+// dropout; the scales fold the softmax scale in where the score GEMM did not apply it).
+void probs_and_dscores_f32(float* p, float* dp, int64_t n, float lse, float delta, float s_scale, float ds_scale) {
 #ifdef VF_AVX512_EXP
-  if (use_avx512_exp()) return probs_and_dscores_avx512(p, dp, n, lse, delta);
+  if (use_avx512_exp()) return probs_and_dscores_avx512(p, dp, n, lse, delta, s_scale, ds_scale);
 #endif
-  probs_and_dscores_generic(p, dp, n, lse, delta);
+  probs_and_dscores_generic(p, dp, n, lse, delta, s_scale, ds_scale);
 }
 
 VF_CLONES float dot_f32(const float* a, const float* b, int64_t n) {
@@ -204,22 +213,23 @@ void forward_row(float* row, int64_t bk, float scale, float& m, float& l, float*
   }
 }
 
-// One row of a backward score tile: p holds the scaled scores s, dp holds dP = dO V^T. Afterwards p
-// holds P = exp(s - lse), dp holds dS = P * (dP - delta), and with dropout pd holds P * Z (Z the
-// kept mask scaled by inv_keep, regenerated from the counters) and dS uses dP * Z.
+// One row of a backward score tile: p holds the scores r (s = s_scale * r the logits), dp holds
+// dP = dO V^T. Afterwards p holds P = exp(s - lse), dp holds dS = ds_scale * P * (dP - delta), and
+// with dropout pd holds P * Z (Z the kept mask scaled by inv_keep, regenerated from the counters)
+// and dS uses dP * Z.
 void backward_row(float* p, float* dp, float* pd, int64_t n, float lse, float delta, float dropout_p, float inv_keep,
-                  uint64_t key, uint64_t ctr) {
+                  uint64_t key, uint64_t ctr, float s_scale = 1.0f, float ds_scale = 1.0f) {
   if (pd == nullptr) {
-    probs_and_dscores_f32(p, dp, n, lse, delta);
+    probs_and_dscores_f32(p, dp, n, lse, delta, s_scale, ds_scale);
     return;
   }
-  for (int64_t j = 0; j < n; ++j) p[j] = fast_exp(p[j] - lse);
+  for (int64_t j = 0; j < n; ++j) p[j] = fast_exp(p[j] * s_scale - lse);
   for (int64_t j = 0; j < n; ++j) {
     const float z = uniform01(key, ctr + j) >= dropout_p ? inv_keep : 0.0f;
     pd[j] = p[j] * z;
     dp[j] *= z;
   }
-  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
+  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta) * ds_scale;
 }
 
 // One attention sequence: where its row 0 lives in each tensor and its length. Fixed-length batches
@@ -550,10 +560,10 @@ void attention_backward_brgemm(const Tensor& grad_out, const Tensor& qkv, const 
           for (int64_t i = 0; i < bq; ++i) {
             float* pr = p_tile.data() + i * ldS;
             float* dpr = dp_tile.data() + i * ldS;
-            scale_row_inplace_f32(pr, bk, scale);
+            // The softmax scale goes into the logits and into dS (dQ and dK carry it) in the same sweep.
             backward_row(pr, dpr, dropout_p > 0.0f ? pd_tile.data() + i * ldS : nullptr, bk, lse_row[i0 + i],
-                         delta[i0 + i], dropout_p, inv_keep, key, ctr0 + static_cast<uint64_t>((i0 + i) * L + j0));
-            scale_row_inplace_f32(dpr, bk, scale);  // dQ and dK carry the softmax scale
+                         delta[i0 + i], dropout_p, inv_keep, key, ctr0 + static_cast<uint64_t>((i0 + i) * L + j0),
+                         scale, scale);
             narrow_padded(dpr, dsb.data() + i * ldA, bk, bke);
           }
           // dV^T += dO^T (P Z), dK^T += Q^T dS: the tiles packed as B (rounded to bf16 on the way).

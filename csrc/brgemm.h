@@ -49,8 +49,10 @@ void gemm_window(int64_t m, const at::BFloat16* a, int64_t lda, const PackedB& b
 
 // dst[c * ld_dst + r] = src[r * ld_src + c] for a [rows, cols] matrix of 32-bit words (a bf16 pair
 // or a float each; strides in words, any alignment): 16 x 16 AVX-512 blocks where the CPU has
-// AVX-512F, else a scalar loop.
-void transpose32(const void* src, int64_t ld_src, int64_t rows, int64_t cols, void* dst, int64_t ld_dst);
+// AVX-512F (unless `vectorised` is false: the scalar loop every CPU runs, for the tests), else a
+// scalar loop. Writes only dst's [cols, rows] window.
+void transpose32(const void* src, int64_t ld_src, int64_t rows, int64_t cols, void* dst, int64_t ld_dst,
+                 bool vectorised = true);
 
 // dst[c * ld + r] = src[r * rs + c] for a [rows, cols] bf16 block, with zeros in columns
 // rows .. ld of dst (ld even, at least rows rounded up to even): rows pairs interleaved into `scratch`,

@@ -23,6 +23,18 @@ bool has_openmp() {
 #endif
 }
 
+// Test hook of brg::transpose32: dst[:, :rows] = src.t() for a 2-D int32 src (unit stride along columns) written into
+// dst, an int32 [cols, >= rows] tensor whose other columns must stay untouched.
+void transpose32_into(const at::Tensor& src, at::Tensor& dst, bool vectorised) {
+  TORCH_CHECK(src.dim() == 2 && src.scalar_type() == at::kInt && src.stride(1) == 1,
+              "src must be a 2-D int32 tensor with unit column stride, got ", src.sizes(), " ", src.scalar_type());
+  TORCH_CHECK(dst.dim() == 2 && dst.scalar_type() == at::kInt && dst.stride(1) == 1 && dst.size(0) == src.size(1) &&
+                  dst.size(1) >= src.size(0),
+              "dst must be an int32 [cols, >= rows] tensor with unit column stride, got ", dst.sizes());
+  vit_fast::brg::transpose32(src.data_ptr(), src.stride(0), src.size(0), src.size(1), dst.data_ptr(), dst.stride(0),
+                             vectorised);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -37,6 +49,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The bf16 attention kernels this CPU runs: 'attn_tiles' (fp32 tiles), 'attn_brgemm' (bf16 micro-kernel)");
   m.def("bf16_micro_kernel", &vit_fast::brg::micro_kernel,
         "Which bf16 micro-kernel 'attn_brgemm' runs on: 'onednn_brgemm' (AMX), 'avx512_bf16' (ours) or 'none'");
+  m.def("_transpose32_into", &transpose32_into, "test hook: dst[:, :rows] = src.t() (int32; brg::transpose32)",
+        py::arg("src"), py::arg("dst"), py::arg("vectorised"));
   m.def("attention_kernel", &vit_fast::attention_kernel, "The forced bf16 attention kernel, or 'auto' (measured)");
   m.def("set_attention_kernel", &vit_fast::set_attention_kernel,
         "Force a bf16 attention kernel ('attn_tiles', 'attn_brgemm') or measure per shape ('auto')",

@@ -188,6 +188,26 @@ def test_bf16_micro_kernel_matches_the_cpu():
         assert name == "none"
 
 
+@pytest.mark.parametrize("vectorised", [True, False], ids=["avx512", "scalar"])
+def test_transpose32_every_edge(vectorised):
+    """The bf16 path's packing transpose (32-bit words: bf16 pairs, fp32 accumulators) against
+    Tensor.t() for every block edge: sizes around 16, a source row stride wider than its columns,
+    and a destination wider than the result whose extra columns must stay untouched (masked stores)."""
+    gen = torch.Generator().manual_seed(0)
+    for rows in (1, 5, 15, 16, 17, 33, 64, 197):
+        for cols in (1, 8, 16, 17, 32, 40):
+            wide = torch.randint(-(2**31), 2**31 - 1, (rows, cols + 3), generator=gen, dtype=torch.int32)
+            src = wide[:, 1 : cols + 1]
+            dst = torch.full((cols, rows + 5), 7, dtype=torch.int32)
+            _C._transpose32_into(src, dst, vectorised)
+            assert torch.equal(dst[:, :rows], src.t()), (rows, cols)
+            assert (dst[:, rows:] == 7).all(), (rows, cols)
+    with pytest.raises(RuntimeError, match="dst must be"):
+        _C._transpose32_into(
+            torch.zeros(4, 3, dtype=torch.int32), torch.zeros(3, 2, dtype=torch.int32), vectorised
+        )
+
+
 def test_attention_bf16_kernels_agree_and_are_chosen_by_measurement():
     """Where both bf16 kernels run, they give the same result up to bf16 rounding, and in tuned mode
     the first call of a shape times both and stores the pick with both timings."""
