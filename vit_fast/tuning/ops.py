@@ -26,6 +26,10 @@ from vit_fast.tuning.selector import Decision, Selector, Timer
 _local = threading.local()
 _selectors: dict[str, Selector] = {}
 _session: dict[str, Any] = {}
+# Picks already decided in this process, by a tuple key that is cheap to build: the string key and the
+# selector's cache are consulted once per call signature, not on every op call (that costs ~20 us a
+# call, a few % of a batch-1 forward). Only outside a customised tuning_session, which clears it.
+_picks: dict[tuple, str] = {}
 
 
 @contextlib.contextmanager
@@ -45,12 +49,14 @@ def tuning_session(
     saved = dict(_session)
     _session.update(timer=timer, remeasure=remeasure, on_decision=on_decision, enabled=enabled, model=model)
     _selectors.clear()
+    _picks.clear()
     try:
         yield
     finally:
         _session.clear()
         _session.update(saved)
         _selectors.clear()
+        _picks.clear()
 
 
 def enabled() -> bool:
@@ -95,6 +101,27 @@ def signature(args: Sequence[Any]) -> str:
     return ",".join(parts)
 
 
+def _memo_key(
+    device: torch.device, family: str, op: str, args: Sequence[Any], names: list[str]
+) -> tuple | None:
+    """`_picks`' key of a call (what `signature` describes, as a tuple), or None when the call may not
+    use the memo: inside a customised tuning_session, or with an argument that is not hashable."""
+    if any(v for v in _session.values()):
+        return None
+    parts: list[Any] = [str(device), family, op, tuple(names)]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            parts.append((a.dtype, tuple(a.shape), a.is_contiguous()))
+        else:
+            parts.append((type(a), a))
+    key = tuple(parts)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 def candidates(device: torch.device, default: str) -> list[str]:
     """The backends measured against each other for an automatic choice of `default` on `device`."""
     if device.type == "cuda" and default == "triton":
@@ -123,6 +150,9 @@ def choose_backend(
     names = list(names) if names is not None else candidates(device, default)
     if len(names) < 2 or not enabled() or getattr(_local, "measuring", False):
         return default
+    memo = _memo_key(device, family, op, key_args, names)
+    if memo is not None and memo in _picks:
+        return _picks[memo]
     chooser = selector(device)
     key = f"op/{family}/{op}/{signature(key_args)}"
     if capturing(device):
@@ -141,4 +171,6 @@ def choose_backend(
         from vit_fast.tuning import gemm
 
         gemm.save()  # the extension attached when it was first loaded
+    if memo is not None and decision.source in ("measured", "cache"):
+        _picks[memo] = decision.pick
     return decision.pick
