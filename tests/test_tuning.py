@@ -250,6 +250,40 @@ def test_forced_backend_and_tuning_off_are_not_tuned(cache_dir, monkeypatch):
         assert choose_backend(torch.device("cpu"), "mlp", "f", (), lambda b: None, "cpu") == "cpu"
 
 
+def test_decided_picks_are_memoised_but_tuning_off_and_sessions_still_apply(cache_dir, monkeypatch):
+    """A decided call signature is answered from the in-process memo without running anything; a new
+    shape is measured; VIT_FAST_TUNE=off still gives the default; a tuning_session starts afresh."""
+    from vit_fast.tuning import ops as tuning_ops
+    from vit_fast.tuning import selector as selector_mod
+
+    calls = []
+
+    def run(backend):
+        calls.append(backend)
+
+    # The default session's timer, made deterministic: "cpu" (timed first) is slow, so "reference" wins.
+    monkeypatch.setattr(selector_mod, "default_timer", lambda device: QueueTimer(*[2.0, 1.0] * 4))
+    monkeypatch.setattr(tuning_ops, "_selectors", {})  # fresh (and restored afterwards)
+    monkeypatch.setattr(tuning_ops, "_picks", {})
+    cpu = torch.device("cpu")
+    x = torch.zeros(3, 5)
+    assert choose_backend(cpu, "mlp", "memo_test", (x, 0.5), run, "cpu") == "reference"
+    assert {"cpu", "reference"} <= set(calls) and len(tuning_ops._picks) == 1
+    calls.clear()
+    assert choose_backend(cpu, "mlp", "memo_test", (torch.ones(3, 5), 0.5), run, "cpu") == "reference"
+    assert calls == []  # same signature: nothing measured, nothing run
+    assert choose_backend(cpu, "mlp", "memo_test", (torch.ones(4, 5), 0.5), run, "cpu") == "reference"
+    assert calls and len(tuning_ops._picks) == 2  # a new shape is a new decision
+    monkeypatch.setenv("VIT_FAST_TUNE", "off")
+    assert choose_backend(cpu, "mlp", "memo_test", (x, 0.5), run, "cpu") == "cpu"
+    monkeypatch.setenv("VIT_FAST_TUNE", "on")
+    with tuning_session(timer=QueueTimer(1.0, 2.0), model="Test CPU"):
+        assert tuning_ops._picks == {}
+        assert choose_backend(cpu, "mlp", "memo_test", (x, 0.5), run, "cpu") == "cpu"
+        assert tuning_ops._picks == {}  # a customised session never fills the memo
+    assert tuning_ops._picks == {}
+
+
 def _cuda_like(timer, run, decisions=None, model="Fake GPU 80GB"):
     """A CUDA call's choice (triton vs the plain-PyTorch cuBLAS path) made on CPU tensors: Triton runs
     in the interpreter, the timer and the GPU model are injected."""
