@@ -200,12 +200,10 @@ VF_AVX512F void transpose32_avx512(const uint32_t* s, int64_t ls, int64_t rows, 
 
 void transpose32(const void* src, int64_t ld_src, int64_t rows, int64_t cols, void* dst, int64_t ld_dst,
                  bool vectorised) {
-  const auto* s = static_cast<const uint32_t*>(src);
-  auto* d = static_cast<uint32_t*>(dst);
 #ifdef VF_BRG_DPBF16
   static const bool avx512 = __builtin_cpu_supports("avx512f");
   if (avx512 && vectorised) {
-    transpose32_avx512(s, ld_src, rows, cols, d, ld_dst);
+    transpose32_avx512(static_cast<const uint32_t*>(src), ld_src, rows, cols, static_cast<uint32_t*>(dst), ld_dst);
     return;
   }
 #endif
