@@ -146,6 +146,28 @@ VF_TARGET_AVX512 float exp_row_avx512(float* row, int64_t n, float scale, float 
   return _mm512_reduce_add_ps(acc);
 }
 
+// exp_row_avx512 writing bf16 (rounded to nearest even) into pb instead of fp32 in place, zero-padded
+// to n_even: the bf16 path's P needs no fp32 copy. exp16's results are finite and >= 0, so the
+// rounding needs no NaN case.
+VF_TARGET_AVX512 float exp_row_bf16_avx512(const float* row, int64_t n, float scale, float m, at::BFloat16* pb,
+                                           int64_t n_even) {
+  const __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(m);
+  const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF);
+  __m512 acc = _mm512_setzero_ps();
+  auto* out = reinterpret_cast<uint16_t*>(pb);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = tail_mask(n - j);
+    const __m512 e = exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, row + j), vs, vm));
+    acc = _mm512_mask_add_ps(acc, k, acc, e);
+    const __m512i u = _mm512_castps_si512(e);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(half, lsb)), 16);
+    _mm512_mask_cvtepi32_storeu_epi16(out + j, k, rounded);
+  }
+  for (int64_t j = n; j < n_even; ++j) out[j] = 0;
+  return _mm512_reduce_add_ps(acc);
+}
+
 VF_TARGET_AVX512 void probs_and_dscores_avx512(float* p, float* dp, int64_t n, float lse, float delta, float s_scale,
                                                float ds_scale) {
   const __m512 vl = _mm512_set1_ps(lse), vd = _mm512_set1_ps(delta), vs = _mm512_set1_ps(s_scale),
@@ -190,24 +212,39 @@ void narrow_padded(const float* src, at::BFloat16* dst, int64_t n, int64_t n_eve
   for (int64_t j = n; j < n_even; ++j) dst[j] = at::BFloat16(0.0f);
 }
 
+// exp(row * scale - m) rounded to bf16 into pb (zero-padded to n_even), returning the fp32 sum; the
+// row itself is left as it was where the AVX-512 sweep runs (one pass, no fp32 copy of P).
+float exp_row_to_bf16(float* row, int64_t n, float scale, float m, at::BFloat16* pb, int64_t n_even) {
+#ifdef VF_AVX512_EXP
+  if (use_avx512_exp()) return exp_row_bf16_avx512(row, n, scale, m, pb, n_even);
+#endif
+  const float sum = exp_row_f32(row, n, scale, m);
+  narrow_padded(row, pb, n, n_even);
+  return sum;
+}
+
 // One row of a forward score tile in the online softmax: the row holds raw scores r over bk keys,
 // the logits are scale * r (scale > 0). Updates the row's running max m and normaliser l (of the
 // logits), turns the row into exp(scale * r - m) (times the dropout mask Z / (1 - p) when dropout is
 // on; the normaliser counts every key, dropout comes after softmax), writes its bf16 copy into pb
-// when given (padded with zeros to bk_even) and rescales the row's output accumulator (hd floats) to
-// the new max.
+// when given (padded with zeros to bk_even; without dropout P may go there only, the row left as is)
+// and rescales the row's output accumulator (hd floats) to the new max.
 void forward_row(float* row, int64_t bk, float scale, float& m, float& l, float* acc, int64_t hd, float dropout_p,
                  float inv_keep, uint64_t key, uint64_t ctr, at::BFloat16* pb = nullptr, int64_t bk_even = 0) {
   // scale > 0, so max(scale * r) = scale * max(r); the exp sweep applies the scale.
   const float m_new = std::max(m, scale * row_max_f32(row, bk));
   // Rescale what was accumulated under the old running max (first block: nothing yet).
   const float alpha = m == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(m - m_new);
-  l = l * alpha + exp_row_f32(row, bk, scale, m_new);
-  m = m_new;
-  if (dropout_p > 0.0f) {
-    for (int64_t j = 0; j < bk; ++j) row[j] = uniform01(key, ctr + j) >= dropout_p ? row[j] * inv_keep : 0.0f;
+  if (pb != nullptr && dropout_p <= 0.0f) {  // the bf16 path without dropout: P straight to bf16
+    l = l * alpha + exp_row_to_bf16(row, bk, scale, m_new, pb, bk_even);
+  } else {
+    l = l * alpha + exp_row_f32(row, bk, scale, m_new);
+    if (dropout_p > 0.0f) {
+      for (int64_t j = 0; j < bk; ++j) row[j] = uniform01(key, ctr + j) >= dropout_p ? row[j] * inv_keep : 0.0f;
+    }
+    if (pb != nullptr) narrow_padded(row, pb, bk, bk_even);  // the bf16 A operand of P V
   }
-  if (pb != nullptr) narrow_padded(row, pb, bk, bk_even);  // the bf16 A operand of P V
+  m = m_new;
   if (alpha != 1.0f) {
     for (int64_t d = 0; d < hd; ++d) acc[d] *= alpha;
   }

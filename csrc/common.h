@@ -380,26 +380,39 @@ inline void ln_backward_rows(const T* dy, const T* x, const float* w, const floa
 // p[i] += s * a[i] (* other[i] when other is given): one row of a weighted column sum (rows.cpp).
 void accumulate_row_f32(float* p, const float* a, const float* other, float s, int64_t n);
 
+// Per-thread partial column sums for a parallel row pass: slot at::get_thread_num() of `nthreads`
+// rows of n floats; reduce() adds them up into an fp32 [n] tensor.
+struct ColumnPartials {
+  int nthreads;
+  int64_t n;
+  std::vector<float> part;
+  explicit ColumnPartials(int64_t cols)
+      : nthreads(at::get_num_threads()), n(cols), part(static_cast<size_t>(nthreads) * cols, 0.0f) {}
+  float* mine() { return part.data() + static_cast<size_t>(at::get_thread_num()) * n; }
+  Tensor reduce() const {
+    Tensor out = at::zeros({n}, at::kFloat);
+    float* o = out.data_ptr<float>();
+    for (int t = 0; t < nthreads; ++t)
+      for (int64_t i = 0; i < n; ++i) o[i] += part[static_cast<size_t>(t) * n + i];
+    return out;
+  }
+};
+
 // Sum of the rows of a [m, n] matrix in fp32 (bias gradients), optionally weighted per row by
 // row_scale[r / rows_per_scale] and multiplied elementwise by `other` (layer-scale gradients).
 template <typename T>
 inline Tensor column_sum(const T* a, const T* other, const float* row_scale, int64_t rows_per_scale,
                          int64_t m, int64_t n) {
-  const int nthreads = at::get_num_threads();
-  std::vector<float> part(static_cast<size_t>(nthreads) * n, 0.0f);
+  ColumnPartials sums(n);
   at::parallel_for(0, m, 32, [&](int64_t r0, int64_t r1) {
-    float* p = part.data() + static_cast<size_t>(at::get_thread_num()) * n;
+    float* p = sums.mine();
     for (int64_t r = r0; r < r1; ++r) {
       const float s = row_scale ? row_scale[r / rows_per_scale] : 1.0f;
       if (s == 0.0f) continue;
       accumulate_row_f32(p, row_f32(a + r * n, n, 0), other ? row_f32(other + r * n, n, 1) : nullptr, s, n);
     }
   });
-  Tensor out = at::zeros({n}, at::kFloat);
-  float* o = out.data_ptr<float>();
-  for (int t = 0; t < nthreads; ++t)
-    for (int64_t i = 0; i < n; ++i) o[i] += part[static_cast<size_t>(t) * n + i];
-  return out;
+  return sums.reduce();
 }
 
 // Column sums of a 2-D [m, n] tensor in fp32 (a bias gradient): at::sum for float32; for bf16 the

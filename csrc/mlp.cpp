@@ -1,10 +1,12 @@
 // MLP family: the attention output projection with its residual epilogue (linear_residual) and the
 // whole pre-LN MLP sub-block (LN + fc1 + bias + GELU, fc2 + bias + layer-scale + drop-path + residual).
 //
-// GEMMs go through gemm.h (oneDNN for float32). Everything between them is one parallel, vectorisable pass:
+// GEMMs go through gemm.h (the library measured fastest per shape). Everything between them is one parallel,
+// vectorisable pass:
 //   forward  fc1: h_pre = xn W1^T + b1 (bias in the GEMM; saved), then a = GELU(h_pre) (GEMM input of fc2)
 //            fc2 epilogue: out = x + (acc + b2) * gamma * dps[row / T], in place on the GEMM output
-//   backward GELU pass:    a = GELU(h_pre) and dh = da * GELU'(h_pre) in one sweep (shared erf/exp)
+//   backward GELU pass:    a = GELU(h_pre), dh = da * GELU'(h_pre) and fc1's bias gradient (the column
+//                          sums of dh) in one sweep (shared erf/exp)
 //            LN pass:      dx = LN-backward(dxn) + dout (the residual path), with dln_w/dln_b partials
 // The float32 element passes are VF_CLONES (multi-target, see common.h).
 #include "common.h"
@@ -134,11 +136,14 @@ void gelu_row(const T* h, T* a, int64_t n, int mode) {
   store_row(af, a, n);
 }
 
+// a = GELU(h), da *= GELU'(h) for one row; with colsum, also colsum += the new da (in fp32, while
+// the row is in cache: fc1's bias gradient without another pass over [M, F]).
 template <typename T>
-void gelu_backward_row(const T* h, T* a, T* da, int64_t n, int mode) {
+void gelu_backward_row(const T* h, T* a, T* da, int64_t n, int mode, float* colsum) {
   float* af = out_f32(a, n, 2);
   float* daf = inout_f32(da, n, 1);
   gelu_backward_f32(row_f32(h, n, 0), af, daf, n, mode);
+  if (colsum != nullptr) accumulate_row_f32(colsum, daf, nullptr, 1.0f, n);
   store_row(af, a, n);
   store_row(daf, da, n);
 }
@@ -378,12 +383,15 @@ std::tuple<Tensor, OptTensor, OptTensor, Tensor, OptTensor, Tensor, OptTensor, O
   // da = dy2 W2, then one pass turns it into dh = da * GELU'(h_pre) and recomputes a = GELU(h_pre).
   Tensor dh = gemm::mm(dy2, analytic_gamma ? fc2_weight * gcol : fc2_weight);
   Tensor act = at::empty_like(hc);
+  ColumnPartials db1(has_fc1_bias ? s.f : 0);
   VF_DISPATCH(x.scalar_type(), "mlp_backward", [&] {
     const scalar_t* hp = hc.data_ptr<scalar_t>();
     scalar_t* ap = act.data_ptr<scalar_t>();
     scalar_t* dp = dh.data_ptr<scalar_t>();
     at::parallel_for(0, s.m, 8, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) gelu_backward_row(hp + r * s.f, ap + r * s.f, dp + r * s.f, s.f, gelu_mode);
+      float* colsum = has_fc1_bias ? db1.mine() : nullptr;
+      for (int64_t r = r0; r < r1; ++r)
+        gelu_backward_row(hp + r * s.f, ap + r * s.f, dp + r * s.f, s.f, gelu_mode, colsum);
     });
   });
   Tensor dfc2_w = gemm::mm_tn(dy2, act);
@@ -410,7 +418,7 @@ std::tuple<Tensor, OptTensor, OptTensor, Tensor, OptTensor, Tensor, OptTensor, O
   }
   act = Tensor();  // free [M, F] before the next allocations
   OptTensor dfc1_b;
-  if (has_fc1_bias) dfc1_b = column_sum_f32(dh).to(fc1_weight.scalar_type());
+  if (has_fc1_bias) dfc1_b = db1.reduce().to(fc1_weight.scalar_type());
   Tensor xn = at::empty_like(xc);
   VF_DISPATCH(x.scalar_type(), "mlp_backward", [&] {
     ln_apply_rows(xc.data_ptr<scalar_t>(), ptr_or_null(lw), ptr_or_null(lb), mc.data_ptr<float>(),
