@@ -50,8 +50,11 @@ def has_internal_overlap(t: Tensor) -> bool:
     """True when two indices of `t` may address the same element.
 
     Sufficient test on sizes/strides alone (plain Python, so torch.compile traces it): with the
-    non-trivial dims sorted by stride, each stride must exceed the span of all smaller ones.
+    non-trivial dims sorted by stride, each stride must exceed the span of all smaller ones. In eager
+    mode a contiguous tensor (the usual weight) is answered by one C call.
     """
+    if not torch.compiler.is_compiling() and t.is_contiguous():
+        return False
     dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1)
     span = 0
     for stride, size in dims:

@@ -164,16 +164,20 @@ class _TunedFns:
     """Stands in for a backend module when the choice is automatic: each contract function call
     picks its backend by measurement for its argument shapes (vit_fast.tuning.ops)."""
 
-    def __init__(self, device: torch.device, family: str, dtype: torch.dtype | None) -> None:
-        self._device, self._family, self._dtype = device, family, dtype
+    def __init__(self, device: torch.device, family: str, default: str) -> None:
+        # `default`: select_backend's answer, made by backend_fns for this very op call (nothing is
+        # forced, or there would be no stand-in), so each contract call goes straight to the choice.
+        self._device, self._family, self._default = device, family, default
 
     def __getattr__(self, op: str) -> Any:
+        from vit_fast.tuning.ops import choose_backend
+
         def call(*args: Any, **kwargs: Any) -> Any:
             def run(backend: str) -> Any:
                 return getattr(backend_module(self._family, backend), op)(*args, **kwargs)
 
             key_args = (*args, *(x for k, v in sorted(kwargs.items()) for x in (k, v)))
-            return run(tuned_backend(self._device, self._family, op, key_args, run, self._dtype))
+            return run(choose_backend(self._device, self._family, op, key_args, run, self._default))
 
         return call
 
@@ -192,7 +196,7 @@ def backend_fns(device: torch.device, family: str, dtype: torch.dtype | None = N
     if backend == "cpu" and any(w.numel() == 0 for w in weights):
         return backend_module(family, "reference")
     if forced_backend() is None and len(tuning_ops.candidates(device, backend)) > 1 and tuning_ops.enabled():
-        return _TunedFns(device, family, dtype)
+        return _TunedFns(device, family, backend)
     return backend_module(family, backend)
 
 

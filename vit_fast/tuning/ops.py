@@ -111,7 +111,7 @@ def _memo_key(
     parts: list[Any] = [str(device), family, op, tuple(names)]
     for a in args:
         if isinstance(a, torch.Tensor):
-            parts.append((a.dtype, tuple(a.shape), a.is_contiguous()))
+            parts.append((a.dtype, a.shape, a.is_contiguous()))  # torch.Size hashes as a tuple
         else:
             parts.append((type(a), a))
     key = tuple(parts)
