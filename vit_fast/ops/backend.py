@@ -1,8 +1,9 @@
 """Backend choice for the fused ops: Triton on CUDA, the C++ extension on CPU, else the reference.
 
 `VIT_FAST_BACKEND=triton|cpu|reference` (or the `use_backend` context manager) forces one. Left to
-choose, `tuned_backend` also measures the fused backend against the plain-PyTorch one per call shape
-(vit_fast.tuning.ops; VIT_FAST_TUNE=off keeps the fixed order below). With
+choose, `backend_fns` hands out a stand-in that also measures the fused backend against the
+plain-PyTorch one per call shape (vit_fast.tuning.ops; VIT_FAST_TUNE=off keeps the fixed order
+below). With
 `TRITON_INTERPRET=1` the Triton backend runs its kernels on CPU tensors: that is how the GPU kernels
 are tested on machines without a GPU.
 """
@@ -13,7 +14,7 @@ import contextlib
 import functools
 import importlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -125,27 +126,6 @@ def select_backend(device: torch.device, family: str, dtype: torch.dtype | None 
     if device.type == "cpu" and triton_interpreting() and triton_available():
         return "triton"
     return "reference"
-
-
-def tuned_backend(
-    device: torch.device,
-    family: str,
-    op: str,
-    key_args: Sequence[Any],
-    run: Callable[[str], Any],
-    dtype: torch.dtype | None = None,
-) -> str:
-    """`select_backend`, refined by measurement when nothing is forced.
-
-    `op` is the contract function about to be called, `key_args` the arguments its speed depends on,
-    `run(backend)` makes that call on a given backend (used only while measuring). A forced backend is
-    returned unchanged, exactly as `select_backend` returns it."""
-    backend = select_backend(device, family, dtype)
-    if forced_backend() is not None:
-        return backend
-    from vit_fast.tuning.ops import choose_backend
-
-    return choose_backend(device, family, op, key_args, run, backend)
 
 
 def backend_module(family: str, backend: str) -> Any:
