@@ -284,6 +284,42 @@ def test_decided_picks_are_memoised_but_tuning_off_and_sessions_still_apply(cach
     assert tuning_ops._picks == {}
 
 
+@pytest.mark.skipif(cpu_extension() is None, reason="needs the C++ extension")
+def test_stand_in_is_kept_and_a_decided_call_skips_the_selector(cache_dir, monkeypatch):
+    """backend_fns hands out one stand-in per (device, family, default); once a call signature is
+    decided, its calls go to the pick without the selector (made to fail here); a forced backend
+    still wins over the kept stand-in, and a new shape is measured again."""
+    from vit_fast.tuning import ops as tuning_ops
+    from vit_fast.tuning import selector as selector_mod
+
+    monkeypatch.setattr(selector_mod, "default_timer", lambda device: QueueTimer(*[5.0, 1.0] * 4))
+    monkeypatch.setattr(tuning_ops, "_selectors", {})
+    monkeypatch.setattr(tuning_ops, "_picks", {})
+    ref_calls = []
+    real_ref = plain_mlp.mlp_forward
+    monkeypatch.setattr(plain_mlp, "mlp_forward", lambda *a: ref_calls.append(1) or real_ref(*a))
+    cpu = torch.device("cpu")
+    fns = backend_fns(cpu, "mlp", torch.float32)
+    assert isinstance(fns, _TunedFns) and backend_fns(cpu, "mlp", torch.float32) is fns
+    args = _mlp_args()
+    out = fns.mlp_forward(*args)  # measured: "cpu" 5 ms, "reference" 1 ms -> reference
+    assert len(tuning_ops._picks) == 1
+
+    def no_selector(device):
+        raise AssertionError("a decided signature must not reach the selector")
+
+    monkeypatch.setattr(tuning_ops, "selector", no_selector)
+    n = len(ref_calls)
+    again = fns.mlp_forward(*args)
+    assert len(ref_calls) == n + 1  # the pick ran, nothing else
+    torch.testing.assert_close(out, again)
+    with use_backend("cpu"):
+        assert backend_fns(cpu, "mlp", torch.float32) is cpu_extension()
+    bigger = (torch.randn(6, args[0].shape[1]), *args[1:])
+    with pytest.raises(AssertionError, match="must not reach the selector"):
+        fns.mlp_forward(*bigger)  # a new shape is a new decision
+
+
 def _cuda_like(timer, run, decisions=None, model="Fake GPU 80GB"):
     """A CUDA call's choice (triton vs the plain-PyTorch cuBLAS path) made on CPU tensors: Triton runs
     in the interpreter, the timer and the GPU model are injected."""

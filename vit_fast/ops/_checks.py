@@ -80,10 +80,13 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
+_NOTHING_TO_TURN_OFF = contextlib.nullcontext()  # reusable: one object for every op call
+
+
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     """`torch.autocast(device_type, enabled=False)`, or a no-op where autocast does not exist (meta)."""
     if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
-        return contextlib.nullcontext()  # nothing to turn off (and no context object per op call)
+        return _NOTHING_TO_TURN_OFF
     return torch.autocast(device_type, enabled=False)
 
 
@@ -128,6 +131,28 @@ def check_param(t: object, name: str, shape: tuple[int, ...], like: Tensor, *, o
     t = check_tensor(t, name, device=like.device, dtype=like.dtype)
     check_shape(t, name, shape)
     check_no_overlap(t, name)
+
+
+def check_params(like: Tensor, *params: tuple[object, str, tuple[int, ...], bool]) -> None:
+    """`check_param` for each (tensor, name, shape, optional) in `params`, against `like`'s dtype and
+    device: one call per op, the usual case (plain contiguous tensors of the right dtype, device and
+    shape) answered without building an error message's worth of checks per parameter."""
+    dtype, device = like.dtype, like.device
+    fast = not torch.compiler.is_compiling()
+    for t, name, shape, optional in params:
+        if (
+            fast
+            and type(t) in _PLAIN_TYPES
+            and t.dtype == dtype
+            and t.shape == shape
+            and t.is_contiguous()  # no overlap either
+            and t.device == device
+        ):
+            continue
+        check_param(t, name, shape, like, optional=optional)
+
+
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def check_dps(dps: object, x: Tensor) -> Tensor | None:

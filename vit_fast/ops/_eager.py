@@ -21,22 +21,21 @@ _PLAIN_TYPES = (Tensor, nn.Parameter)
 def plain_call(args: tuple[Any, ...]) -> bool:
     """Whether a custom-op call with `args` would reach the op's body unobserved (see module doc)."""
     if (
-        torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
+        torch.compiler.is_compiling()  # first: under torch.compile the rest must not be traced
         or torch.autograd.profiler._is_profiler_enabled
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._len_torch_function_stack()
+        or torch._C._is_tracing()
+        or torch._C._functorch.peek_interpreter_stack() is not None
     ):
-        return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
-        return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     grad = torch.is_grad_enabled()
     for arg in args:
         for t in arg if isinstance(arg, (list, tuple)) else (arg,):  # Tensor[] arguments too
             if isinstance(t, Tensor) and (
                 type(t) not in _PLAIN_TYPES
+                or not (t.is_cpu or t.is_cuda)  # meta, XLA, ...: through the dispatcher
                 or (grad and t.requires_grad)
-                or t.device.type not in ("cpu", "cuda")
             ):
                 return False
     return True

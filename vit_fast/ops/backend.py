@@ -98,7 +98,11 @@ def select_backend(device: torch.device, family: str, dtype: torch.dtype | None 
     what is missing. Automatic choice sends CPU dtypes the extension lacks (float16) to the
     plain-PyTorch backend.
     """
-    forced = forced_backend()
+    return _select(device, family, dtype, forced_backend())
+
+
+def _select(device: torch.device, family: str, dtype: torch.dtype | None, forced: str | None) -> str:
+    """select_backend, given `forced_backend()`'s answer (backend_fns reads it once per call)."""
     if forced is not None:
         if forced == "triton":
             if not triton_available():
@@ -142,24 +146,40 @@ def backend_module(family: str, backend: str) -> Any:
 
 class _TunedFns:
     """Stands in for a backend module when the choice is automatic: each contract function call
-    picks its backend by measurement for its argument shapes (vit_fast.tuning.ops)."""
+    picks its backend by measurement for its argument shapes (vit_fast.tuning.ops).
+
+    One stand-in per (device, family, default backend), kept by `backend_fns`; each contract function
+    is looked up once and then kept as an attribute, so a call whose signature was decided before
+    costs one memo lookup (`tuning_ops.memoised_pick`) on top of the backend function itself."""
 
     def __init__(self, device: torch.device, family: str, default: str) -> None:
-        # `default`: select_backend's answer, made by backend_fns for this very op call (nothing is
-        # forced, or there would be no stand-in), so each contract call goes straight to the choice.
+        # `default`: select_backend's answer (nothing forced, or there would be no stand-in).
         self._device, self._family, self._default = device, family, default
 
     def __getattr__(self, op: str) -> Any:
-        from vit_fast.tuning.ops import choose_backend
+        if op.startswith("_"):
+            raise AttributeError(op)
+        from vit_fast.tuning import ops as tuning_ops
+
+        device, family, default = self._device, self._family, self._default
+        names = tuple(tuning_ops.candidates(device, default))
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            def run(backend: str) -> Any:
-                return getattr(backend_module(self._family, backend), op)(*args, **kwargs)
+            key_args = (*args, *(x for k, v in sorted(kwargs.items()) for x in (k, v))) if kwargs else args
+            pick = tuning_ops.memoised_pick(device, family, op, key_args, names)
+            if pick is None:
 
-            key_args = (*args, *(x for k, v in sorted(kwargs.items()) for x in (k, v)))
-            return run(choose_backend(self._device, self._family, op, key_args, run, self._default))
+                def run(backend: str) -> Any:
+                    return getattr(backend_module(family, backend), op)(*args, **kwargs)
 
+                pick = tuning_ops.choose_backend(device, family, op, key_args, run, default)
+            return getattr(backend_module(family, pick), op)(*args, **kwargs)
+
+        self.__dict__[op] = call  # later lookups find it without __getattr__
         return call
+
+
+_stand_ins: dict[tuple[torch.device, str, str], _TunedFns] = {}
 
 
 def backend_fns(device: torch.device, family: str, dtype: torch.dtype | None = None, *weights: Tensor) -> Any:
@@ -172,11 +192,16 @@ def backend_fns(device: torch.device, family: str, dtype: torch.dtype | None = N
     """
     from vit_fast.tuning import ops as tuning_ops
 
-    backend = select_backend(device, family, dtype)
+    forced = forced_backend()
+    backend = _select(device, family, dtype, forced)
     if backend == "cpu" and any(w.numel() == 0 for w in weights):
         return backend_module(family, "reference")
-    if forced_backend() is None and len(tuning_ops.candidates(device, backend)) > 1 and tuning_ops.enabled():
-        return _TunedFns(device, family, backend)
+    if forced is None and len(tuning_ops.candidates(device, backend)) > 1 and tuning_ops.enabled():
+        key = (device, family, backend)
+        fns = _stand_ins.get(key)
+        if fns is None:
+            fns = _stand_ins[key] = _TunedFns(device, family, backend)
+        return fns
     return backend_module(family, backend)
 
 

@@ -23,6 +23,7 @@ from vit_fast.ops._checks import (
     check_input,
     check_no_overlap,
     check_param,
+    check_params,
     check_shape,
     check_tensor,
     contig,
@@ -398,10 +399,14 @@ def layer_norm_linear(
     check_tensor(weight, "weight", ndim=2)
     x, ln_weight, ln_bias, weight, bias = autocast_args(x.device.type, x, ln_weight, ln_bias, weight, bias)
     d = x.shape[-1]
-    check_param(weight, "weight", (weight.shape[0], d), x, optional=False)
-    check_param(ln_weight, "ln_weight", (d,), x)
-    check_param(ln_bias, "ln_bias", (d,), x)
-    check_param(bias, "bias", (weight.shape[0],), x)
+    n = weight.shape[0]
+    check_params(
+        x,
+        (weight, "weight", (n, d), False),
+        (ln_weight, "ln_weight", (d,), True),
+        (ln_bias, "ln_bias", (d,), True),
+        (bias, "bias", (n,), True),
+    )
     with autocast_off(x.device.type):
         out, _, _ = run_op(
             _layer_norm_linear_fwd,

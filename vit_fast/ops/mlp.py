@@ -21,7 +21,7 @@ from vit_fast.ops._checks import (
     check_dps,
     check_eps,
     check_input,
-    check_param,
+    check_params,
     check_shape,
     check_tensor,
     contig,
@@ -119,9 +119,9 @@ def linear_residual(
     residual = check_input(residual, "residual")
     x, weight, bias, residual, gamma = autocast_args(x.device.type, x, weight, bias, residual, gamma)
     n, k = weight.shape[0], x.shape[-1]
-    check_param(weight, "weight", (n, k), x, optional=False)
-    check_param(bias, "bias", (n,), x)
-    check_param(gamma, "gamma", (n,), x)
+    check_params(
+        x, (weight, "weight", (n, k), False), (bias, "bias", (n,), True), (gamma, "gamma", (n,), True)
+    )
     check_tensor(residual, "residual", device=x.device, dtype=x.dtype)
     check_shape(residual, "residual", (*x.shape[:-1], n))
     drop_path_scale = check_dps(drop_path_scale, x)
@@ -272,13 +272,16 @@ def layer_norm_mlp(
         x.device.type, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma
     )
     d, f = x.shape[-1], fc1_weight.shape[0]
-    check_param(fc1_weight, "fc1_weight", (f, d), x, optional=False)
-    check_param(fc2_weight, "fc2_weight", (d, f), x, optional=False)
-    check_param(ln_weight, "ln_weight", (d,), x)
-    check_param(ln_bias, "ln_bias", (d,), x)
-    check_param(fc1_bias, "fc1_bias", (f,), x)
-    check_param(fc2_bias, "fc2_bias", (d,), x)
-    check_param(gamma, "gamma", (d,), x)
+    check_params(
+        x,
+        (fc1_weight, "fc1_weight", (f, d), False),
+        (fc2_weight, "fc2_weight", (d, f), False),
+        (ln_weight, "ln_weight", (d,), True),
+        (ln_bias, "ln_bias", (d,), True),
+        (fc1_bias, "fc1_bias", (f,), True),
+        (fc2_bias, "fc2_bias", (d,), True),
+        (gamma, "gamma", (d,), True),
+    )
     drop_path_scale = check_dps(drop_path_scale, x)
     tokens = x.shape[1] if drop_path_scale is not None else 1
     with autocast_off(x.device.type):

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from vit_fast.tuning.selector import Decision, Selector, Timer
+from vit_fast.tuning.selector import Decision, Selector, Timer, tuning_enabled
 
 _local = threading.local()
 _selectors: dict[str, Selector] = {}
@@ -60,8 +60,6 @@ def tuning_session(
 
 
 def enabled() -> bool:
-    from vit_fast.tuning.selector import tuning_enabled
-
     forced = _session.get("enabled")
     return tuning_enabled() if forced is None else forced
 
@@ -102,24 +100,36 @@ def signature(args: Sequence[Any]) -> str:
 
 
 def _memo_key(
-    device: torch.device, family: str, op: str, args: Sequence[Any], names: list[str]
+    device: torch.device, family: str, op: str, args: Sequence[Any], names: Sequence[str]
 ) -> tuple | None:
-    """`_picks`' key of a call (what `signature` describes, as a tuple), or None when the call may not
-    use the memo: inside a customised tuning_session, or with an argument that is not hashable."""
-    if any(v for v in _session.values()):
+    """`_picks`' key of a call (what `signature` describes, as a tuple: dtype, shape and contiguity of
+    each tensor, other arguments as they are), or None when the call may not use the memo: inside a
+    customised tuning_session."""
+    if any(_session.values()):
         return None
-    parts: list[Any] = [str(device), family, op, tuple(names)]
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            parts.append((a.dtype, a.shape, a.is_contiguous()))  # torch.Size hashes as a tuple
-        else:
-            parts.append((type(a), a))
-    key = tuple(parts)
+    return (
+        device,
+        family,
+        op,
+        tuple(names),
+        *[(a.dtype, a.shape, a.is_contiguous()) if isinstance(a, torch.Tensor) else a for a in args],
+    )
+
+
+def memoised_pick(
+    device: torch.device, family: str, op: str, key_args: Sequence[Any], names: Sequence[str]
+) -> str | None:
+    """The pick already decided in this process for this call signature, or None (then ask
+    `choose_backend`). The caller has checked that tuning is on for this call."""
+    if getattr(_local, "measuring", False):
+        return None
+    key = _memo_key(device, family, op, key_args, names)
+    if key is None:
+        return None
     try:
-        hash(key)
-    except TypeError:
+        return _picks.get(key)
+    except TypeError:  # an argument that is not hashable (a list): no memo for this call
         return None
-    return key
 
 
 def candidates(device: torch.device, default: str) -> list[str]:
@@ -150,9 +160,9 @@ def choose_backend(
     names = list(names) if names is not None else candidates(device, default)
     if len(names) < 2 or not enabled() or getattr(_local, "measuring", False):
         return default
-    memo = _memo_key(device, family, op, key_args, names)
-    if memo is not None and memo in _picks:
-        return _picks[memo]
+    memo = memoised_pick(device, family, op, key_args, names)
+    if memo is not None:
+        return memo
     chooser = selector(device)
     key = f"op/{family}/{op}/{signature(key_args)}"
     if capturing(device):
@@ -171,6 +181,9 @@ def choose_backend(
         from vit_fast.tuning import gemm
 
         gemm.save()  # the extension attached when it was first loaded
-    if memo is not None and decision.source in ("measured", "cache"):
-        _picks[memo] = decision.pick
+    if decision.source in ("measured", "cache"):
+        memo_key = _memo_key(device, family, op, key_args, names)
+        with contextlib.suppress(TypeError):  # unhashable arguments: no memo
+            if memo_key is not None:
+                _picks[memo_key] = decision.pick
     return decision.pick
