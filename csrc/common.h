@@ -269,6 +269,24 @@ inline float* scratch(int slot, int64_t n) {
   return buf.data();
 }
 
+// A per-thread tensor for one call's internal temporary (never returned, never saved for backward),
+// `slot` 0..3 per dtype, kept between calls. Why: a fresh multi-MB tensor per call goes back to the OS
+// when glibc trims its heap and is faulted in again, page by page, on the next call (a ViT-S/16 b8
+// bf16 forward took 15k minor faults, ~20 ms of kernel time, that way). Past 256 MiB nothing is
+// kept (a one-off huge batch holds no memory afterwards). The caller must not let it escape.
+inline Tensor temporary(int slot, at::IntArrayRef sizes, at::ScalarType dtype) {
+  constexpr int64_t kKeepBytes = int64_t{256} << 20;
+  thread_local std::array<std::array<Tensor, 4>, 2> kept;  // [fp32 | other][slot]
+  const int64_t n = c10::multiply_integers(sizes);
+  if (n * static_cast<int64_t>(c10::elementSize(dtype)) > kKeepBytes) return at::empty(sizes, at::dtype(dtype));
+  Tensor& buf = kept[dtype == at::kFloat ? 0 : 1][static_cast<size_t>(slot)];
+  if (!buf.defined() || buf.scalar_type() != dtype || buf.numel() < n) {
+    buf = Tensor();  // free the old one first
+    buf = at::empty({n}, at::dtype(dtype));
+  }
+  return buf.narrow(0, 0, n).view(sizes);
+}
+
 // Where an output row of T is computed in fp32: the row itself for float, scratch `slot` for bf16
 // (then store_row narrows it into place).
 template <typename T>

@@ -80,8 +80,9 @@ void check_stats(const Tensor& mean, const Tensor& rstd, int64_t m) {
   }
 }
 
+// Into temporary slot 0: the caller's internal GEMM operand.
 Tensor recompute_ln(const Tensor& x, const Tensor& w32, const Tensor& b32, const Tensor& mean, const Tensor& rstd) {
-  Tensor y = at::empty_like(x);
+  Tensor y = temporary(0, x.sizes(), x.scalar_type());
   VF_DISPATCH(x.scalar_type(), "layer_norm recompute", [&] {
     ln_apply_rows(x.data_ptr<scalar_t>(), ptr_or_null(w32), ptr_or_null(b32), mean.data_ptr<float>(),
                   rstd.data_ptr<float>(), y.data_ptr<scalar_t>(), x.size(0), x.size(1));
@@ -173,7 +174,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_linear_forward(const Tensor& x, co
   if (bias.has_value()) check_same_dtype(*bias, x, "bias");
   const Tensor xc = x.contiguous();
   const Tensor w32 = f32_or_empty(ln_weight), b32 = f32_or_empty(ln_bias);
-  Tensor xn = at::empty_like(xc);  // the GEMM input: LN rows are written here directly
+  Tensor xn = temporary(0, xc.sizes(), xc.scalar_type());  // the GEMM input: LN rows are written here directly
   Tensor mean = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   Tensor rstd = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   ln_forward_into(xc, w32, b32, eps, xn, mean, rstd);

@@ -329,12 +329,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mlp_forward(const Tensor& x, const Op
   const OptTensor b1 = fc1_bias.has_value() ? OptTensor(fc1_bias->to(x.scalar_type()).reshape({-1})) : std::nullopt;
   const Tensor b2 = f32_or_empty(fc2_bias), g32 = f32_or_empty(gamma), s32 = f32_or_empty(dps);
 
-  Tensor xn = at::empty_like(xc);
+  Tensor xn = temporary(0, xc.sizes(), xc.scalar_type());
   Tensor mean = at::empty({s.m}, x.options().dtype(at::kFloat));
   Tensor rstd = at::empty({s.m}, x.options().dtype(at::kFloat));
   ln_forward_into(xc, lw, lb, eps, xn, mean, rstd);
   Tensor h_pre = gemm::linear(xn, fc1_weight, b1);  // bias added by the GEMM
-  Tensor act = at::empty_like(h_pre);
+  Tensor act = temporary(1, h_pre.sizes(), h_pre.scalar_type());
   VF_DISPATCH(x.scalar_type(), "mlp_forward", [&] {
     const scalar_t* hp = h_pre.data_ptr<scalar_t>();
     scalar_t* ap = act.data_ptr<scalar_t>();
@@ -382,7 +382,7 @@ std::tuple<Tensor, OptTensor, OptTensor, Tensor, OptTensor, Tensor, OptTensor, O
   const Tensor gcol = analytic_gamma ? g32.unsqueeze(1) : Tensor();
   // da = dy2 W2, then one pass turns it into dh = da * GELU'(h_pre) and recomputes a = GELU(h_pre).
   Tensor dh = gemm::mm(dy2, analytic_gamma ? fc2_weight * gcol : fc2_weight);
-  Tensor act = at::empty_like(hc);
+  Tensor act = temporary(1, hc.sizes(), hc.scalar_type());
   ColumnPartials db1(has_fc1_bias ? s.f : 0);
   VF_DISPATCH(x.scalar_type(), "mlp_backward", [&] {
     const scalar_t* hp = hc.data_ptr<scalar_t>();
@@ -419,7 +419,7 @@ std::tuple<Tensor, OptTensor, OptTensor, Tensor, OptTensor, Tensor, OptTensor, O
   act = Tensor();  // free [M, F] before the next allocations
   OptTensor dfc1_b;
   if (has_fc1_bias) dfc1_b = db1.reduce().to(fc1_weight.scalar_type());
-  Tensor xn = at::empty_like(xc);
+  Tensor xn = temporary(0, xc.sizes(), xc.scalar_type());
   VF_DISPATCH(x.scalar_type(), "mlp_backward", [&] {
     ln_apply_rows(xc.data_ptr<scalar_t>(), ptr_or_null(lw), ptr_or_null(lb), mc.data_ptr<float>(),
                   rc.data_ptr<float>(), xn.data_ptr<scalar_t>(), s.m, s.d);

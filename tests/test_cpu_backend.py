@@ -6,6 +6,7 @@ functions' own input checks, called directly.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -732,3 +733,38 @@ def test_attention_kernel_env_is_checked(tmp_path):
     env["VIT_FAST_CPU_ATTN"] = "attn_tiles"
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_temporaries_never_escape(dtype):
+    """The C++ ops keep their internal temporaries (LN output, GELU output) between calls: no
+    returned tensor may share memory with them, or the next call would overwrite it."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*s):
+        return (torch.randn(*s, generator=g) * 0.3).to(dtype)
+
+    m, d, f = 37, 24, 64
+    lw, lb, w1, b1, w2, b2, wq, bq = r(d), r(d), r(f, d), r(f), r(d, f), r(d), r(3 * d, d), r(3 * d)
+
+    def calls(x, dout):
+        fwd = _C.mlp_forward(x, lw, lb, w1, b1, w2, b2, 1e-6, None, None, 1, "none")
+        _, mean, rstd, h_pre = fwd
+        bwd = _C.mlp_backward(
+            dout, x, lw, lb, w1, w2, b2, None, None, 1, mean, rstd, h_pre, "none", True, False
+        )
+        lnl = _C.layer_norm_linear_forward(x, lw, lb, wq, bq, 1e-6)
+        lnl_b = _C.layer_norm_linear_backward(r(m, 3 * d), x, lw, lb, wq, lnl[1], lnl[2], True)
+        return [t for t in (*fwd, *bwd, *lnl, *lnl_b) if t is not None]
+
+    first = calls(r(m, d), r(m, d))
+    snapshot = [t.clone() for t in first]
+    second = calls(r(m, d), r(m, d))  # same shapes: the kept buffers are reused
+    for a, b in zip(first, snapshot):
+        assert torch.equal(a, b)  # nothing returned by the first calls was overwritten
+    ranges = [
+        (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in first + second if t.numel()
+    ]
+    ranges.sort()
+    for (p0, n0), (p1, _) in itertools.pairwise(ranges):
+        assert p0 + n0 <= p1  # no two returned tensors share memory
