@@ -8,6 +8,8 @@ import math
 import torch
 from torch import Tensor
 
+from vit_fast.ops._eager import PLAIN_TYPES
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -142,7 +144,7 @@ def check_params(like: Tensor, *params: tuple[object, str, tuple[int, ...], bool
     for t, name, shape, optional in params:
         if (
             fast
-            and type(t) in _PLAIN_TYPES
+            and type(t) in PLAIN_TYPES
             and t.dtype == dtype
             and t.shape == shape
             and t.is_contiguous()  # no overlap either
@@ -150,9 +152,6 @@ def check_params(like: Tensor, *params: tuple[object, str, tuple[int, ...], bool
         ):
             continue
         check_param(t, name, shape, like, optional=optional)
-
-
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def check_dps(dps: object, x: Tensor) -> Tensor | None:

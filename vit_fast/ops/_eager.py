@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-_PLAIN_TYPES = (Tensor, nn.Parameter)
+PLAIN_TYPES = (Tensor, nn.Parameter)  # tensors no subclass behaviour can intercept
 
 
 def plain_call(args: tuple[Any, ...]) -> bool:
@@ -33,7 +33,7 @@ def plain_call(args: tuple[Any, ...]) -> bool:
     for arg in args:
         for t in arg if isinstance(arg, (list, tuple)) else (arg,):  # Tensor[] arguments too
             if isinstance(t, Tensor) and (
-                type(t) not in _PLAIN_TYPES
+                type(t) not in PLAIN_TYPES
                 or not (t.is_cpu or t.is_cuda)  # meta, XLA, ...: through the dispatcher
                 or (grad and t.requires_grad)
             ):
