@@ -20,10 +20,22 @@ namespace {
 enum class Mode { kTuned, kOneDnn, kAten };
 
 // Every candidate of both kinds; the index is the call counter's slot.
-// attn_tiles / attn_brgemm: the two bf16 attention kernels (attention.cpp), chosen through choose().
-enum Cand : int { kAten = 0, kOneDnn, kOneDnnPacked, kOneDnnTa, kOneDnnTb, kAttnTiles, kAttnBrgemm, kNumCands };
-constexpr std::array<const char*, kNumCands> kNames = {"aten",      "onednn",     "onednn_packed", "onednn_ta",
-                                                       "onednn_tb", "attn_tiles", "attn_brgemm"};
+// attn_tiles / attn_brgemm: the two bf16 attention kernels (attention.cpp), chosen through choose();
+// patch_conv / patch_gemm: the patch-embed projection (patch_embed.cpp), likewise.
+enum Cand : int {
+  kAten = 0,
+  kOneDnn,
+  kOneDnnPacked,
+  kOneDnnTa,
+  kOneDnnTb,
+  kAttnTiles,
+  kAttnBrgemm,
+  kPatchConv,
+  kPatchGemm,
+  kNumCands
+};
+constexpr std::array<const char*, kNumCands> kNames = {
+    "aten", "onednn", "onednn_packed", "onednn_ta", "onednn_tb", "attn_tiles", "attn_brgemm", "patch_conv", "patch_gemm"};
 
 std::array<std::atomic<int64_t>, kNumCands>& counters() {
   static std::array<std::atomic<int64_t>, kNumCands> c{};
@@ -146,9 +158,11 @@ std::string dtype_name(const Tensor& t) {
 }
 
 // The table of tuned choices. Guarded by one mutex, held also while a key is measured: measuring
-// keys one at a time keeps the timings free of each other's load.
+// keys one at a time keeps the timings free of each other's load. Recursive because a candidate of
+// choose() may itself run GEMMs (the patch-embed gather + GEMM), whose keys are measured inside the
+// outer candidate's untimed warm-up call.
 struct Table {
-  std::mutex mu;
+  std::recursive_mutex mu;
   std::unordered_map<std::string, Choice> entries;
 };
 Table& table() {
@@ -206,7 +220,7 @@ int tuned_choice(const std::string& key, const std::vector<int>& cands, const st
                  Tensor& result) {
   if (cands.size() == 1) return cands[0];
   Table& t = table();
-  std::lock_guard<std::mutex> lock(t.mu);
+  std::lock_guard<std::recursive_mutex> lock(t.mu);
   auto it = t.entries.find(key);
   if (it != t.entries.end()) {
     const int c = cand_index(it->second.pick);
@@ -283,7 +297,7 @@ void set_backend(const std::string& name) { current().store(parse(name)); }
 
 std::map<std::string, std::tuple<std::string, std::map<std::string, double>, bool>> choices() {
   Table& t = table();
-  std::lock_guard<std::mutex> lock(t.mu);
+  std::lock_guard<std::recursive_mutex> lock(t.mu);
   std::map<std::string, std::tuple<std::string, std::map<std::string, double>, bool>> out;
   for (const auto& [key, c] : t.entries) out[key] = {c.pick, c.ms, c.measured};
   return out;
@@ -291,7 +305,7 @@ std::map<std::string, std::tuple<std::string, std::map<std::string, double>, boo
 
 std::vector<std::string> set_choices(const std::map<std::string, std::string>& picks) {
   Table& t = table();
-  std::lock_guard<std::mutex> lock(t.mu);
+  std::lock_guard<std::recursive_mutex> lock(t.mu);
   std::vector<std::string> refused;
   for (const auto& [key, pick] : picks) {
     if (cand_index(pick) < 0) {
@@ -305,14 +319,15 @@ std::vector<std::string> set_choices(const std::map<std::string, std::string>& p
 
 void clear_choices() {
   Table& t = table();
-  std::lock_guard<std::mutex> lock(t.mu);
+  std::lock_guard<std::recursive_mutex> lock(t.mu);
   t.entries.clear();
 }
 
 std::map<std::string, std::vector<std::string>> candidate_names() {
   return {{"linear", {kNames[kAten], kNames[kOneDnn], kNames[kOneDnnPacked]}},
           {"tn", {kNames[kAten], kNames[kOneDnnTa], kNames[kOneDnnTb]}},
-          {"attention", {kNames[kAttnTiles], kNames[kAttnBrgemm]}}};
+          {"attention", {kNames[kAttnTiles], kNames[kAttnBrgemm]}},
+          {"patch_embed", {kNames[kPatchConv], kNames[kPatchGemm]}}};
 }
 
 std::map<std::string, int64_t> call_counts() {

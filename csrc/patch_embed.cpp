@@ -1,13 +1,20 @@
 // Patch-embed family: image -> tokens [cls, reg..., patches...] with bias and position embedding.
 //
-// The projection is ATen's stride-p convolution without bias (oneDNN's implicit GEMM: on a CPU it beat
-// an explicit patch gather + at::mm, measured in vit-fast bench --ops patch_embed); a single parallel epilogue
-// pass then reads its output by strides, adds bias + pos_embed and writes every token at its final
-// offset, prefix tokens (+ their pos embed) included.
+// The projection has two candidates, chosen per shape by measurement (gemm::choose, the GEMM
+// table and its disk cache): "patch_conv", ATen's stride-p convolution without bias (oneDNN's
+// implicit GEMM), and "patch_gemm", the non-overlapping patches gathered into a dense [B*N, K]
+// matrix and multiplied by the weight seen as [D, K] through gemm::linear (itself a measured
+// library choice). Which wins depends on the CPU: on an AMD EPYC Zen 5 the gather + GEMM took
+// 172 us against the convolution's 464 us (ViT-S/16, batch 1, bf16); an earlier Intel measurement
+// favoured the convolution. A single parallel epilogue pass then reads the projection by strides
+// (both candidates' outputs are [B, D, gh, gw] views), adds bias + pos_embed in fp32 and writes
+// every token at its final offset, prefix tokens (+ their pos embed) included.
 // Backward: one pass gathers the patch-token gradients into [B, gh, gw, D] (also the bias / pos /
-// prefix reductions over the batch, in fp32); viewed as a channels-last [B, D, gh, gw] tensor it
-// feeds ATen's convolution backward for dW and (when asked) dimages.
+// prefix reductions over the batch, in fp32). dW and (when asked) dimages come from the same two
+// candidates: ATen's convolution backward on that gradient seen as channels-last [B, D, gh, gw], or
+// dW = dY^T patches (gemm::mm_tn) and dpatches = dY W (gemm::mm) scattered back onto the image.
 #include "common.h"
+#include "gemm.h"
 
 namespace vit_fast {
 namespace {
@@ -48,6 +55,61 @@ PatchShape make_shape(const Tensor& images, const Tensor& weight, int64_t patch_
   return s;
 }
 
+// The table key of one patch-embed pass: the GEMM it is (M patch rows, K = C p p, N = D).
+std::string choice_key(const char* pass, const PatchShape& s, at::ScalarType dt, bool image_grad = false) {
+  return std::string(pass) + "/" + (dt == at::kFloat ? "fp32" : "bf16") + "/M=" + std::to_string(s.batch * s.n) +
+         ",K=" + std::to_string(s.k) + ",N=" + std::to_string(s.d) + ",p=" + std::to_string(s.p) +
+         (image_grad ? "/dimages" : "");
+}
+
+// The patches as a dense [B*N, K] matrix, row b*N + gy*gw + gx, column c*p*p + i*p + j: pixel
+// (b, c, gy*p + i, gx*p + j). Reads the images by their strides (any layout); pixels past the last
+// whole patch (H or W not a multiple of p) are not read, as in the stride-p convolution.
+template <typename T>
+Tensor gather_patches(const Tensor& images, const PatchShape& s) {
+  Tensor patches = at::empty({s.batch * s.n, s.k}, images.options());
+  const T* img = images.data_ptr<T>();
+  T* out = patches.data_ptr<T>();
+  const int64_t st0 = images.stride(0), st1 = images.stride(1), st2 = images.stride(2), st3 = images.stride(3);
+  at::parallel_for(0, s.batch * s.n, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / s.n, gy = (r % s.n) / s.gw, gx = r % s.gw;
+      T* o = out + r * s.k;
+      for (int64_t c = 0; c < s.channels; ++c)
+        for (int64_t i = 0; i < s.p; ++i) {
+          const T* src = img + b * st0 + c * st1 + (gy * s.p + i) * st2 + gx * s.p * st3;
+          if (st3 == 1)
+            std::copy_n(src, s.p, o);
+          else
+            for (int64_t j = 0; j < s.p; ++j) o[j] = src[j * st3];
+          o += s.p;
+        }
+    }
+  });
+  return patches;
+}
+
+// The inverse of gather_patches: dpatches [B*N, K] written back as an image gradient [B, C, H, W]
+// (zero for the pixels no patch covers).
+template <typename T>
+Tensor scatter_patches(const Tensor& dpatches, const PatchShape& s, const at::TensorOptions& opts) {
+  const bool covered = s.gh * s.p == s.height && s.gw * s.p == s.width;
+  Tensor dimages = covered ? at::empty({s.batch, s.channels, s.height, s.width}, opts)
+                           : at::zeros({s.batch, s.channels, s.height, s.width}, opts);
+  const T* src = dpatches.data_ptr<T>();
+  T* img = dimages.data_ptr<T>();
+  at::parallel_for(0, s.batch * s.n, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / s.n, gy = (r % s.n) / s.gw, gx = r % s.gw;
+      const T* row = src + r * s.k;
+      for (int64_t c = 0; c < s.channels; ++c)
+        for (int64_t i = 0; i < s.p; ++i, row += s.p)
+          std::copy_n(row, s.p, img + ((b * s.channels + c) * s.height + gy * s.p + i) * s.width + gx * s.p);
+    }
+  });
+  return dimages;
+}
+
 }  // namespace
 
 Tensor patch_embed_forward(const Tensor& images, const Tensor& weight, const OptTensor& bias,
@@ -73,7 +135,17 @@ Tensor patch_embed_forward(const Tensor& images, const Tensor& weight, const Opt
                reg32 = f32_or_empty(reg_tokens);
   Tensor tokens = at::empty({s.batch, s.tokens, s.d}, images.options());
   VF_DISPATCH(images.scalar_type(), "patch_embed_forward", [&] {
-    const Tensor proj = at::conv2d(images, weight, {}, {s.p, s.p});  // [B, D, gh, gw], any layout
+    // [B, D, gh, gw] in any layout: the convolution's output, or the GEMM's [B*N, D] seen so.
+    auto project = [&](const std::string& name) -> Tensor {
+      if (name == "patch_conv") return at::conv2d(images, weight, {}, {s.p, s.p});
+      return gemm::linear(gather_patches<scalar_t>(images, s), weight.reshape({s.d, s.k}))
+          .view({s.batch, s.gh, s.gw, s.d})
+          .permute({0, 3, 1, 2});
+    };
+    Tensor proj;
+    const std::string pick = gemm::choose(choice_key("patch_embed_fwd", s, images.scalar_type()),
+                                          {"patch_conv", "patch_gemm"}, project, proj, "patch_gemm");
+    if (!proj.defined()) proj = project(pick);
     const scalar_t* pp = proj.data_ptr<scalar_t>();
     const int64_t ps0 = proj.stride(0), ps1 = proj.stride(1), ps2 = proj.stride(2), ps3 = proj.stride(3);
     scalar_t* out = tokens.data_ptr<scalar_t>();
@@ -155,11 +227,27 @@ std::tuple<OptTensor, Tensor, OptTensor, OptTensor, OptTensor, OptTensor> patch_
     if (has_cls) dcls = tok_sum.narrow(0, 0, 1).reshape({1, 1, s.d}).to(dt, false, true);
     if (num_reg > 0) dreg = tok_sum.narrow(0, has_cls ? 1 : 0, num_reg).unsqueeze(0).to(dt, false, true);
 
-    // [B, gh, gw, D] seen as channels-last [B, D, gh, gw]: the conv's output gradient, no copy.
-    const Tensor go = gp.view({s.batch, s.gh, s.gw, s.d}).permute({0, 3, 1, 2});
-    auto [di, dw, unused] = at::convolution_backward(go, images, weight, std::nullopt, {s.p, s.p}, {0, 0}, {1, 1},
-                                                     false, {0, 0}, 1, {needs_image_grad, true, false});
-    dweight = dw;
+    // dW (and dimages) by the measured candidate. The measuring call keeps the winner's dW; the
+    // pick runs once more when dimages is asked, so both gradients come from one candidate.
+    Tensor di;
+    auto grads = [&](const std::string& name) -> Tensor {
+      if (name == "patch_conv") {
+        // [B, gh, gw, D] seen as channels-last [B, D, gh, gw]: the conv's output gradient, no copy.
+        const Tensor go = gp.view({s.batch, s.gh, s.gw, s.d}).permute({0, 3, 1, 2});
+        auto [dimg, dw, unused] = at::convolution_backward(go, images, weight, std::nullopt, {s.p, s.p}, {0, 0},
+                                                           {1, 1}, false, {0, 0}, 1, {needs_image_grad, true, false});
+        di = dimg;
+        return dw;
+      }
+      if (needs_image_grad)
+        di = scatter_patches<scalar_t>(gemm::mm(gp, weight.reshape({s.d, s.k})), s, images.options());
+      return gemm::mm_tn(gp, gather_patches<scalar_t>(images, s)).view(weight.sizes());
+    };
+    Tensor dw;
+    const std::string pick = gemm::choose(choice_key("patch_embed_bwd", s, dt, needs_image_grad),
+                                          {"patch_conv", "patch_gemm"}, grads, dw, "patch_gemm");
+    if (!dw.defined() || needs_image_grad) dw = grads(pick);
+    dweight = dw.to(weight.scalar_type()).contiguous();
     if (needs_image_grad) dimages = di;
   });
   return {dimages, dweight, dbias, dpos, dcls, dreg};

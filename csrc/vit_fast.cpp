@@ -95,7 +95,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Load picks {key: candidate} into the tuned GEMM table; returns the keys refused (unknown candidate)",
         pybind11::arg("picks"));
   m.def("clear_gemm_choices", &vit_fast::gemm::clear_choices, "Empty the tuned GEMM table");
-  m.def("gemm_candidates", &vit_fast::gemm::candidate_names, "Candidate names per GEMM kind ('linear', 'tn')");
+  m.def("gemm_candidates", &vit_fast::gemm::candidate_names, "Candidate names per kind ('linear', 'tn', 'attention', 'patch_embed')");
   m.def("gemm_call_counts", &vit_fast::gemm::call_counts, "GEMM calls per candidate since the last reset");
   m.def("reset_gemm_call_counts", &vit_fast::gemm::reset_call_counts, "Zero the GEMM call counters");
   m.def("_gemm_run", &vit_fast::gemm::run_candidate,

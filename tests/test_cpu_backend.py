@@ -6,6 +6,7 @@ functions' own input checks, called directly.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import platform
@@ -589,12 +590,39 @@ def test_mlp_rejects_bad_input():
 # patch embedding
 
 
+@contextlib.contextmanager
+def _patch_projection(name, batch, grid, k, d, p):
+    """Force the patch-embed projection candidate `name` ("patch_conv" or "patch_gemm",
+    csrc/patch_embed.cpp) for one shape by writing its picks into the tuned table, for both dtypes
+    and both backward variants, and check on leaving that only that candidate ran."""
+    mode, saved = _C.gemm_backend(), {k_: v[0] for k_, v in _C.gemm_choices().items()}
+    shape = f"M={batch * grid},K={k},N={d},p={p}"
+    keys = [
+        f"patch_embed_{pass_}/{dt}/{shape}{tail}"
+        for pass_, tail in (("fwd", ""), ("bwd", ""), ("bwd", "/dimages"))
+        for dt in ("fp32", "bf16")
+    ]
+    try:
+        _C.set_gemm_backend("tuned")
+        _C.set_gemm_choices({key: name for key in keys})
+        _C.reset_gemm_call_counts()
+        yield
+        counts = _C.gemm_call_counts()
+        other = "patch_gemm" if name == "patch_conv" else "patch_conv"
+        assert counts[name] > 0 and counts[other] == 0, counts
+    finally:
+        _C.set_gemm_backend(mode)
+        _C.clear_gemm_choices()
+        _C.set_gemm_choices(saved)
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize(
     "cls,reg,no_embed_class,channels_last",
     [(True, 0, False, False), (True, 2, True, True), (False, 0, False, False), (False, 3, False, True)],
 )
-def test_patch_embed(dtype, cls, reg, no_embed_class, channels_last):
+@pytest.mark.parametrize("projection", ["patch_conv", "patch_gemm"])
+def test_patch_embed(dtype, cls, reg, no_embed_class, channels_last, projection):
     batch, chans, size, p, d = 2, 3, 20, 4, 24  # 5 x 5 grid
     images = _p(batch, chans, size, size)
     if channels_last:
@@ -604,33 +632,60 @@ def test_patch_embed(dtype, cls, reg, no_embed_class, channels_last):
     pos = _p(1, n if no_embed_class else n + int(cls) + reg, d)
     cls_t = _p(1, 1, d) if cls else None
     reg_t = _p(1, reg, d) if reg else None
-    check_numerics(
-        fused_patch_embed,
-        reference.patch_embed,
-        [images, weight, bias, pos, cls_t, reg_t],
-        {"patch_size": p, "no_embed_class": no_embed_class},
-        dtype=dtype,
-    )
+    with _patch_projection(projection, batch, n, chans * p * p, d, p):
+        check_numerics(
+            fused_patch_embed,
+            reference.patch_embed,
+            [images, weight, bias, pos, cls_t, reg_t],
+            {"patch_size": p, "no_embed_class": no_embed_class},
+            dtype=dtype,
+        )
 
 
-def test_patch_embed_contract_crops_an_uneven_image():
+@pytest.mark.parametrize("projection", ["patch_conv", "patch_gemm"])
+def test_patch_embed_contract_crops_an_uneven_image(projection):
     """The public op rejects images not divisible by the patch; the C++ contract function itself
     crops like the convolution does (the last 2 rows / columns of an 18 x 14 image at p=4 are not
-    read and get zero gradient), checked against autograd through the reference."""
-    images, weight = _p(1, 2, 18, 14), _p(16, 2, 4, 4, scale=0.3)
-    out = _C.patch_embed_forward(images.detach(), weight.detach(), None, None, None, None, 4, False)
+    read and get zero gradient), checked against autograd through the reference, for both
+    projection candidates; the images are a strided view (every other column of a wider tensor)."""
+    images = _p(1, 2, 18, 28).detach()[..., ::2].requires_grad_(True)
+    weight = _p(16, 2, 4, 4, scale=0.3)
     ref = reference.patch_embed(images, weight, None, None, patch_size=4)
+    with _patch_projection(projection, 1, 4 * 3, 32, 16, 4):
+        out = _C.patch_embed_forward(images.detach(), weight.detach(), None, None, None, None, 4, False)
+        grad = torch.randn_like(ref)
+        dimages, dweight, *_ = _C.patch_embed_backward(
+            grad, images.detach(), weight.detach(), False, False, False, 0, 4, False, True
+        )
     torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
-    grad = torch.randn_like(ref)
     ref.backward(grad)
-    dimages, dweight, *_ = _C.patch_embed_backward(
-        grad, images.detach(), weight.detach(), False, False, False, 0, 4, False, True
-    )
     torch.testing.assert_close(dimages, images.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dweight, weight.grad, rtol=1e-4, atol=1e-4)
     assert dimages[..., 16:, :].abs().max() == 0 and dimages[..., 12:].abs().max() == 0
     with pytest.raises(ValueError, match="patch_size"):
         ops.patch_embed(images, weight, None, None, patch_size=4)
+
+
+def test_patch_embed_projection_is_chosen_by_measurement():
+    """In tuned mode the first call of a shape times both projections and stores the pick with both
+    timings; the gather + GEMM candidate's own GEMM is measured inside it (a nested key) without
+    deadlocking the table."""
+    images, weight = torch.randn(2, 3, 32, 32), torch.randn(24, 3, 8, 8)
+    mode, saved = _C.gemm_backend(), {k: v[0] for k, v in _C.gemm_choices().items()}
+    try:
+        _C.set_gemm_backend("tuned")
+        _C.clear_gemm_choices()
+        out = _C.patch_embed_forward(images, weight, None, None, None, None, 8, False)
+        choices = _C.gemm_choices()
+    finally:
+        _C.set_gemm_backend(mode)
+        _C.clear_gemm_choices()
+        _C.set_gemm_choices(saved)
+    pick, ms, measured = choices["patch_embed_fwd/fp32/M=32,K=192,N=24,p=8"]
+    assert measured and set(ms) == {"patch_conv", "patch_gemm"} and pick == min(ms, key=ms.get)
+    assert any(key.startswith("linear/") and "M=32" in key for key in choices), sorted(choices)
+    ref = reference.patch_embed(images.double(), weight.double(), None, None, patch_size=8)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_patch_embed_rejects_bad_input():

@@ -513,7 +513,13 @@ def test_tune_command(cache_dir, capsys):
             assert r["pick"] == best or (r["pick"] == "cpu" and r["ms"]["cpu"] * 0.97 <= r["ms"][best])
     if gemm_tuning.supported(_C):
         gemms = [r for r in rows if r["kind"] == "gemm"]
-        assert {r["op"] for r in gemms} == {"gemm.linear", "gemm.tn"}
+        # The GEMM kinds and the patch-embed projection (convolution vs gather + GEMM, csrc/patch_embed.cpp).
+        assert {r["op"] for r in gemms} == {
+            "gemm.linear",
+            "gemm.tn",
+            "gemm.patch_embed_fwd",
+            "gemm.patch_embed_bwd",
+        }
         assert all(r["pick"] == min(r["ms"], key=r["ms"].get) for r in gemms)
     entries = TuningCache(cache_mod.cpu_model(), cache_dir).entries()
     assert {f"op/{r['op'].replace('.', '/', 1)}/{r['shape']}" for r in ops} <= set(entries)
