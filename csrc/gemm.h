@@ -14,7 +14,10 @@
 // Candidates, by call kind (names are what the table and the cache store):
 //   linear  out = a w^T (+ bias): "aten" (at::addmm / at::mm), "onednn" (the weight as given when it
 //           is row- or column-contiguous), "onednn_packed" (the weight copied row-contiguous first:
-//           only offered when it is not already, i.e. for the dgrad products mm(dy, W)).
+//           only offered when it is not already, i.e. for the dgrad products mm(dy, W)),
+//           "onednn_prepacked" (the weight reordered once into oneDNN's blocked layout and kept while
+//           it stays unchanged: offered only for a weight seen unchanged on three calls, i.e. in
+//           inference loops; see gemm.cpp for how a change is detected).
 //   tn      out = a^T b (weight gradients): "aten" (at::mm on the transposed view), "onednn_ta"
 //           (a^T copied as the source), "onednn_tb" (b^T copied as the source, the product formed
 //           transposed and transposed back).
@@ -72,6 +75,13 @@ std::vector<std::string> set_choices(const std::map<std::string, std::string>& p
 void clear_choices();
 // The candidate names of each kind ("linear", "tn").
 std::map<std::string, std::vector<std::string>> candidate_names();
+// Prepacked weights (the "onednn_prepacked" candidate): on unless VIT_FAST_PREPACK=0; turning it off
+// drops every pack. packed_info() = (weights packed, bytes of their source weights).
+void set_prepacking(bool enabled);
+bool prepacking();
+void clear_packed();
+std::tuple<int64_t, int64_t> packed_info();
+
 // How many GEMMs each candidate ran since the last reset (measurement runs excluded).
 std::map<std::string, int64_t> call_counts();
 void reset_call_counts();

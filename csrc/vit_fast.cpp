@@ -96,6 +96,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("picks"));
   m.def("clear_gemm_choices", &vit_fast::gemm::clear_choices, "Empty the tuned GEMM table");
   m.def("gemm_candidates", &vit_fast::gemm::candidate_names, "Candidate names per kind ('linear', 'tn', 'attention', 'patch_embed')");
+  m.def("set_prepacking", &vit_fast::gemm::set_prepacking, "Turn prepacked oneDNN weights on or off (off drops them)",
+        py::arg("enabled"));
+  m.def("prepacking", &vit_fast::gemm::prepacking, "Whether weights seen unchanged are prepacked for oneDNN");
+  m.def("clear_packed_weights", &vit_fast::gemm::clear_packed, "Drop every prepacked weight");
+  m.def("packed_weights", &vit_fast::gemm::packed_info, "(weights prepacked, bytes of their source weights)");
   m.def("gemm_call_counts", &vit_fast::gemm::call_counts, "GEMM calls per candidate since the last reset");
   m.def("reset_gemm_call_counts", &vit_fast::gemm::reset_call_counts, "Zero the GEMM call counters");
   m.def("_gemm_run", &vit_fast::gemm::run_candidate,

@@ -793,6 +793,89 @@ def test_attention_kernel_env_is_checked(tmp_path):
     assert res.returncode == 0, res.stderr
 
 
+@contextlib.contextmanager
+def _prepacking(gemm_backend="onednn"):
+    """Prepacked oneDNN weights on, an empty pack cache, the GEMM mode forced; restored after."""
+    mode, was = _C.gemm_backend(), _C.prepacking()
+    try:
+        _C.set_gemm_backend(gemm_backend)
+    except RuntimeError as err:  # torch built without oneDNN: no packs
+        pytest.skip(str(err))
+    _C.set_prepacking(True)
+    _C.clear_packed_weights()
+    try:
+        yield
+    finally:
+        _C.set_gemm_backend(mode)
+        _C.clear_packed_weights()
+        _C.set_prepacking(was)
+
+
+def test_prepacked_weights_follow_every_change():
+    """A weight seen unchanged on three calls is reordered once for oneDNN and the pack reused; any
+    change (an in-place write, a write through .data, a new tensor at the freed one's address)
+    is seen before the pack would be used, so every result matches the weight's current values;
+    a pack made at one row count serves every other."""
+    bias = torch.randn(48)
+
+    def call(w, rows=40):
+        x, res = torch.randn(rows, 64), torch.randn(rows, 48)
+        _C.reset_gemm_call_counts()
+        out = _C.linear_residual_forward(x, w, bias, res, None, None, 1)
+        ref = res.double() + x.double() @ w.double().t() + bias.double()
+        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+        counts = _C.gemm_call_counts()
+        assert counts["onednn"] + counts["onednn_prepacked"] == 1, counts
+        return "prepacked" if counts["onednn_prepacked"] else "plain"
+
+    with _prepacking(), torch.no_grad():
+        w = torch.randn(48, 64)
+        assert [call(w) for _ in range(4)] == ["plain", "plain", "prepacked", "prepacked"]
+        assert _C.packed_weights() == (1, w.numel() * 4)
+        # The reorder takes the row count as a hint only: the pack serves any batch.
+        assert [call(w, rows) for rows in (1, 7, 301)] == ["prepacked"] * 3
+        w.mul_(2.0)  # bumps the version counter
+        assert [call(w) for _ in range(3)] == ["plain", "plain", "prepacked"]
+        w.data.add_(1.0)  # .data has its own version counter: the sampled fingerprint sees it
+        assert call(w) == "plain"
+        ptr = w.data_ptr()
+        del w
+        w = torch.randn(48, 64)  # likely the freed block again: the weak storage reference tells
+        assert (w.data_ptr() != ptr) or call(w) == "plain"
+        _C.set_prepacking(False)
+        assert _C.packed_weights() == (0, 0)
+        assert [call(w) for _ in range(4)] == ["plain"] * 4
+        _C.set_prepacking(True)
+        with torch.inference_mode():  # an inference tensor has no version counter: never packed
+            wi = torch.randn(48, 64)
+            assert [call(wi) for _ in range(4)] == ["plain"] * 4
+
+
+def test_training_never_prepacks():
+    """A training step sees each weight once per version (the optimizer writes it in place), so
+    no weight is ever packed; inference afterwards packs each linear weight on its third call."""
+    import vit_fast
+
+    torch.manual_seed(0)
+    model = vit_fast.create_model("vit_tiny_patch16_224", impl="fused", img_size=32, depth=2, num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
+    with _prepacking("tuned"):
+        for _ in range(4):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        assert _C.packed_weights()[0] == 0
+        model.eval()
+        with torch.inference_mode():
+            outs = [model(x) for _ in range(4)]
+        # qkv, proj, fc1, fc2 of each block, and the patch projection when its gather + GEMM
+        # candidate was picked (the head is F.linear, not the C++ GEMM).
+        patch = [v[0] for k, v in _C.gemm_choices().items() if k.startswith("patch_embed_fwd/")]
+        assert _C.packed_weights()[0] == 4 * 2 + (patch == ["patch_gemm"])
+        torch.testing.assert_close(outs[-1], outs[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kept_temporaries_never_escape(dtype):
     """The C++ ops keep their internal temporaries (LN output, GELU output) between calls: no

@@ -382,13 +382,17 @@ needs_gemm_table = pytest.mark.skipif(
 
 @pytest.fixture
 def tuned_gemms():
-    before = _C.gemm_backend()
+    """Tuned mode on an empty table, prepacked weights off: a weight called three times would
+    otherwise move to its own "/pack=1" key (tested in test_cpu_backend.py)."""
+    before, packing = _C.gemm_backend(), _C.prepacking()
     _C.set_gemm_backend("tuned")
+    _C.set_prepacking(False)
     _C.clear_gemm_choices()
     _C.reset_gemm_call_counts()
     yield
     _C.clear_gemm_choices()
     _C.set_gemm_backend(before)
+    _C.set_prepacking(packing)
 
 
 @needs_gemm_table
