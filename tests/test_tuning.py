@@ -137,6 +137,33 @@ def test_cache_is_keyed_per_device_model(cache_dir):
     assert sorted(p.name for p in cache_dir.iterdir()) == ["tuning-CPU_A.json", "tuning-CPU_B.json"]
 
 
+def test_cpu_identity_tells_generations_and_thread_counts_apart(tmp_path, monkeypatch):
+    """VMs report bare model names ("AMD EPYC" for Zen 4 and Zen 5 alike): the cache file's
+    identity adds family / model / stepping, the kernel-deciding ISA flags and the thread count."""
+    block = "processor\t: {p}\nmodel name\t: AMD EPYC\ncpu family\t: {fam}\nmodel\t\t: {mod}\nstepping\t: 0\nflags\t\t: fpu avx2 avx512f{extra}\n\n"
+    seen = []
+    for i, (fam, mod, extra) in enumerate(((25, 17, " avx512_bf16"), (26, 2, " avx512_bf16"), (26, 2, ""))):
+        path = tmp_path / f"cpuinfo{i}"
+        # The first processor's block decides; a different second block must not matter.
+        path.write_text(
+            block.format(p=0, fam=fam, mod=mod, extra=extra) + block.format(p=1, fam=1, mod=1, extra="")
+        )
+        monkeypatch.setattr(cache_mod, "CPUINFO", str(path))
+        seen.append(cache_mod.cpu_identity())
+        assert cache_mod.cpu_model() == "AMD EPYC"
+    threads = torch.get_num_threads()
+    assert seen[0] == f"AMD EPYC (family 25 model 17 stepping 0; avx2 avx512f avx512_bf16; {threads} threads)"
+    assert seen[2] == f"AMD EPYC (family 26 model 2 stepping 0; avx2 avx512f; {threads} threads)"
+    assert len(set(seen)) == 3
+    try:
+        torch.set_num_threads(threads + 1)
+        more = cache_mod.cpu_identity()
+    finally:
+        torch.set_num_threads(threads)
+    assert more == seen[2].replace(f"{threads} threads", f"{threads + 1} threads")
+    assert cache_mod.device_model("cpu") == seen[2]
+
+
 def test_forced_choice_and_tuning_off(cache_dir, monkeypatch):
     timer = QueueTimer()
     sel = _selector(cache_dir, timer)
@@ -458,7 +485,7 @@ def test_gemm_choices_round_trip_through_the_disk_cache(tuned_gemms, cache_dir):
     measured = {k: v[0] for k, v in _C.gemm_choices().items() if v[2]}
     assert any(k.startswith("tn/") for k in measured) and any(k.startswith("linear/") for k in measured)
     assert gemm_tuning.save(_C) == len(measured)
-    entries = TuningCache(cache_mod.cpu_model(), cache_dir).entries()
+    entries = TuningCache(cache_mod.cpu_identity(), cache_dir).entries()
     assert {k.removeprefix("gemm/"): v["pick"] for k, v in entries.items()} == measured
     _C.clear_gemm_choices()
     cache_mod.reset_caches()
@@ -525,7 +552,7 @@ def test_tune_command(cache_dir, capsys):
             "gemm.patch_embed_bwd",
         }
         assert all(r["pick"] == min(r["ms"], key=r["ms"].get) for r in gemms)
-    entries = TuningCache(cache_mod.cpu_model(), cache_dir).entries()
+    entries = TuningCache(cache_mod.cpu_identity(), cache_dir).entries()
     assert {f"op/{r['op'].replace('.', '/', 1)}/{r['shape']}" for r in ops} <= set(entries)
     # The table form: a header and one line per row.
     assert cli.main(argv[:-1]) == 0

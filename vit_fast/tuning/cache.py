@@ -43,28 +43,64 @@ def cache_dir() -> Path:
     return base / "vit_fast"
 
 
+#: ISA extensions that change which GEMM / attention kernel wins (and whether some can run at all).
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+
+
+CPUINFO = "/proc/cpuinfo"
+
+
 @functools.cache
-def cpu_model() -> str:
-    """The CPU model string (`model name` in /proc/cpuinfo; platform.processor() elsewhere)."""
+def _cpuinfo(path: str | None = None) -> tuple[str, str, str]:
+    """(model name, "family F model M stepping S", the CPU_FEATURES present) of the first CPU in
+    `path` (default CPUINFO)."""
+    fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        with open(path or CPUINFO, encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip().lower(), value.strip())
     except OSError:
         pass
-    import platform
+    name = fields.get("model name", "")
+    if not name:
+        import platform
 
-    return platform.processor() or platform.machine() or "unknown-cpu"
+        name = platform.processor() or platform.machine() or "unknown-cpu"
+    parts = [f"{k.split()[-1]} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields]
+    flags = set(fields.get("flags", "").split())
+    return name, " ".join(parts), " ".join(f for f in CPU_FEATURES if f in flags)
+
+
+def cpu_model() -> str:
+    """The CPU model string (`model name` in /proc/cpuinfo; platform.processor() elsewhere)."""
+    return _cpuinfo(CPUINFO)[0]
+
+
+def cpu_identity() -> str:
+    """What a CPU measurement is valid for: the model name, the family / model / stepping numbers,
+    the ISA extensions that decide kernels, and torch's thread count, e.g. "AMD EPYC (family 26
+    model 2 stepping 0; avx2 avx512f avx512_vnni avx512_bf16; 2 threads)".
+
+    Virtual machines often report a bare model name ("AMD EPYC", "Intel(R) Xeon(R) Processor") for
+    CPU generations with different ISAs (Zen 4 vs Zen 5, AMX or not), and a pick measured on 2
+    threads need not win on 16, so the name alone would share one cache between machines that
+    disagree."""
+    name, numbers, features = _cpuinfo(CPUINFO)
+    details = "; ".join(p for p in (numbers, features, f"{torch.get_num_threads()} threads") if p)
+    return f"{name} ({details})"
 
 
 def device_model(device: torch.device | str) -> str:
-    """What a measurement is valid for: the CPU model, or the GPU name (torch.cuda.get_device_name)."""
+    """What a measurement is valid for: `cpu_identity()` on CPU, the GPU name
+    (torch.cuda.get_device_name) on CUDA."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
-        return cpu_model()
+        return cpu_identity()
     return device.type
 
 

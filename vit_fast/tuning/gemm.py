@@ -14,13 +14,22 @@ import threading
 import warnings
 from types import ModuleType
 
-from vit_fast.tuning.cache import cpu_model, get_cache
+from vit_fast.tuning.cache import cpu_identity, get_cache
 from vit_fast.tuning.selector import tuning_enabled
 
 PREFIX = "gemm/"
 _saved: set[tuple[str, str]] = set()
 _lock = threading.Lock()
 _attached: list[ModuleType] = []
+_identity: list[str] = []  # the cpu_identity() at attach: the table's picks belong to that file
+
+
+def _cache():
+    """The cache file of the CPU identity in force when the extension was attached (a later
+    torch.set_num_threads does not move the picks measured before it to another file)."""
+    if not _identity:
+        _identity.append(cpu_identity())
+    return get_cache(_identity[0])
 
 
 def supported(ext: ModuleType | None) -> bool:
@@ -32,6 +41,7 @@ def attach(ext: ModuleType | None) -> None:
     if not supported(ext) or _attached:
         return
     _attached.append(ext)
+    _identity[:] = [cpu_identity()]
     if tuning_enabled():
         load(ext)
     atexit.register(_save_at_exit)
@@ -39,7 +49,7 @@ def attach(ext: ModuleType | None) -> None:
 
 def load(ext: ModuleType) -> int:
     """Put the CPU model's cached GEMM picks into the extension's table; returns how many."""
-    entries = get_cache(cpu_model()).entries()
+    entries = _cache().entries()
     picks = {k[len(PREFIX) :]: v["pick"] for k, v in entries.items() if k.startswith(PREFIX)}
     refused = ext.set_gemm_choices(picks)
     if refused:
@@ -57,7 +67,7 @@ def save(ext: ModuleType | None = None, *, force: bool = False) -> int:
     ext = ext if ext is not None else (_attached[0] if _attached else None)
     if not supported(ext) or not (force or tuning_enabled()):
         return 0
-    cache = get_cache(cpu_model())
+    cache = _cache()
     new = 0
     with _lock:
         for key, (pick, ms, measured) in ext.gemm_choices().items():
