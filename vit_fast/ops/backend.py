@@ -180,6 +180,9 @@ class _TunedFns:
 
 
 _stand_ins: dict[tuple[torch.device, str, str], _TunedFns] = {}
+# backend_fns' answers by everything they depend on (device, family, dtype, the forced backend, whether
+# tuning is on, the interpreter flag): one dict lookup per op call instead of the selection logic.
+_resolved: dict[tuple, tuple[str, Any]] = {}
 
 
 def backend_fns(device: torch.device, family: str, dtype: torch.dtype | None = None, *weights: Tensor) -> Any:
@@ -193,16 +196,23 @@ def backend_fns(device: torch.device, family: str, dtype: torch.dtype | None = N
     from vit_fast.tuning import ops as tuning_ops
 
     forced = forced_backend()
-    backend = _select(device, family, dtype, forced)
-    if backend == "cpu" and any(w.numel() == 0 for w in weights):
-        return backend_module(family, "reference")
-    if forced is None and len(tuning_ops.candidates(device, backend)) > 1 and tuning_ops.enabled():
-        key = (device, family, backend)
-        fns = _stand_ins.get(key)
-        if fns is None:
-            fns = _stand_ins[key] = _TunedFns(device, family, backend)
-        return fns
-    return backend_module(family, backend)
+    tune = forced is None and tuning_ops.enabled()
+    key = (device, family, dtype, forced, tune, triton_interpreting())
+    hit = _resolved.get(key)
+    if hit is None:
+        backend = _select(device, family, dtype, forced)  # raises for an impossible forced choice
+        fns: Any = backend_module(family, backend)
+        if tune and len(tuning_ops.candidates(device, backend)) > 1:
+            fns = _stand_ins.get((device, family, backend))
+            if fns is None:
+                fns = _stand_ins[(device, family, backend)] = _TunedFns(device, family, backend)
+        hit = _resolved[key] = (backend, fns)
+    backend, fns = hit
+    if backend == "cpu":
+        for w in weights:
+            if w.numel() == 0:
+                return backend_module(family, "reference")
+    return fns
 
 
 def active_backends(device: torch.device | str = "cpu") -> dict[str, str]:
