@@ -245,11 +245,18 @@ Tensor prepacked_weight(const Tensor& w, int64_t m) {
   if (++e.sightings < kSightingsBeforePack) return Tensor();
   const int64_t bytes = w.numel() * static_cast<int64_t>(w.element_size());
   if (cache.bytes + bytes > kMaxPackBytes) return Tensor();
-  e.packed = at::empty({0});  // placeholder while the reorder runs (the lock is held throughout)
-  static const auto reorder = c10::Dispatcher::singleton()
-                                  .findSchemaOrThrow("mkldnn::_reorder_linear_weight", "")
-                                  .typed<Tensor(const Tensor&, std::optional<int64_t>)>();
-  e.packed = reorder.call(w, m);
+  try {
+    static const auto reorder = c10::Dispatcher::singleton()
+                                    .findSchemaOrThrow("mkldnn::_reorder_linear_weight", "")
+                                    .typed<Tensor(const Tensor&, std::optional<int64_t>)>();
+    e.packed = reorder.call(w, m);
+  } catch (const std::exception&) {
+    // A torch without the reorder op, or a shape oneDNN refuses: this weight runs unpacked (the
+    // sightings never reach the threshold again while it is unchanged).
+    e.packed = Tensor();
+    e.sightings = std::numeric_limits<int>::min();
+    return Tensor();
+  }
   e.bytes = bytes;
   cache.bytes += bytes;
   return e.packed;
@@ -465,7 +472,7 @@ std::tuple<int64_t, int64_t> packed_info() {
   PackCache& cache = pack_cache();
   std::lock_guard<std::mutex> lock(cache.mu);
   int64_t n = 0;
-  for (const auto& [ptr, e] : cache.entries) n += (e.packed.defined() && e.packed.numel() > 0) ? 1 : 0;
+  for (const auto& [ptr, e] : cache.entries) n += e.packed.defined() ? 1 : 0;
   return {n, cache.bytes};
 }
 
