@@ -7,6 +7,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from vit_fast.cli import main as cli
 from vit_fast.ops import use_backend
@@ -85,6 +86,11 @@ def test_check_environment(capsys):
         assert f"cpu_attention_tiles  {ext.tile_gemm_backend()}" in out
         kernels = f"{','.join(ext.attention_kernels())} [{ext.bf16_micro_kernel()}]"
         assert f"cpu_bf16_attention   {kernels} (auto)" in out
+        assert f"cpu_prepack          {'on' if ext.prepacking() else 'off'}" in out
+    if not torch.cuda.is_available():  # the CPU as the tuning cache names it
+        from vit_fast.tuning.cache import cpu_identity
+
+        assert f"device               cpu ({cpu_identity()})" in out
 
 
 def test_check_aot_one_kernel(capsys):

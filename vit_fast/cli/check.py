@@ -39,6 +39,8 @@ def environment() -> dict[str, Any]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
+    from vit_fast.tuning.cache import cpu_identity
+
     ext = cpu_extension()
     info: dict[str, Any] = {
         "python": platform.python_version(),
@@ -48,7 +50,7 @@ def environment() -> dict[str, Any]:
         "cuda_available": torch.cuda.is_available(),
         "device": torch.cuda.get_device_name(0)
         if torch.cuda.is_available()
-        else f"cpu ({platform.processor() or platform.machine()})",
+        else f"cpu ({cpu_identity()})",  # also the tuning cache's identity (vit_fast.tuning.cache)
         "cpu_threads": torch.get_num_threads(),
         "triton_interpret": triton_interpreting(),
         "extension_built": ext is not None,
@@ -66,6 +68,10 @@ def environment() -> dict[str, Any]:
         "cpu_bf16_attention": f"{','.join(ext.attention_kernels())} [{ext.bf16_micro_kernel()}]"
         f" ({ext.attention_kernel()})"
         if ext is not None and hasattr(ext, "attention_kernels")
+        else "n/a",
+        # Prepacked oneDNN weights for inference (csrc/gemm.cpp; VIT_FAST_PREPACK=0 turns them off).
+        "cpu_prepack": ("on" if ext.prepacking() else "off")
+        if ext is not None and hasattr(ext, "prepacking")
         else "n/a",
     }
     if torch.cuda.is_available():
