@@ -51,12 +51,12 @@ CPUINFO = "/proc/cpuinfo"
 
 
 @functools.cache
-def _cpuinfo(path: str | None = None) -> tuple[str, str, str]:
+def _cpuinfo(path: str) -> tuple[str, str, str]:
     """(model name, "family F model M stepping S", the CPU_FEATURES present) of the first CPU in
-    `path` (default CPUINFO)."""
+    `path` (CPUINFO; by argument so that the cache tells files apart)."""
     fields: dict[str, str] = {}
     try:
-        with open(path or CPUINFO, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if not line.strip():
                     break  # the first processor's block is enough
