@@ -21,12 +21,12 @@ PREFIX = "gemm/"
 _saved: set[tuple[str, str]] = set()
 _lock = threading.Lock()
 _attached: list[ModuleType] = []
-_identity: list[str] = []  # the cpu_identity() at attach: the table's picks belong to that file
+_identity: list[str] = []  # the cpu_identity() at first use: the table's picks belong to that file
 
 
 def _cache():
-    """The cache file of the CPU identity in force when the extension was attached (a later
-    torch.set_num_threads does not move the picks measured before it to another file)."""
+    """The cache file of the CPU identity in force at the first load or save (attach loads first),
+    pinned: a later torch.set_num_threads does not move the picks measured before it to another file."""
     if not _identity:
         _identity.append(cpu_identity())
     return get_cache(_identity[0])
@@ -41,7 +41,6 @@ def attach(ext: ModuleType | None) -> None:
     if not supported(ext) or _attached:
         return
     _attached.append(ext)
-    _identity[:] = [cpu_identity()]
     if tuning_enabled():
         load(ext)
     atexit.register(_save_at_exit)
