@@ -165,6 +165,7 @@ def test_a_broken_command_module_does_not_break_the_others(monkeypatch, capsys):
     assert args.batch == 3
 
 
+@pytest.mark.slow  # times a NaFlexVit at several lengths, stock and patched (1-3 min on 2 cores)
 def test_bench_naflex_command(tmp_path, capsys):
     argv = "bench --naflex --batch 2 --max-patches 16 --depth 1 --model-runs 1 --min-run-time 0.001"
     assert cli.main([*argv.split(), "--out", str(tmp_path)]) == 0

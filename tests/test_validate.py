@@ -52,6 +52,7 @@ def test_validate_rejects_bad_arguments():
         cli.main(["validate", "--device", "cpu", "--budget-s", "0"])
 
 
+@pytest.mark.slow  # compiles timm with inductor (cold cache: 1-5 min on 2 cores)
 def test_validate_smoke_on_cpu(tmp_path, capsys):
     out_dir = tmp_path / "report"
     argv = ["validate", "--device", "cpu", "--models", "vit_small_patch16_224", "--batch", "1"]
