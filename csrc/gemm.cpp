@@ -304,7 +304,8 @@ double now_ms() {
 }
 
 // Times each candidate on the real operands: one untimed warm-up (oneDNN JIT-compiles its kernel
-// for a new shape on the first call; a candidate that throws there is dropped), then enough
+// for a new shape on the first call; a candidate that throws there is dropped: a c10::Error, or
+// oneDNN's own dnnl::error, which is what an AVX2-only CPU raises for a bf16 inner product), then enough
 // repetitions for ~20 ms per candidate (3 to 50: small GEMMs get more samples), and keeps the median. Returns the winner's output.
 Tensor measure(const std::string& key, const std::vector<int>& cands, const std::function<Tensor(int)>& run,
                Choice& out) {
@@ -318,7 +319,7 @@ Tensor measure(const std::string& key, const std::vector<int>& cands, const std:
     double t0 = now_ms();
     try {
       result = run(c);
-    } catch (const c10::Error&) {
+    } catch (const std::exception&) {
       continue;
     }
     const double warm = std::max(now_ms() - t0, 1e-3);
@@ -493,8 +494,9 @@ void reset_call_counts() {
   for (auto& c : counters()) c.store(0);
 }
 
-Tensor run_candidate(const std::string& kind, const std::string& name, const Tensor& a, const Tensor& b,
-                     const OptTensor& bias) {
+namespace {
+Tensor run_candidate_checked(const std::string& kind, const std::string& name, const Tensor& a, const Tensor& b,
+                             const OptTensor& bias) {
   const int c = cand_index(name);
   TORCH_CHECK(kind == "linear" || kind == "tn", "kind must be 'linear' or 'tn', got '", kind, "'");
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "a and b must be 2-D");
@@ -516,6 +518,20 @@ Tensor run_candidate(const std::string& kind, const std::string& name, const Ten
               "' does not apply to a tn call");
   TORCH_CHECK(!bias.has_value(), "a tn call takes no bias");
   return run_tn(c, a, b);
+}
+}  // namespace
+
+Tensor run_candidate(const std::string& kind, const std::string& name, const Tensor& a, const Tensor& b,
+                     const OptTensor& bias) {
+  try {
+    return run_candidate_checked(kind, name, a, b, bias);
+  } catch (const c10::Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    // oneDNN's own error type (no primitive for this dtype on this CPU: bf16 without AVX-512), made a
+    // RuntimeError that says so; measure() drops such a candidate the same way.
+    TORCH_CHECK(false, "candidate '", name, "' cannot run this call on this CPU: ", e.what());
+  }
 }
 
 }  // namespace vit_fast::gemm
