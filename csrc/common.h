@@ -81,9 +81,10 @@ inline T from_f(float v) {
 // picked at load time (GCC target_clones): setup.py builds for baseline x86-64, which would leave the
 // exp/erf polynomials and the row reductions at 4 SSE lanes. The AVX-512 clone is x86-64-v4 (F, BW,
 // DQ, VL: Intel since Skylake-SP, AMD since Zen 4) so that the 16-bit bf16 <-> fp32 conversions
-// vectorise at 16 lanes too.
+// vectorise at 16 lanes too; the AVX2 clone is x86-64-v3 (AVX2 + FMA + F16C: Haswell, Zen 1-3) so
+// that the polynomials contract into FMAs there (plain "avx2" leaves FMA off).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VF_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#define VF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define VF_CLONES
 #endif

@@ -7,8 +7,10 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define VF_TILE_AVX512 1
-// Only these functions are compiled for AVX-512; they run only after a cpuid check (set_backend).
+// Only these functions are compiled for AVX-512 / AVX2+FMA; they run only after a cpuid check
+// (set_backend).
 #define VF_AVX512 __attribute__((target("avx512f")))
+#define VF_AVX2 __attribute__((target("avx2,fma")))
 #endif
 
 // The BLAS that libtorch_cpu carries (MKL's Fortran sgemm_, LP64). Declared weak: on a torch build
@@ -113,6 +115,95 @@ VF_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t k, float alpha, const f
 }
 #endif
 
+// ------------------------------------------------------------------------------------------------
+// AVX2 + FMA micro-kernel, the same scheme at 8 lanes for CPUs without AVX-512 (AMD Zen 1-3, Intel
+// client cores): MR x (8 NV) accumulators, MR * NV = 12 of the 16 ymm, plus NV rows of B and one
+// broadcast of A. Column tails go through maskload / maskstore (masked lanes are never touched, so
+// reading past the tile's last column cannot fault). MKL's sgemm_ (the BLAS fallback) costs a few
+// microseconds of setup per call, which these tiles (a few hundred x 64) do not amortise.
+
+#ifdef VF_TILE_AVX512
+constexpr int kMR2 = 6;
+constexpr int kNV2 = 2;
+
+// Lanes [0, rem) set: the mask of an 8-wide step with rem (1..8) columns left.
+VF_AVX2 inline __m256i lane_mask8(int rem) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), lanes);
+}
+
+template <int MR, int NV>
+VF_AVX2 void micro2(int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
+                    bool accumulate, float* c, int64_t ldc, int tail) {
+  const __m256i mask = lane_mask8(tail);
+  __m256 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < k; ++p) {
+    const float* brow = b + p * ldb;
+    __m256 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      bv[v] = v == NV - 1 && tail < 8 ? _mm256_maskload_ps(brow + 8 * v, mask) : _mm256_loadu_ps(brow + 8 * v);
+    const float* acol = a + p * a_cs;
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m256 av = _mm256_broadcast_ss(acol + i * a_rs);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(av, bv[v], acc[i][v]);
+    }
+  }
+  const __m256 va = _mm256_set1_ps(alpha);
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      float* cp = c + i * ldc + 8 * v;
+      const bool part = v == NV - 1 && tail < 8;
+      __m256 r = _mm256_mul_ps(acc[i][v], va);
+      if (accumulate) r = _mm256_add_ps(r, part ? _mm256_maskload_ps(cp, mask) : _mm256_loadu_ps(cp));
+      if (part) {
+        _mm256_maskstore_ps(cp, mask, r);
+      } else {
+        _mm256_storeu_ps(cp, r);
+      }
+    }
+  }
+}
+
+using MicroFn2 = void (*)(int64_t, float, const float*, int64_t, int64_t, const float*, int64_t, bool, float*, int64_t,
+                          int);
+
+// kKernels2[rows - 1][vectors - 1]
+constexpr auto kKernels2 =
+    micro_kernel_table<kMR2, kNV2>([]<int MR, int NV>() -> MicroFn2 { return &micro2<MR, NV>; });
+
+VF_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_cs,
+                       const float* b, int64_t ldb, bool accumulate, float* c, int64_t ldc) {
+  // Column panels outermost, as gemm_avx512: a k x 16 panel of B stays in L1 across the row blocks.
+  for (int64_t j0 = 0; j0 < n; j0 += 8 * kNV2) {
+    const int64_t cols = std::min<int64_t>(8 * kNV2, n - j0);
+    const int nv = static_cast<int>((cols + 7) / 8);
+    const int tail = static_cast<int>(cols - 8 * (nv - 1));  // 1..8 columns in the last vector
+    for (int64_t i0 = 0; i0 < m; i0 += kMR2) {
+      const int rows = static_cast<int>(std::min<int64_t>(kMR2, m - i0));
+      kKernels2[rows - 1][nv - 1](k, alpha, a + i0 * a_rs, a_rs, a_cs, b + j0, ldb, accumulate, c + i0 * ldc + j0,
+                                  ldc, tail);
+    }
+  }
+}
+#endif
+
+bool cpu_has_avx2() {
+#ifdef VF_TILE_AVX512
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
 bool cpu_has_avx512() {
 #ifdef VF_TILE_AVX512
   return __builtin_cpu_supports("avx512f");
@@ -121,7 +212,7 @@ bool cpu_has_avx512() {
 #endif
 }
 
-enum class Backend { kAvx512, kBlas };
+enum class Backend { kAvx512, kAvx2, kBlas };
 
 Backend parse(const std::string& name) {
   if (name == "blas") return Backend::kBlas;
@@ -129,8 +220,12 @@ Backend parse(const std::string& name) {
     TORCH_CHECK(cpu_has_avx512(), "tile GEMM backend 'avx512' requested but this CPU (or build) has no AVX-512F");
     return Backend::kAvx512;
   }
-  TORCH_CHECK(name == "auto", "tile GEMM backend must be 'auto', 'avx512' or 'blas', got '", name, "'");
-  return cpu_has_avx512() ? Backend::kAvx512 : Backend::kBlas;
+  if (name == "avx2") {
+    TORCH_CHECK(cpu_has_avx2(), "tile GEMM backend 'avx2' requested but this CPU (or build) has no AVX2 + FMA");
+    return Backend::kAvx2;
+  }
+  TORCH_CHECK(name == "auto", "tile GEMM backend must be 'auto', 'avx512', 'avx2' or 'blas', got '", name, "'");
+  return cpu_has_avx512() ? Backend::kAvx512 : (cpu_has_avx2() ? Backend::kAvx2 : Backend::kBlas);
 }
 
 std::atomic<Backend>& current() {
@@ -144,15 +239,29 @@ void gemm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t 
           int64_t ldb, bool accumulate, float* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return;
 #ifdef VF_TILE_AVX512
-  if (current().load(std::memory_order_relaxed) == Backend::kAvx512) {
+  const Backend be = current().load(std::memory_order_relaxed);
+  if (be == Backend::kAvx512) {
     gemm_avx512(m, n, k, alpha, a, a_rs, a_cs, b, ldb, accumulate, c, ldc);
+    return;
+  }
+  if (be == Backend::kAvx2) {
+    gemm_avx2(m, n, k, alpha, a, a_rs, a_cs, b, ldb, accumulate, c, ldc);
     return;
   }
 #endif
   gemm_blas(m, n, k, alpha, a, a_rs, a_cs, b, ldb, accumulate, c, ldc);
 }
 
-std::string backend() { return current().load() == Backend::kAvx512 ? "avx512" : "blas"; }
+std::string backend() {
+  switch (current().load()) {
+    case Backend::kAvx512:
+      return "avx512";
+    case Backend::kAvx2:
+      return "avx2";
+    default:
+      return "blas";
+  }
+}
 
 void set_backend(const std::string& name) { current().store(parse(name)); }
 

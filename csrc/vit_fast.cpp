@@ -68,9 +68,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("heap_warmed", [] { return heap_warmed; },
         "Whether loading the extension raised glibc's mmap threshold (VIT_FAST_HEAP_WARMUP=0: no)");
   m.def("tile_gemm_backend", &vit_fast::tile::backend,
-        "What the attention-tile GEMMs run now: 'avx512' (the native micro-kernel) or 'blas'");
+        "What the attention-tile GEMMs run now: 'avx512' or 'avx2' (the native micro-kernels) or 'blas'");
   m.def("set_tile_gemm_backend", &vit_fast::tile::set_backend,
-        "Choose the attention-tile GEMMs: 'auto' (avx512 where the CPU has it), 'avx512' or 'blas'",
+        "Choose the attention-tile GEMMs: 'auto' (avx512, else avx2, where the CPU has it), 'avx512', 'avx2' or 'blas'",
         pybind11::arg("name"));
   m.def("attention_kernels", &vit_fast::attention_kernels,
         "The bf16 attention kernels this CPU runs: 'attn_tiles' (fp32 tiles), 'attn_brgemm' (bf16 micro-kernel)");

@@ -20,6 +20,7 @@ from vit_fast import ops, reference
 from vit_fast.ops import use_backend
 from vit_fast.ops.attention import _SEED_BOUND
 from vit_fast.testing import check_numerics
+from vit_fast.tuning import cache as cache_mod
 
 _C = pytest.importorskip("vit_fast._C")
 if not hasattr(_C, "attention_forward"):
@@ -41,13 +42,14 @@ def gemm_backend(request):
     _C.set_gemm_backend(before)
 
 
-@pytest.fixture(params=["avx512", "blas"])
+@pytest.fixture(params=["avx512", "avx2", "blas"])
 def tile_backend(request):
-    """Run a test once per attention-tile GEMM (csrc/tile_gemm.h): the AVX-512 kernel and the BLAS."""
+    """Run a test once per attention-tile GEMM (csrc/tile_gemm.h): the AVX-512 kernel, the AVX2 + FMA
+    kernel (runs on every AVX-512 CPU too) and the BLAS."""
     before = _C.tile_gemm_backend()
     try:
         _C.set_tile_gemm_backend(request.param)
-    except RuntimeError as err:  # a CPU without AVX-512: only the BLAS path exists
+    except RuntimeError as err:  # a CPU without that ISA (AVX-512 on a Zen 3, say)
         pytest.skip(str(err))
     yield request.param
     _C.set_tile_gemm_backend(before)
@@ -272,25 +274,28 @@ def test_attention_strided_qkv():
 
 def test_tile_gemm_backend_choice():
     before = _C.tile_gemm_backend()
-    assert before in ("avx512", "blas")
+    flags = set(cache_mod._cpuinfo(cache_mod.CPUINFO)[2].split())
+    # "auto" takes the widest micro-kernel the CPU has.
+    assert before == ("avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "blas")
     qkv = torch.randn(2, 45, 3 * 2 * 40)
     try:
         with pytest.raises(RuntimeError, match="tile GEMM backend must be"):
             _C.set_tile_gemm_backend("cuda")
         assert _C.tile_gemm_backend() == before
         outs = {}
-        for name in ("blas", "avx512"):
+        for name in ("blas", "avx512", "avx2"):
             try:
                 _C.set_tile_gemm_backend(name)
             except RuntimeError:
-                assert name == "avx512"  # only where the CPU lacks AVX-512
+                assert name == "avx512" and "avx512f" not in flags  # only where the CPU lacks it
                 continue
             assert _C.tile_gemm_backend() == name
             outs[name] = _C.attention_forward(qkv, 2, 40**-0.5, 0.0, 0)
     finally:
         _C.set_tile_gemm_backend(before)
-    if len(outs) == 2:  # both fp32 tile GEMMs: equal up to summation order
-        for a, b in zip(outs["blas"], outs["avx512"]):
+    assert "avx2" in outs or "avx2" not in flags
+    for name in set(outs) - {"blas"}:  # the fp32 tile GEMMs: equal up to summation order
+        for a, b in zip(outs["blas"], outs[name]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 

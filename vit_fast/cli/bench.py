@@ -78,10 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--cpu-tile-gemm",
-        choices=("auto", "avx512", "blas"),
+        choices=("auto", "avx512", "avx2", "blas"),
         default=None,
-        help="the C++ attention's tile GEMMs: auto (the AVX-512 micro-kernel where the CPU has it), "
-        "avx512, or blas (the fallback; an ablation)",
+        help="the C++ attention's tile GEMMs: auto (the AVX-512 micro-kernel where the CPU has it, "
+        "else the AVX2 + FMA one), avx512, avx2, or blas (the fallback; an ablation)",
     )
     p.add_argument("--sweep-tokens", default="50,197,257")
     p.add_argument("--sweep-batch", default="1,2,4")

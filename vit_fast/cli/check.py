@@ -58,7 +58,7 @@ def environment() -> dict[str, Any]:
         "backends_cpu": active_backends("cpu"),
         # The library the C++ backend's float32 GEMMs call (csrc/gemm.h): "onednn" or "aten".
         "cpu_gemm": ext.gemm_backend() if ext is not None and hasattr(ext, "gemm_backend") else "n/a",
-        # ... and the attention-tile GEMMs (csrc/tile_gemm.h): "avx512" or "blas".
+        # ... and the attention-tile GEMMs (csrc/tile_gemm.h): "avx512", "avx2" or "blas".
         "cpu_attention_tiles": ext.tile_gemm_backend()
         if ext is not None and hasattr(ext, "tile_gemm_backend")
         else "n/a",
