@@ -21,6 +21,10 @@
 //   tn      out = a^T b (weight gradients): "aten" (at::mm on the transposed view), "onednn_ta"
 //           (a^T copied as the source), "onednn_tb" (b^T copied as the source, the product formed
 //           transposed and transposed back).
+//   both, bf16 only: "aten_f32" (the operands widened to fp32, at::mm, the result rounded to bf16
+//           once): where the CPU has neither AVX512-BF16 nor AMX, torch's bf16 GEMM has no fast
+//           kernel (an AMD EPYC Zen 3: 18 GFLOP/s against 170 for this path at M=1576, N=1536,
+//           K=384) and oneDNN has no bf16 inner product at all.
 // Both libraries accumulate in float32. oneDNN candidates are offered only when torch has the op,
 // and a candidate that throws while being measured (say, bf16 oneDNN on a CPU without AVX-512 BF16)
 // is dropped for that key.
