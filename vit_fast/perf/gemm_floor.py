@@ -98,7 +98,12 @@ def _candidates(g: Gemm, device: torch.device, dtype: torch.dtype) -> dict[str, 
 
     if g.kind == "bmm":
         a, b = r(g.batch, g.m, g.k), r(g.batch, g.k, g.n)
-        return {"torch.bmm": lambda: torch.bmm(a, b)}
+        cands = {"torch.bmm": lambda: torch.bmm(a, b)}
+        if dtype == torch.bfloat16 and device.type == "cpu":
+            # Widened to fp32 and rounded back once: what the C++ attention's fp32 tiles do where the
+            # CPU has no bf16 GEMM instructions (torch's bf16 bmm is then ~10x slower than this).
+            cands["torch.bmm fp32"] = lambda: torch.bmm(a.float(), b.float()).to(dtype)
+        return cands
     if g.kind == "linear":
         a, w = r(g.m, g.k), r(g.n, g.k)  # x W^T with the weight stored [N, K]
         cands = {"F.linear": lambda: torch.nn.functional.linear(a, w)}
