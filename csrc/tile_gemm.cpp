@@ -6,7 +6,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-#define VF_TILE_AVX512 1
+#define VF_TILE_X86 1
 // Only these functions are compiled for AVX-512 / AVX2+FMA; they run only after a cpuid check
 // (set_backend).
 #define VF_AVX512 __attribute__((target("avx512f")))
@@ -53,7 +53,7 @@ void gemm_blas(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int
 // AVX-512 micro-kernel: an MR x (16 NV) block of C in registers (MR * NV <= 24 of the 32 zmm), one
 // row of B (NV vectors, the last one masked to the column tail) and MR broadcasts of A per step p.
 
-#ifdef VF_TILE_AVX512
+#ifdef VF_TILE_X86
 constexpr int kMR = 6;
 constexpr int kNV = 4;
 
@@ -122,7 +122,7 @@ VF_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t k, float alpha, const f
 // reading past the tile's last column cannot fault). MKL's sgemm_ (the BLAS fallback) costs a few
 // microseconds of setup per call, which these tiles (a few hundred x 64) do not amortise.
 
-#ifdef VF_TILE_AVX512
+#ifdef VF_TILE_X86
 constexpr int kMR2 = 6;
 constexpr int kNV2 = 2;
 
@@ -197,7 +197,7 @@ VF_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t k, float alpha, const float
 #endif
 
 bool cpu_has_avx2() {
-#ifdef VF_TILE_AVX512
+#ifdef VF_TILE_X86
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
   return false;
@@ -205,7 +205,7 @@ bool cpu_has_avx2() {
 }
 
 bool cpu_has_avx512() {
-#ifdef VF_TILE_AVX512
+#ifdef VF_TILE_X86
   return __builtin_cpu_supports("avx512f");
 #else
   return false;
@@ -238,7 +238,7 @@ std::atomic<Backend>& current() {
 void gemm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
           int64_t ldb, bool accumulate, float* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return;
-#ifdef VF_TILE_AVX512
+#ifdef VF_TILE_X86
   const Backend be = current().load(std::memory_order_relaxed);
   if (be == Backend::kAvx512) {
     gemm_avx512(m, n, k, alpha, a, a_rs, a_cs, b, ldb, accumulate, c, ldc);
