@@ -17,6 +17,7 @@ import torch
 from vit_fast.cli import train as cli_train
 from vit_fast.data import SyntheticImages, build_datasets, digits_datasets
 from vit_fast.ops import use_backend
+from vit_fast.ops.backend import backend_fns, cpu_extension
 from vit_fast.testing import TINY_VIT_16PX
 from vit_fast.training import (
     CHECKPOINT_NAME,
@@ -166,6 +167,11 @@ def test_fused_and_reference_converge_identically(backend: str | None) -> None:
     init = _params(build_model(cfg, digits_datasets(cfg.img_size)[2]))
     ref = train(dataclasses.replace(cfg, impl="reference"))
     if backend is None:
+        if cpu_extension() is not None:
+            # "Whatever backend is active" is the C++ one here: no earlier test may have left the
+            # choice cache pointing elsewhere (one did, and this test ran the Triton interpreter).
+            for family in ("patch_embed", "attention", "layer_norm", "mlp"):
+                assert backend_fns(torch.device("cpu"), family, torch.float32) is cpu_extension(), family
         fused = train(dataclasses.replace(cfg, impl="fused"))
     else:
         with use_backend(backend):
