@@ -172,7 +172,7 @@ def test_failing_case_is_reported_not_fatal(monkeypatch):
         assert "backward exploded" in r.error and math.isnan(r.median_ms)
     assert "ERROR" in bench.format_table([fwd, bwd, both])
     # A case whose setup raises becomes error rows too; the suite goes on.
-    monkeypatch.setattr(bench, "bench_model", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(bench, "build_model", lambda *a, **k: 1 / 0)
     cfg = bench.BenchConfig(
         ops=(), run_ops=False, sweep=False, min_run_time=0.01, model_kwargs={"img_size": 32}
     )
@@ -184,6 +184,48 @@ def test_failing_case_is_reported_not_fatal(monkeypatch):
         ("floor", "inference", ""),
         ("floor", "train", ""),
     ]
+
+
+def test_model_impls_are_timed_interleaved(monkeypatch):
+    """bench_models times one block of each impl per round, the order rotated each round; an impl
+    whose setup raises, or whose step raises, gets its error row and the others are timed on."""
+    log: list[str] = []
+
+    def fake_case(name, impl, batch, device, dtype, compile_backend, **kw):
+        if impl == "compiled":
+            raise RuntimeError("no compiler here")
+
+        def step(impl=impl):
+            log.append(impl)
+            if impl == "timm" and len(log) > 6:
+                raise RuntimeError("timm gave up")
+
+        return bench._ModelCase(impl, "x", 5, 192, {"train": step}, None)
+
+    monkeypatch.setattr(bench, "_model_case", fake_case)
+    rows = bench.bench_models(
+        "vit_tiny_patch16_224",
+        ("fused", "reference", "compiled"),
+        1,
+        ("train",),
+        min_run_time=0.0,
+        min_reps=4,
+    )
+    # Two untimed calls each (warm-up, block sizing), then four rounds of one-call blocks.
+    assert log == ["fused"] * 2 + ["reference"] * 2 + ["fused", "reference", "reference", "fused"] * 2
+    fused, ref, comp = rows
+    assert [r.impl for r in rows] == ["fused", "reference", "compiled"]
+    assert fused.reps == ref.reps == 4 and fused.error == ref.error == ""
+    assert math.isfinite(fused.median_ms) and math.isfinite(ref.iqr_ms)
+    assert "no compiler here" in comp.error and math.isnan(comp.median_ms) and comp.reps == 0
+    log.clear()
+    rows = bench.bench_models(
+        "vit_tiny_patch16_224", ("fused", "timm"), 1, ("train",), min_run_time=0.0, min_reps=3
+    )
+    assert "timm gave up" in rows[1].error and math.isnan(rows[1].median_ms)
+    assert rows[0].error == "" and rows[0].reps == 3
+    with pytest.raises(ValueError, match="impl"):
+        bench.bench_models("vit_tiny_patch16_224", ("fused", "sideways"), 1)
 
 
 def test_compiled_impl_runs(monkeypatch):

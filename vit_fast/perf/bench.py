@@ -2,7 +2,8 @@
 reference; stock vs patched models (zoo, NaFlexVit) in the same process.
 
 Timing: on CUDA `triton.testing.do_bench` (CUDA events, L2 flushed between reps, quantiles); on CPU
-`torch.utils.benchmark.Timer.blocked_autorange` (blocks of calls, per-call medians). Every number is a
+`torch.utils.benchmark.Timer` (blocks of calls, per-call medians; the whole-model impls' blocks
+interleaved round by round, so a machine's drift moves them alike: `bench_models`). Every number is a
 median over repetitions with its interquartile range (IQR). Memory: on CUDA the peak allocated bytes
 of one forward+backward (`max_memory_allocated`); on any device the saved-for-backward bytes
 (`vit_fast.perf.memory`, deduplicated by storage), which is the activation memory a training step holds.
@@ -18,7 +19,7 @@ this machine (vit_fast.perf.gemm_floor): kind "floor" rows, one per mode; `gemm_
 fused model with each C++ GEMM library forced ("fused-aten", "fused-onednn").
 
 Public API for other harnesses (benchmarks/ uses it): `op_callable`, `op_inputs`, `op_mode_calls`
-(an op's timed calls), `measure` / `timed`, `bench_op`, `bench_model`, `bench_zoo`, `bench_naflex`,
+(an op's timed calls), `measure` / `timed`, `bench_op`, `bench_model(s)`, `bench_zoo`, `bench_naflex`,
 `run_suite`, `write_outputs`.
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import gc
 import json
 import math
 import os
@@ -326,40 +328,28 @@ def timm_available() -> bool:
     return True
 
 
-def bench_model(
-    name: str,
-    impl: str,
-    batch: int,
-    modes: Iterable[str] = ("inference", "train"),
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    min_run_time: float = 0.5,
-    min_reps: int = 5,
-    *,
-    compile_backend: str | None = None,
+@dataclass
+class _ModelCase:
+    """One impl's model, its timed steps (`workload.make_steps`) and what the rows report about it."""
+
+    impl: str
+    backend: str
+    tokens: int
+    width: int
+    steps: dict[str, Callable[[], Any]]
+    saved: int | None
+
+
+def _model_case(
+    name: str, impl: str, batch: int, device: torch.device, dtype: torch.dtype, compile_backend: str,
     **model_kwargs: Any,
-) -> list[BenchResult]:
-    """Inference and training step (`workload.make_steps`: forward, cross-entropy, backward, SGD step)
-    of model `name` built as `impl` (one of `IMPLS`, by `workload.build_model`) at `batch`: step time
-    (median of at least `min_reps` runs), samples/s, saved bytes, CUDA peak memory. `model_kwargs`
-    override the model configuration (e.g. depth, img_size); the compiled impls use
-    `compile_backend` (default `COMPILE_BACKEND`)."""
-    modes = tuple(modes)
-    bad = [m for m in modes if m not in ("inference", "train")]
-    if bad or batch < 1:
-        raise ValueError(
-            f"modes must be 'inference'/'train' and batch >= 1, got modes={modes}, batch={batch}"
-        )
+) -> _ModelCase:  # fmt: skip
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    device = torch.device(device)
-    compile_backend = compile_backend or COMPILE_BACKEND
     torch.manual_seed(0)
     model = build_model(name, impl, device, dtype, compile_backend=compile_backend, **model_kwargs)
     base = unwrap(model)
     images, labels = image_batch(model, batch, device, dtype)
-    tokens = base.patch_embed.num_patches + base.num_prefix_tokens
-    steps = make_steps(model, images, cross_entropy(labels))
     if impl == "fused":
         from vit_fast.ops.backend import active_backends
 
@@ -375,23 +365,155 @@ def bench_model(
         saved = rec.result.activation_bytes
         del out
     except Exception:
-        pass  # the timed cases below report the error
-    results = []
-    for mode in modes:
+        pass  # the timed cases report the error
+    tokens = base.patch_embed.num_patches + base.num_prefix_tokens
+    return _ModelCase(
+        impl, backend, tokens, base.embed_dim, make_steps(model, images, cross_entropy(labels)), saved
+    )
+
+
+def _block_seconds(fn: Callable[[], Any], device: torch.device, number: int) -> float:
+    """Seconds per call of `fn` over one block of `number` back-to-back calls."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=1, rep=25, return_mode="median") / 1e3
+    # Not torch.utils.benchmark's Timer.timeit: it runs max(number // 100, 2) untimed calls before
+    # every block, which triples the cost of a block of one multi-second training step. Like it (and
+    # timeit), the garbage collector is off while the block runs.
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        return (time.perf_counter() - t0) / number
+    finally:
+        if gc_was_on:
+            gc.enable()
+
+
+def bench_models(
+    name: str,
+    impls: Iterable[str],
+    batch: int,
+    modes: Iterable[str] = ("inference", "train"),
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    min_run_time: float = 0.5,
+    min_reps: int = 5,
+    *,
+    compile_backend: str | None = None,
+    **model_kwargs: Any,
+) -> list[BenchResult]:
+    """Inference and training step (`workload.make_steps`: forward, cross-entropy, backward, SGD step)
+    of model `name` built as each of `impls` (of `IMPLS`, by `workload.build_model`) at `batch`: step
+    time (median and IQR over at least `min_reps` timed blocks), samples/s, saved bytes, CUDA peak
+    memory. Rows in `impls` order, then `modes` order.
+
+    The impls' blocks are interleaved: round r times one block of each impl, the order rotated by r,
+    so a machine that slows down or speeds up during the run (a shared VM: one 2-core EPYC's timm
+    training step read 1.68, 1.99 and 2.27 s in a row) moves every impl's samples alike instead of
+    deciding the ratio. A block is as many calls as fit in min_run_time / min_reps (at least one).
+    An impl whose build or warm-up call raises gets error rows; the others are timed on.
+    `model_kwargs` override the model configuration (e.g. depth, img_size); the compiled impls use
+    `compile_backend` (default `COMPILE_BACKEND`)."""
+    modes, impls = tuple(modes), tuple(impls)
+    bad = [m for m in modes if m not in ("inference", "train")]
+    if bad or batch < 1 or min_reps < 1:
+        raise ValueError(
+            f"modes must be 'inference'/'train', batch >= 1 and min_reps >= 1, got modes={modes}, "
+            f"batch={batch}, min_reps={min_reps}"
+        )
+    if bad_impls := [i for i in impls if i not in IMPLS]:
+        raise ValueError(f"impl must be one of {IMPLS}, got {bad_impls}")
+    device = torch.device(device)
+    compile_backend = compile_backend or COMPILE_BACKEND
+    cases: dict[str, _ModelCase] = {}
+    errors: dict[tuple[str, str], str] = {}
+    for impl in impls:
         try:
-            peak = peak_memory(steps[mode], device)
-        except Exception:
-            peak = None  # the timed case reports the error
-        med, iqr, reps, error = timed(steps[mode], device, min_run_time, min_reps)
-        results.append(
-            BenchResult(
-                "model", name, mode, impl, backend, device.type, str(dtype).removeprefix("torch."),
-                batch, tokens, base.embed_dim, med, iqr, reps,
-                samples_per_s=batch / med * 1e3 if not error else None,
-                saved_bytes=saved if mode == "train" else None, peak_mem_bytes=peak, error=error,
-            )
-        )  # fmt: skip
+            cases[impl] = _model_case(name, impl, batch, device, dtype, compile_backend, **model_kwargs)
+        except Exception as err:
+            errors.update({(impl, mode): _error_text(err) for mode in modes})
+    peaks: dict[tuple[str, str], int | None] = {}
+    samples: dict[tuple[str, str], list[float]] = {}
+    numbers: dict[tuple[str, str], int] = {}
+    for mode in modes:
+        live = []
+        for impl, case in cases.items():
+            fn = case.steps[mode]
+            try:
+                peaks[impl, mode] = peak_memory(fn, device)  # on CPU: None, without a call
+                fn()  # warm-up (compiles, tunes, packs), then one call to size the blocks
+                _sync(device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                one = time.perf_counter() - t0
+            except Exception as err:
+                errors[impl, mode] = _error_text(err)
+                continue
+            numbers[impl, mode] = max(1, int(min_run_time / min_reps / max(one, 1e-9)))
+            samples[impl, mode] = []
+            live.append(impl)
+        for r in range(min_reps if live else 0):
+            for impl in live[r % len(live) :] + live[: r % len(live)]:
+                if (impl, mode) in errors:
+                    continue
+                try:
+                    samples[impl, mode].append(
+                        _block_seconds(cases[impl].steps[mode], device, numbers[impl, mode])
+                    )
+                except Exception as err:
+                    errors[impl, mode] = _error_text(err)
+    results = []
+    for impl in impls:
+        case = cases.get(impl)
+        for mode in modes:
+            times = sorted(samples.get((impl, mode), [])) if (impl, mode) not in errors else []
+            med = statistics.median(times) * 1e3 if times else math.nan
+            iqr = math.nan
+            if len(times) >= 2:
+                q = statistics.quantiles(times, n=4, method="inclusive")
+                iqr = (q[2] - q[0]) * 1e3
+            elif times:
+                iqr = 0.0
+            reps = len(times) * numbers.get((impl, mode), 0)
+            error = errors.get((impl, mode), "")
+            results.append(
+                BenchResult(
+                    "model", name, mode, impl, case.backend if case else "?", device.type,
+                    str(dtype).removeprefix("torch."), batch, case.tokens if case else 0,
+                    case.width if case else 0, med, iqr, reps,
+                    samples_per_s=batch / med * 1e3 if not error else None,
+                    saved_bytes=case.saved if case and mode == "train" else None,
+                    peak_mem_bytes=peaks.get((impl, mode)), error=error,
+                )
+            )  # fmt: skip
     return results
+
+
+def bench_model(
+    name: str,
+    impl: str,
+    batch: int,
+    modes: Iterable[str] = ("inference", "train"),
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    min_run_time: float = 0.5,
+    min_reps: int = 5,
+    *,
+    compile_backend: str | None = None,
+    **model_kwargs: Any,
+) -> list[BenchResult]:
+    """`bench_models` of one impl (rows in `modes` order)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return bench_models(
+        name, (impl,), batch, modes, device, dtype, min_run_time, min_reps, compile_backend=compile_backend,
+        **model_kwargs,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,15 +578,11 @@ def run_suite(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
                     "op", op, impl, cfg.op_modes, shape, cfg.device, cfg.dtype,
                 )  # fmt: skip
     if cfg.run_model:
-        for impl in cfg.impls:
-            say(f"model {cfg.model} {impl}")
-            results += _guard(
-                partial(
-                    bench_model, cfg.model, impl, cfg.batch, cfg.model_modes, device, cfg.dtype,
-                    max(cfg.min_run_time, 0.3), cfg.model_min_reps, **cfg.model_kwargs,
-                ),
-                "model", cfg.model, impl, cfg.model_modes, shape, cfg.device, cfg.dtype,
-            )  # fmt: skip
+        say(f"model {cfg.model} {', '.join(cfg.impls)} (interleaved)")
+        results += bench_models(
+            cfg.model, cfg.impls, cfg.batch, cfg.model_modes, device, cfg.dtype, max(cfg.min_run_time, 0.3),
+            cfg.model_min_reps, **cfg.model_kwargs,
+        )  # fmt: skip
         if cfg.gemm_ablation:
             results += _gemm_ablation(cfg, shape, say)
         if cfg.gemm_floor:
