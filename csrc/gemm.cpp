@@ -326,10 +326,14 @@ double now_ms() {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// Times each candidate on the real operands: one untimed warm-up (oneDNN JIT-compiles its kernel
+// Times each candidate on the real operands: one untimed warm-up each (oneDNN JIT-compiles its kernel
 // for a new shape on the first call; a candidate that throws there is dropped: a c10::Error, or
-// oneDNN's own dnnl::error, which is what an AVX2-only CPU raises for a bf16 inner product), then enough
-// repetitions for ~20 ms per candidate (3 to 50: small GEMMs get more samples), and keeps the median. Returns the winner's output.
+// oneDNN's own dnnl::error, which is what an AVX2-only CPU raises for a bf16 inner product), then
+// rounds of one call per candidate, enough for ~20 ms of the slowest one (3 to 50 rounds: small GEMMs
+// get more samples), and keeps each one's median. Interleaved because a first-use measurement runs on a
+// busy, drifting machine: timed one after the other, a shared 2-core EPYC once timed the same
+// M=394 N=576 K=192 GEMM at 1.00 ms in one key and 0.52 in the next, and the slow reading picked the
+// other library. Returns the winner's output.
 Tensor measure(const std::string& key, const std::vector<int>& cands, const std::function<Tensor(int)>& run,
                Choice& out) {
   constexpr double kTargetMs = 20.0;
@@ -339,36 +343,46 @@ Tensor measure(const std::string& key, const std::vector<int>& cands, const std:
   } depth;
   out = Choice{};
   out.measured = true;
-  double best = std::numeric_limits<double>::infinity();
-  Tensor best_out;
+  std::vector<int> live;
+  std::vector<Tensor> results;
   for (int c : cands) {
-    Tensor result;
-    double t0 = now_ms();
     try {
-      result = run(c);
+      results.push_back(run(c));
     } catch (const std::exception&) {
       continue;
     }
-    const double warm = std::max(now_ms() - t0, 1e-3);
-    const int reps = std::clamp(static_cast<int>(kTargetMs / warm), 3, 50);
-    std::vector<double> samples;
-    samples.reserve(reps);
-    for (int r = 0; r < reps; ++r) {
-      t0 = now_ms();
-      result = run(c);
-      samples.push_back(now_ms() - t0);
+    live.push_back(c);
+  }
+  TORCH_CHECK(!live.empty(), "vit_fast GEMM ", key, ": every candidate failed");
+  // The number of rounds comes from the first timed round (the warm-up includes JIT compiles): the
+  // slowest candidate gets ~kTargetMs, the faster ones as many samples.
+  std::vector<std::vector<double>> samples(live.size());
+  int rounds = 1;
+  for (int r = 0; r < rounds; ++r) {
+    for (size_t i = 0; i < live.size(); ++i) {
+      const double t0 = now_ms();
+      results[i] = run(live[i]);
+      samples[i].push_back(now_ms() - t0);
     }
-    std::nth_element(samples.begin(), samples.begin() + reps / 2, samples.end());
-    const double med = samples[reps / 2];
-    out.ms[kNames[c]] = med;
-    if (med < best) {
-      best = med;
-      best_out = result;
-      out.pick = kNames[c];
+    if (r == 0) {
+      double slowest = 1e-3;
+      for (const auto& v : samples) slowest = std::max(slowest, v[0]);
+      rounds = std::clamp(static_cast<int>(kTargetMs / slowest), 3, 50);
     }
   }
-  TORCH_CHECK(best_out.defined(), "vit_fast GEMM ", key, ": every candidate failed");
-  return best_out;
+  double best = std::numeric_limits<double>::infinity();
+  size_t winner = 0;
+  for (size_t i = 0; i < live.size(); ++i) {
+    std::nth_element(samples[i].begin(), samples[i].begin() + rounds / 2, samples[i].end());
+    const double med = samples[i][rounds / 2];
+    out.ms[kNames[live[i]]] = med;
+    if (med < best) {
+      best = med;
+      winner = i;
+    }
+  }
+  out.pick = kNames[live[winner]];
+  return results[winner];
 }
 
 // The candidate for `key` in tuned mode: the table's pick when it applies to this call, else a fresh
