@@ -210,6 +210,39 @@ def test_default_timers():
     assert len(calls) == 1 + 3  # warm-up + the minimum number of timed blocks
 
 
+def test_cpu_candidates_are_timed_interleaved():
+    """The CPU timer warms every candidate up, then runs rounds of one call of each with the order
+    rotated (so drift moves all alike); a candidate that raises is reported, the others timed."""
+    from vit_fast.tuning.selector import cpu_times
+
+    calls = []
+
+    def broken():
+        calls.append("c")
+        raise RuntimeError("no such kernel")
+
+    ms = cpu_times(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "c": broken},
+        target_ms=0.0,
+        min_reps=3,
+    )
+    warm_up, rounds = calls[:3], calls[3:]
+    assert warm_up == ["a", "b", "c"] and rounds == ["a", "b", "b", "a", "a", "b"]
+    assert isinstance(ms["c"], RuntimeError) and ms["a"] >= 0.0 and ms["b"] >= 0.0
+    assert cpu_times({"x": broken}, target_ms=0.0).keys() == {"x"}
+
+
+def test_selector_times_cpu_candidates_together(cache_dir, monkeypatch):
+    """The default CPU selector hands all candidates to the interleaved timer at once."""
+    from vit_fast.tuning import selector as selector_mod
+
+    seen = []
+    monkeypatch.setattr(selector_mod, "cpu_times", lambda fns: seen.append(list(fns)) or {"p": 2.0, "q": 1.0})
+    chooser = Selector("cpu", cache=TuningCache("Test CPU", cache_dir))
+    assert chooser.choose("k", {"p": lambda: None, "q": lambda: None}, default="p").pick == "q"
+    assert seen == [["p", "q"]]
+
+
 # --------------------------------------------------------------------------------------------------
 # op level
 

@@ -22,27 +22,34 @@ def normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tenso
     return y.to(x.dtype)
 
 
+def _f32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.float()
+
+
 def layer_norm_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    var, mean = torch.var_mean(x.float(), dim=1, unbiased=False)
-    rstd = torch.rsqrt(var + eps)
-    return normalize(x, weight, bias, mean, rstd), mean, rstd
+    # aten's own LN kernel, one vectorised pass per row: `torch.var_mean` over rows took 350 us at
+    # [197, 384] on a Zen 3 CPU against its 39 us, and made this backend lose measured choices it
+    # should win. It runs on the fp32 upcast, so the statistics are fp32 whatever x's dtype (a bf16
+    # call would return bf16 statistics).
+    y, mean, rstd = torch.native_layer_norm(x.float(), (x.shape[1],), _f32(weight), _f32(bias), eps)
+    return y.to(x.dtype), mean.view(-1), rstd.view(-1)
 
 
 def layer_norm_backward(
     dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    # Closed-form LN backward in fp32 (mean and rstd depend on x; the formula accounts for it).
-    xhat = (x.float() - mean[:, None]) * rstd[:, None]
+    # The closed-form LN backward (mean and rstd depend on x) in fp32, by aten's kernel for it (8x
+    # faster than the same formula in separate tensor ops on CPU at ViT-S sizes).
     dyf = dy.float()
-    g = dyf * weight.float() if weight is not None else dyf
-    c1 = (g * xhat).mean(1, keepdim=True)
-    c2 = g.mean(1, keepdim=True)
-    dx = ((g - xhat * c1 - c2) * rstd[:, None]).to(x.dtype)
+    dx, dw, _ = torch.ops.aten.native_layer_norm_backward(
+        dyf, x.float(), [x.shape[1]], mean[:, None], rstd[:, None], _f32(weight), None,
+        [True, weight is not None, False],
+    )  # fmt: skip
     if weight is None:
-        return dx, None, None
-    return dx, (dyf * xhat).sum(0).to(weight.dtype), dyf.sum(0).to(weight.dtype)
+        return dx.to(x.dtype), None, None
+    return dx.to(x.dtype), dw.to(weight.dtype), dyf.sum(0).to(weight.dtype)
 
 
 def layer_norm_linear_forward(
@@ -71,9 +78,9 @@ def layer_norm_linear_backward(
     dw = dout.t() @ y
     db = dout.float().sum(0).to(weight.dtype) if has_bias else None
     dy = dout @ weight
-    dx, _, _ = layer_norm_backward(dy, x, ln_weight, mean, rstd)
-    dyf = dy.float()
-    xhat = (x.float() - mean[:, None]) * rstd[:, None]
-    dlw = (dyf * xhat).sum(0).to(ln_weight.dtype) if ln_weight is not None else None
-    dlb = dyf.sum(0).to(ln_bias.dtype) if ln_bias is not None else None
-    return dx, dlw, dlb, dw, db
+    dx, dlw, dlb = layer_norm_backward(dy, x, ln_weight, mean, rstd)
+    if ln_bias is None:
+        dlb = None
+    elif dlb is None:  # an LN bias without an LN weight: its gradient is the column sum of dy
+        dlb = dy.float().sum(0)
+    return dx, dlw, None if dlb is None else dlb.to(ln_bias.dtype), dw, db

@@ -7,8 +7,9 @@ timed on the real call and the median winner is cached. `VIT_FAST_TUNE=off` turn
 caller's own switch, e.g. VIT_FAST_BACKEND) always wins.
 
 Timers take a zero-argument callable and return its median milliseconds; they are injectable so
-tests can decide who wins. On CPU: one untimed warm-up, then blocks of one call each until ~50 ms
-or 15 calls (at least 3), median. On CUDA: `triton.testing.do_bench` (median, it synchronises and
+tests can decide who wins. On CPU the candidates are timed interleaved (`cpu_times`): one untimed
+warm-up of each, then rounds of one call of each until ~50 ms per candidate or 15 rounds (at least
+3), medians. On CUDA: `triton.testing.do_bench` (median, it synchronises and
 flushes the L2 cache between calls).
 """
 
@@ -40,20 +41,52 @@ def tuning_enabled() -> bool:
     raise ValueError(f"VIT_FAST_TUNE must be 'on' or 'off', got {value!r}")
 
 
+def cpu_times(
+    fns: Mapping[str, Callable[[], Any]],
+    *,
+    target_ms: float = 50.0,
+    min_reps: int = 3,
+    max_reps: int = 15,
+) -> dict[str, float | Exception]:
+    """Median ms of each of `fns`, timed interleaved: one untimed warm-up call of each, then rounds of
+    one timed call of each (the order rotated every round) until the rounds took ~`target_ms` per
+    candidate or `max_reps` rounds (at least `min_reps`). A candidate that raises gets its exception.
+
+    Interleaved because a shared VM drifts: timed back to back, two equally fast candidates read
+    4% apart on a 2-core EPYC and the slower reading decided the pick."""
+    out: dict[str, float | Exception] = {}
+    live: list[tuple[str, Callable[[], Any]]] = []
+    for name, fn in fns.items():
+        try:
+            fn()
+        except Exception as err:  # a candidate that cannot run this call is no candidate
+            out[name] = err
+        else:
+            live.append((name, fn))
+    if not live:
+        return out
+    samples: dict[str, list[float]] = {name: [] for name, _ in live}
+    start = time.perf_counter()
+    for rnd in range(max_reps):
+        first = rnd % len(live)
+        for name, fn in live[first:] + live[:first]:
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+        if rnd + 1 >= min_reps and (time.perf_counter() - start) * 1e3 >= target_ms * len(live):
+            break
+    out.update({name: statistics.median(ms) for name, ms in samples.items()})
+    return out
+
+
 def cpu_timer(
     fn: Callable[[], Any], *, target_ms: float = 50.0, min_reps: int = 3, max_reps: int = 15
 ) -> float:
     """Median ms of `fn` over short timed blocks (one call per block) after one warm-up call."""
-    fn()
-    samples: list[float] = []
-    start = time.perf_counter()
-    while len(samples) < max_reps:
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-        if len(samples) >= min_reps and (time.perf_counter() - start) * 1e3 >= target_ms:
-            break
-    return statistics.median(samples)
+    ms = cpu_times({"fn": fn}, target_ms=target_ms, min_reps=min_reps, max_reps=max_reps)["fn"]
+    if isinstance(ms, Exception):
+        raise ms
+    return ms
 
 
 def cuda_timer(fn: Callable[[], Any]) -> float:
@@ -152,14 +185,11 @@ class Selector:
             if cached is not None and cached["pick"] in candidates:
                 return self._done(Decision(key, cached["pick"], "cache", dict(cached.get("ms", {}))))
         decision = Decision(key, default, "measured")
-        for name, fn in candidates.items():
-            try:
-                ms = float(self.timer(fn))
-            except Exception as err:  # a candidate that cannot run this call is no candidate
-                decision.failed[name] = f"{type(err).__name__}: {err}"
-                continue
-            if math.isfinite(ms):
-                decision.ms[name] = ms
+        for name, ms in self._measure(candidates).items():
+            if isinstance(ms, Exception):
+                decision.failed[name] = f"{type(ms).__name__}: {ms}"
+            elif math.isfinite(ms):
+                decision.ms[name] = float(ms)
         if not decision.ms:
             warnings.warn(
                 f"vit_fast tuning {key}: every candidate failed ({decision.failed}); using {default!r}",
@@ -170,6 +200,19 @@ class Selector:
         self.cache.put(key, decision.pick, decision.ms)
         self._fresh.add(key)
         return self._done(decision)
+
+    def _measure(self, candidates: Mapping[str, Callable[[], Any]]) -> dict[str, float | Exception]:
+        """Each candidate's ms (or the exception it raised): the CPU timer times them interleaved; an
+        injected or CUDA timer times one after the other."""
+        if self.timer is cpu_timer:
+            return cpu_times(candidates)
+        out: dict[str, float | Exception] = {}
+        for name, fn in candidates.items():
+            try:
+                out[name] = float(self.timer(fn))
+            except Exception as err:  # a candidate that cannot run this call is no candidate
+                out[name] = err
+        return out
 
     def _done(self, decision: Decision) -> Decision:
         if self.on_decision is not None:
