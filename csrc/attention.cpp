@@ -182,10 +182,59 @@ VF_TARGET_AVX512 void probs_and_dscores_avx512(float* p, float* dp, int64_t n, f
 }
 #endif
 
+#ifdef VF_AVX2_EXP
+// The two fp32 sweeps on 8 lanes (exp8: common.h) for CPUs without AVX-512; the tail through Tail8.
+VF_TARGET_AVX2 float exp_row_avx2(float* row, int64_t n, float scale, float m) {
+  const __m256 vs = _mm256_set1_ps(scale), vm = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(row + j), vs, vm));
+    _mm256_storeu_ps(row + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  float sum = _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+  if (j == n) return sum;
+  Tail8 t(row + j, n - j);
+  _mm256_store_ps(t.v, exp8(_mm256_fmsub_ps(_mm256_load_ps(t.v), vs, vm)));
+  for (int64_t i = 0; i < t.n; ++i) sum += t.v[i];  // the padding lanes hold exp(-m): not summed
+  t.store(row + j);
+  return sum;
+}
+
+VF_TARGET_AVX2 inline __m256 dscores8(__m256 pv, __m256 dp, __m256 vd, __m256 vds) {
+  return _mm256_mul_ps(_mm256_mul_ps(pv, vds), _mm256_sub_ps(dp, vd));
+}
+
+VF_TARGET_AVX2 void probs_and_dscores_avx2(float* p, float* dp, int64_t n, float lse, float delta, float s_scale,
+                                           float ds_scale) {
+  const __m256 vl = _mm256_set1_ps(lse), vd = _mm256_set1_ps(delta), vs = _mm256_set1_ps(s_scale),
+               vds = _mm256_set1_ps(ds_scale);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 pv = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(p + j), vs, vl));
+    _mm256_storeu_ps(p + j, pv);
+    _mm256_storeu_ps(dp + j, dscores8(pv, _mm256_loadu_ps(dp + j), vd, vds));
+  }
+  if (j == n) return;
+  Tail8 tp(p + j, n - j), td(dp + j, n - j);
+  const __m256 pv = exp8(_mm256_fmsub_ps(_mm256_load_ps(tp.v), vs, vl));
+  _mm256_store_ps(tp.v, pv);
+  _mm256_store_ps(td.v, dscores8(pv, _mm256_load_ps(td.v), vd, vds));
+  tp.store(p + j);
+  td.store(dp + j);
+}
+#endif
+
 // exp(row * scale - m) in place, returning the sum (the forward's softmax sweep).
 float exp_row_f32(float* row, int64_t n, float scale, float m) {
 #ifdef VF_AVX512_EXP
   if (use_avx512_exp()) return exp_row_avx512(row, n, scale, m);
+#endif
+#ifdef VF_AVX2_EXP
+  if (use_avx2_exp()) return exp_row_avx2(row, n, scale, m);
 #endif
   return exp_row_generic(row, n, scale, m);
 }
@@ -195,6 +244,9 @@ float exp_row_f32(float* row, int64_t n, float scale, float m) {
 void probs_and_dscores_f32(float* p, float* dp, int64_t n, float lse, float delta, float s_scale, float ds_scale) {
 #ifdef VF_AVX512_EXP
   if (use_avx512_exp()) return probs_and_dscores_avx512(p, dp, n, lse, delta, s_scale, ds_scale);
+#endif
+#ifdef VF_AVX2_EXP
+  if (use_avx2_exp()) return probs_and_dscores_avx2(p, dp, n, lse, delta, s_scale, ds_scale);
 #endif
   probs_and_dscores_generic(p, dp, n, lse, delta, s_scale, ds_scale);
 }
